@@ -1,0 +1,130 @@
+"""The two record types everything else speaks: an edit request and an evaluation case.
+
+Kept free of torch so datasets can be read, validated and split without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from repedit.errors import InvalidRequestError
+
+SUBJECT_SLOT = "{}"
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: ``prompt.format(subject)`` should be completed by ``target_new``.
+
+    ``prompt`` holds exactly one ``{}`` where the subject goes, e.g. ``"{} is located in"``.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    case_id: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f" (case {self.case_id})" if self.case_id is not None else ""
+        if not isinstance(self.prompt, str) or self.prompt.count(SUBJECT_SLOT) != 1:
+            raise InvalidRequestError(
+                f"prompt must contain exactly one '{{}}' for the subject{where}: {self.prompt!r}"
+            )
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise InvalidRequestError(f"empty subject{where}")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise InvalidRequestError(f"empty target_new{where}")
+        if self.target_true is not None and not str(self.target_true).strip():
+            object.__setattr__(self, "target_true", None)
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.format(self.subject)
+
+    def with_subject(self, subject: str) -> EditRequest:
+        return EditRequest(self.prompt, subject, self.target_new, self.target_true, self.case_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], where: str = "") -> EditRequest:
+        """Build from a JSON record; accepts a prompt that contains the subject verbatim."""
+        try:
+            prompt, subject = record["prompt"], record["subject"]
+            target_new = record.get("target_new", record.get("target"))
+        except KeyError as exc:
+            raise InvalidRequestError(f"{where}: missing field {exc}") from None
+        if target_new is None:
+            raise InvalidRequestError(f"{where}: missing field 'target_new'")
+        if isinstance(prompt, str) and SUBJECT_SLOT not in prompt:
+            prompt = template_from_prompt(prompt, subject, where)
+        return cls(
+            prompt=prompt,
+            subject=subject,
+            target_new=target_new,
+            target_true=record.get("target_true", record.get("ground_truth")),
+            case_id=None if record.get("case_id") is None else str(record["case_id"]),
+        )
+
+
+def template_from_prompt(prompt: str, subject: str, where: str = "") -> str:
+    """Turn ``"Slovenia is located in"`` + ``"Slovenia"`` into ``"{} is located in"``.
+
+    The first occurrence is the slot (as in CounterFact). Braces already in the text are
+    escaped so that ``.format`` leaves them alone.
+    """
+    if not subject or subject not in prompt:
+        raise InvalidRequestError(
+            f"{where}: subject {subject!r} does not occur in prompt {prompt!r}"
+        )
+    i = prompt.index(subject)
+    esc = lambda s: s.replace("{", "{{").replace("}", "}}")  # noqa: E731
+    return esc(prompt[:i]) + SUBJECT_SLOT + esc(prompt[i + len(subject) :])
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """An unrelated prompt the edit must not change, with the dataset's answer."""
+
+    prompt: str
+    target: str
+
+
+@dataclass
+class EditCase:
+    """An edit request plus everything needed to probe it.
+
+    ``subject_paraphrases`` are surface forms to substitute for the subject in ``request.prompt``;
+    the first ``id_split`` are "in-domain" (REP may train on them), the rest are held out.
+    ``prompt_paraphrases`` are complete texts (the subject already inside) that should also
+    yield ``target_new`` after the edit.
+    """
+
+    request: EditRequest
+    prompt_paraphrases: list[str] = field(default_factory=list)
+    subject_paraphrases: list[str] = field(default_factory=list)
+    neighbourhood: list[Neighbour] = field(default_factory=list)
+    generation_prompts: list[str] = field(default_factory=list)
+    source: str = ""
+    id_split: int = 5
+
+    @property
+    def case_id(self) -> str | None:
+        return self.request.case_id
+
+    @property
+    def id_paraphrases(self) -> list[str]:
+        return self.subject_paraphrases[: self.id_split]
+
+    @property
+    def ood_paraphrases(self) -> list[str]:
+        return self.subject_paraphrases[self.id_split :]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["request"] = self.request.to_dict()
+        return d

@@ -1,0 +1,52 @@
+"""Progress bars (rich) that vanish cleanly when disabled or when output is not a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class _NullProgress:
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Any]:
+    """A rich ``Progress`` with count, elapsed and ETA columns; a no-op object if disabled."""
+    if not enabled:
+        yield _NullProgress()
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        original = bar.add_task
+
+        def add_task(description: str, **kwargs: Any) -> int:
+            kwargs.setdefault("status", "")
+            return original(description, **kwargs)
+
+        bar.add_task = add_task  # type: ignore[method-assign]
+        yield bar
