@@ -1,0 +1,139 @@
+"""What every locate-and-edit method shares: request checks, contexts, statistics, apply.
+
+A method subclasses ``Editor`` and implements ``_compute`` (keys → values → solve); the base
+class validates requests before any weight is touched and applies the result at the end, so a
+failure never leaves a model half-edited.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from repedit.data.case import EditRequest
+from repedit.editors.contexts import generate_contexts
+from repedit.editors.hparams import Hparams, layer_at
+from repedit.editors.result import EditResult
+from repedit.editors.values import ValueHparams
+from repedit.errors import InvalidRequestError
+from repedit.models.tokens import Position, continuation_ids, locate
+from repedit.stats.second_moment import SecondMoment, second_moments
+
+
+@dataclass
+class StatsConfig:
+    """Which text the key statistics ``C`` come from (see ``repedit.stats``)."""
+
+    corpus: str = "auto"
+    n_tokens: int = 100_000
+    seq_len: int = 256
+    cache: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class LocateEditHparams(Hparams):
+    """Fields shared by every method: where keys are read and how values are optimised."""
+
+    position: Position = "last"
+    #: (prefix length in tokens, how many) for the generated context prefixes
+    contexts: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))
+    context_seed: int = 0
+    value: ValueHparams = field(default_factory=ValueHparams)
+
+
+class Editor:
+    """Base class. ``edit(lm, requests)`` returns an applied (by default) ``EditResult``."""
+
+    name: ClassVar[str] = ""
+    hparams_class: ClassVar[type[LocateEditHparams]] = LocateEditHparams
+
+    def __init__(
+        self,
+        hparams: LocateEditHparams | dict[str, Any] | None = None,
+        stats: StatsConfig | None = None,
+    ):
+        if isinstance(hparams, dict):
+            hparams = self.hparams_class().replace(**hparams)
+        self.hparams = hparams or self.hparams_class()
+        self.stats_config = stats or StatsConfig()
+        self._contexts: dict[str, list[str]] = {}
+        self._stats: dict[tuple[str, int], SecondMoment] = {}
+
+    # -- shared services -------------------------------------------------------------------
+    def contexts(self, lm: Any, hp: LocateEditHparams) -> list[str]:
+        """Context prefixes for this model, generated once per editor (seeded)."""
+        key = f"{lm.fingerprint}:{hp.contexts}:{hp.context_seed}"
+        if key not in self._contexts:
+            self._contexts[key] = generate_contexts(lm, hp.contexts, seed=hp.context_seed)
+        return self._contexts[key]
+
+    def second_moment(self, lm: Any, layers: Sequence[int]) -> dict[int, SecondMoment]:
+        """``C`` per layer from the configured corpus (disk-cached, and kept in memory)."""
+        missing = [layer for layer in layers if (lm.fingerprint, layer) not in self._stats]
+        if missing:
+            cfg = self.stats_config
+            got = second_moments(
+                lm,
+                missing,
+                cfg.corpus,
+                cfg.n_tokens,
+                seq_len=cfg.seq_len,
+                cache=cfg.cache,
+                progress=cfg.progress,
+            )
+            for layer, moment in got.items():
+                self._stats[(lm.fingerprint, layer)] = moment
+        return {layer: self._stats[(lm.fingerprint, layer)] for layer in layers}
+
+    def resolved(self, lm: Any) -> LocateEditHparams:
+        """Hyper-parameters with model-derived defaults filled in (layers, weights)."""
+        return self.hparams.for_model(lm)
+
+    # -- the pipeline ----------------------------------------------------------------------
+    def validate(self, lm: Any, requests: Sequence[EditRequest]) -> None:
+        """Fail early, naming the request, before any weight changes."""
+        if not requests:
+            raise InvalidRequestError("no edit requests given")
+        for i, req in enumerate(requests):
+            name = req.case_id if req.case_id is not None else f"#{i}"
+            try:
+                locate(lm.tokenizer, req.prompt, req.subject, position=self.hparams.position)
+                continuation_ids(lm.tokenizer, req.text, req.target_new)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"request {name} ({req.subject!r}): {exc}") from None
+
+    def edit(
+        self, lm: Any, requests: Sequence[EditRequest] | EditRequest, *, apply: bool = True
+    ) -> EditResult:
+        """Compute the edit for ``requests`` and (by default) apply it to ``lm``."""
+        if isinstance(requests, EditRequest):
+            requests = [requests]
+        requests = list(requests)
+        self.validate(lm, requests)
+        hp = self.resolved(lm)
+        for layer in self.layers(lm, hp):
+            lm.arch.check_layer(layer)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            result = self._compute(lm, hp, requests)
+        result.info.setdefault("seconds", time.perf_counter() - t0)
+        result.requests = [r.to_dict() for r in requests]
+        result.hparams = {"method": self.name, **hp.to_dict()}
+        if apply:
+            result.apply(lm)
+        return result
+
+    def layers(self, lm: Any, hp: LocateEditHparams) -> list[int]:
+        raise NotImplementedError
+
+    def _compute(self, lm: Any, hp: LocateEditHparams, requests: list[EditRequest]) -> EditResult:
+        raise NotImplementedError
+
+
+def default_layer(lm: Any, layer: int | None, fraction: float) -> int:
+    return layer if layer is not None else layer_at(fraction, lm.n_layers)

@@ -1,0 +1,126 @@
+"""Hyper-parameter dataclasses: defaults derived from the model, overridable from JSON/YAML.
+
+Layers are chosen by *depth fraction* (so one default serves a 12-layer and a 32-layer model);
+the few per-family exceptions live in ``FAMILY_OVERRIDES`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from repedit.errors import InvalidRequestError
+
+H = TypeVar("H", bound="Hparams")
+
+#: family -> method -> field -> value. The only place per-family settings live.
+FAMILY_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    # ROME's GPT-2 XL setting: layer 17 of 48.
+    "gpt2": {"rome": {"layer_fraction": 0.35}, "r-rome": {"layer_fraction": 0.35}},
+    "gptj": {"rome": {"layer_fraction": 0.18}, "r-rome": {"layer_fraction": 0.18}},
+}
+
+
+def _coerce(current: Any, value: Any) -> Any:
+    """JSON/CLI values into the field's type: lists into tuples, "0.5" into floats."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if isinstance(value, str) and isinstance(current, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise InvalidRequestError(f"expected true/false, got {value!r}")
+        return value.lower() in ("true", "1")  # never bool("False") (defect D7)
+    if (
+        isinstance(value, str)
+        and isinstance(current, int | float)
+        and not isinstance(current, bool)
+    ):
+        try:
+            return type(current)(float(value)) if isinstance(current, float) else int(value)
+        except ValueError:
+            raise InvalidRequestError(f"expected a number, got {value!r}") from None
+    return value
+
+
+def layer_at(fraction: float, n_layers: int) -> int:
+    """The layer at ``fraction`` of the depth (0 = first layer), clamped to the model."""
+    return max(0, min(n_layers - 1, round(fraction * n_layers)))
+
+
+@dataclasses.dataclass
+class Hparams:
+    """Base class: dict/file round trip with unknown fields rejected."""
+
+    method: ClassVar[str] = ""
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+
+    def replace(self: H, **overrides: Any) -> H:
+        """Copy with fields changed; nested dataclasses take dicts or dotted keys (``value.lr``)."""
+        nested: dict[str, dict[str, Any]] = {}
+        flat: dict[str, Any] = {}
+        for key, val in overrides.items():
+            head, dot, rest = key.partition(".")
+            if dot:
+                nested.setdefault(head, {})[rest] = val
+            elif isinstance(val, dict) and dataclasses.is_dataclass(getattr(self, key, None)):
+                nested.setdefault(key, {}).update(val)
+            else:
+                flat[key] = val
+        unknown = (set(flat) | set(nested)) - self.field_names()
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown {self.method or type(self).__name__} hyper-parameter(s) "
+                f"{sorted(unknown)}; known: {sorted(self.field_names())}"
+            )
+        for key, sub in nested.items():
+            inner = getattr(self, key)
+            known = {f.name for f in dataclasses.fields(inner)}
+            bad = set(sub) - known
+            if bad:
+                raise InvalidRequestError(
+                    f"unknown {key} hyper-parameter(s) {sorted(bad)}; known: {sorted(known)}"
+                )
+            flat[key] = dataclasses.replace(
+                inner, **{k: _coerce(getattr(inner, k), v) for k, v in sub.items()}
+            )
+        return dataclasses.replace(
+            self, **{k: _coerce(getattr(self, k), v) for k, v in flat.items()}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for name in sorted(self.field_names()):
+            val = getattr(self, name)
+            out[name] = dataclasses.asdict(val) if dataclasses.is_dataclass(val) else val
+        return out
+
+    @classmethod
+    def from_dict(cls: type[H], values: dict[str, Any]) -> H:
+        return cls().replace(**values)
+
+    def update_from_file(self: H, path: str | Path) -> H:
+        """Override fields from a JSON or YAML file (a flat mapping of field -> value)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise InvalidRequestError(f"{path}: expected a mapping of hyper-parameters")
+        return self.replace(**values)
+
+    def for_model(self: H, lm: Any) -> H:
+        """Apply family overrides for ``lm`` (fields left at their defaults only)."""
+        family = lm.model.config.model_type
+        overrides = FAMILY_OVERRIDES.get(family, {}).get(self.method, {})
+        defaults = type(self)()
+        return self.replace(
+            **{k: v for k, v in overrides.items() if getattr(self, k) == getattr(defaults, k)}
+        )

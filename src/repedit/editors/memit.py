@@ -1,0 +1,111 @@
+"""MEMIT (Meng et al., 2023): many edits spread over a range of layers by least squares.
+
+A target hidden state ``z`` is optimised at the output of the last edited layer. The layers are
+then updated in order: each recomputes its keys (earlier updates change them), takes the
+remaining residual ``R = z − h`` and writes its share ``R / (layers left)`` with
+``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹``. EMMET and AlphaEdit reuse this procedure with their own solve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from repedit.data.case import EditRequest
+from repedit.editors.base import Editor, LocateEditHparams
+from repedit.editors.hparams import layer_at
+from repedit.editors.keys import compute_keys
+from repedit.editors.result import EditResult
+from repedit.editors.solve import least_squares_update
+from repedit.editors.values import current_values, optimise_values
+from repedit.stats.second_moment import SecondMoment
+
+#: (layer, keys [d_mlp, n], residual share [d_model, n], C) -> ΔW [d_model, d_mlp]
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor, SecondMoment], torch.Tensor]
+
+#: λ/d_mlp of the reference LLaMA-2 7B setting (15000 for d_mlp = 11008); scaling λ with d_mlp
+#: keeps the share of the residual written at a typical key the same across model sizes
+LAMBDA_PER_DIM = 15000 / 11008
+
+
+@dataclass
+class MemitHparams(LocateEditHparams):
+    method: ClassVar[str] = "memit"
+    layers: tuple[int, ...] | None = None
+    #: first and last edited layer as depth fractions: layers 4–8 of 32 for LLaMA-2 7B
+    layer_fractions: tuple[float, float] = (0.125, 0.25)
+    #: λ in (λC + KKᵀ); None derives it from the model as LAMBDA_PER_DIM · d_mlp
+    mom2_update_weight: float | None = None
+
+
+def fraction_layers(
+    lm: Any, layers: tuple[int, ...] | None, fractions: tuple[float, float]
+) -> list[int]:
+    if layers:
+        return sorted(layers)
+    lo, hi = (layer_at(f, lm.n_layers) for f in fractions)
+    return list(range(lo, hi + 1))
+
+
+def spread_over_layers(
+    editor: Editor,
+    lm: Any,
+    hp: LocateEditHparams,
+    requests: list[EditRequest],
+    layers: list[int],
+    solve: LayerSolve,
+) -> EditResult:
+    """The MEMIT procedure with a pluggable per-layer solve; leaves ``lm`` unchanged."""
+    contexts = editor.contexts(lm, hp)
+    stats = editor.second_moment(lm, layers)
+    last = layers[-1]
+    values = optimise_values(
+        lm, requests, contexts, layer=last, site="residual", hp=hp.value, position=hp.position
+    )
+    z = values.target  # [n, d_model]
+    deltas: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    applied: list[EditResult] = []
+    try:
+        for i, layer in enumerate(layers):
+            keys = compute_keys(lm, [layer], requests, contexts, position=hp.position)[layer]
+            h = current_values(lm, requests, layer=last, site="residual", position=hp.position)
+            share = (z - h).T / (len(layers) - i)  # [d_model, n]
+            delta = solve(layer, keys.T, share, stats[layer])
+            name = f"{lm.arch.down_proj_name(layer)}.weight"
+            stored = lm.arch.to_storage(delta).float().cpu()
+            deltas[name] = stored
+            tensors[f"keys.{layer}"] = keys.cpu()
+            applied.append(EditResult(editor.name, lm.fingerprint, {name: stored}).apply(lm))
+    finally:
+        for step in reversed(applied):
+            step.revert(lm)
+    tensors[f"targets.{last}"] = z
+    info = {"layers": layers, "value_prob": values.prob, "value_steps": values.steps}
+    return EditResult(editor.name, lm.fingerprint, deltas, info=info, tensors=tensors)
+
+
+class Memit(Editor):
+    name: ClassVar[str] = "memit"
+    hparams_class = MemitHparams
+
+    def layers(self, lm: Any, hp: MemitHparams) -> list[int]:  # type: ignore[override]
+        return fraction_layers(lm, hp.layers, hp.layer_fractions)
+
+    def _compute(
+        self,
+        lm: Any,
+        hp: MemitHparams,  # type: ignore[override]
+        requests: list[EditRequest],
+    ) -> EditResult:
+        lam = hp.mom2_update_weight or LAMBDA_PER_DIM * lm.arch.d_mlp
+
+        def solve(
+            layer: int, keys: torch.Tensor, share: torch.Tensor, c: SecondMoment
+        ) -> torch.Tensor:
+            return least_squares_update(keys, share, c, lam)
+
+        return spread_over_layers(self, lm, hp, requests, self.layers(lm, hp), solve)

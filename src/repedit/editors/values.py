@@ -1,0 +1,267 @@
+"""Step 2 of every editor: the value that makes the model say the new object.
+
+A residual ``δ`` is added to one hidden state at the subject token (the MLP output of the edit
+layer for ROME-style editors, the residual stream after the last edited layer for MEMIT-style
+ones) and optimised so the target is likely after every context prefix, with a KL term that
+keeps "{subject} is a" unchanged, weight decay and a norm clamp. The layers below the
+injection point are run once (``UpperRunner``); each step runs only the layers above.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from repedit.data.case import EditRequest
+from repedit.errors import EditError
+from repedit.models.hooks import Hooks
+from repedit.models.runner import UpperRunner, frozen
+from repedit.models.tokens import Position, continuation_ids, locate, pad_id, pad_right
+
+Site = Literal["mlp", "residual"]
+
+
+@dataclass
+class ValueHparams:
+    """Value-optimisation settings shared by every editor (defaults: ROME / REP code)."""
+
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    stop_prob: float = 0.95
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    request_batch: int = 8
+
+
+@dataclass
+class ValueResult:
+    """Per request: the hidden state before the edit, the optimised delta, and diagnostics."""
+
+    init: torch.Tensor  # [n, d_model] float32, hidden state at the bare prompt's subject token
+    delta: torch.Tensor  # [n, d_model] float32
+    prob: list[float] = field(default_factory=list)  # mean target probability at the end
+    steps: list[int] = field(default_factory=list)
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+
+def injection_module(lm: Any, layer: int, site: Site) -> torch.nn.Module:
+    return lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer)
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    subject_pos: torch.Tensor  # [rows]
+    owner: torch.Tensor  # [rows] request index within the group
+    target_rows: torch.Tensor  # [m] row of each scored target token
+    target_pos: torch.Tensor  # [m] position whose logits predict it
+    target_ids: torch.Tensor  # [m]
+    target_prompt: torch.Tensor  # [m] prompt (row) index, for per-prompt sums
+    kl_rows: torch.Tensor  # [r] rows holding KL prompts
+    bare_rows: torch.Tensor  # [n] row of each request's bare prompt
+
+
+def _build(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    kl_prompts: Sequence[str],
+    position: Position,
+) -> _Batch:
+    tok = lm.tokenizer
+    seqs: list[list[int]] = []
+    subj, owner, t_rows, t_pos, t_ids, kl_rows, bare = [], [], [], [], [], [], []
+    for r, req in enumerate(requests):
+        target = continuation_ids(tok, req.text, req.target_new)
+        for c, ctx in enumerate(contexts):
+            ids, pos = locate(tok, ctx.replace("{}", req.prompt), req.subject, position=position)
+            row = len(seqs)
+            if c == 0:
+                bare.append(row)
+            seqs.append(ids + target[:-1])
+            subj.append(pos)
+            owner.append(r)
+            for j, t in enumerate(target):
+                t_rows.append(row)
+                t_pos.append(len(ids) - 1 + j)
+                t_ids.append(t)
+        for kl in kl_prompts:
+            ids, pos = locate(tok, kl, req.subject, position=position)
+            kl_rows.append(len(seqs))
+            seqs.append(ids)
+            subj.append(pos)
+            owner.append(r)
+    ids, mask = pad_right(seqs, pad_id(tok))
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return _Batch(
+        ids,
+        mask,
+        as_t(subj),
+        as_t(owner),
+        as_t(t_rows),
+        as_t(t_pos),
+        as_t(t_ids),
+        as_t(t_rows),
+        as_t(kl_rows),
+        as_t(bare),
+    )
+
+
+def optimise_values(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    *,
+    layer: int,
+    site: Site,
+    hp: ValueHparams,
+    position: Position = "last",
+) -> ValueResult:
+    """Optimise one delta per request at ``site`` of ``layer`` (see module docstring)."""
+    if contexts[0] != "{}":
+        raise ValueError("the first context must be the bare prompt '{}'")
+    inits, deltas, probs, steps = [], [], [], []
+    for i in range(0, len(requests), hp.request_batch):
+        group = requests[i : i + hp.request_batch]
+        with frozen(lm.model):
+            res = _optimise_group(lm, group, contexts, layer, site, hp, position)
+        inits.append(res.init)
+        deltas.append(res.delta)
+        probs += res.prob
+        steps += res.steps
+    return ValueResult(torch.cat(inits), torch.cat(deltas), probs, steps)
+
+
+def _optimise_group(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+    site: Site,
+    hp: ValueHparams,
+    position: Position,
+) -> ValueResult:
+    device = lm.device
+    b = _build(lm, requests, contexts, hp.kl_prompts, position)
+    ids, mask = b.ids.to(device), b.mask.to(device)
+    subject_pos, owner = b.subject_pos.to(device), b.owner.to(device)
+    module = injection_module(lm, layer, site)
+    runner = UpperRunner(lm, layer, ids, mask)
+    rows = torch.arange(ids.shape[0], device=device)
+    n = len(requests)
+
+    def forward(delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return log-probs of targets [m], KL-prompt log-distributions [r, V], site values."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def inject(out: torch.Tensor) -> torch.Tensor:
+            captured["site"] = out[rows, subject_pos].detach()
+            if delta is None:
+                return out
+            add = torch.zeros_like(out)
+            add[rows, subject_pos] = delta[owner].to(out.dtype)
+            return out + add
+
+        with Hooks() as h:
+            h.rewrite(module, inject, which="output")
+            hidden = runner.run()
+        t_rows, t_pos = b.target_rows.to(device), b.target_pos.to(device)
+        logits = lm.arch.logits(hidden[t_rows, t_pos]).float()
+        target_lp = logits.log_softmax(-1).gather(1, b.target_ids.to(device)[:, None])[:, 0]
+        kl_rows = b.kl_rows.to(device)
+        kl_lp = lm.arch.logits(hidden[kl_rows, subject_pos[kl_rows]]).float().log_softmax(-1)
+        return target_lp, kl_lp, captured["site"]
+
+    with torch.no_grad():
+        _, kl_init, site_values = forward(None)
+    init = site_values[b.bare_rows.to(device)].float()  # [n, d_model]
+    delta = torch.zeros_like(init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    max_norm = hp.clamp_norm_factor * init.norm(dim=1)  # [n]
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    prompt_owner = b.owner.to(device)
+    n_prompts = ids.shape[0]
+    prob = torch.zeros(n, device=device)
+    used = [hp.steps] * n
+    for step in range(hp.steps):
+        opt.zero_grad()
+        target_lp, kl_lp, _ = forward(delta)
+        # mean target log-prob per prompt (ROME: per-prompt token average), then per request
+        per_prompt = torch.zeros(n_prompts, device=device).index_add(
+            0, b.target_prompt.to(device), target_lp
+        )
+        n_tok = torch.zeros(n_prompts, device=device).index_add(
+            0, b.target_prompt.to(device), torch.ones_like(target_lp)
+        )
+        scored = n_tok > 0
+        per_prompt = per_prompt[scored] / n_tok[scored]
+        owners = prompt_owner[scored]
+        counts = torch.zeros(n, device=device).index_add(0, owners, torch.ones_like(per_prompt))
+        nll = -torch.zeros(n, device=device).index_add(0, owners, per_prompt) / counts
+        prob = torch.zeros(n, device=device).index_add(0, owners, per_prompt.exp()) / counts
+        kl_owner = prompt_owner[b.kl_rows.to(device)]
+        kl_each = F.kl_div(kl_lp, kl_init, log_target=True, reduction="none").sum(-1)
+        kl = torch.zeros(n, device=device).index_add(0, kl_owner, kl_each)
+        kl = kl / torch.bincount(kl_owner, minlength=n).clamp_min(1)
+        decay = delta.norm(dim=1) ** 2 / init.norm(dim=1).clamp_min(1e-8) ** 2
+        loss_each = nll + hp.kl_factor * kl + hp.weight_decay * decay
+        if not torch.isfinite(loss_each).all():
+            bad = [
+                requests[i].case_id or requests[i].subject
+                for i in torch.nonzero(~torch.isfinite(loss_each)).flatten().tolist()
+            ]
+            raise EditError(f"value optimisation diverged (NaN/inf) for {bad} at step {step}")
+        newly = (prob.detach() >= hp.stop_prob) & ~done
+        for i in torch.nonzero(newly).flatten().tolist():
+            used[i] = step
+        done |= newly
+        if done.all():
+            break
+        keep = delta.detach().clone()
+        loss_each[~done].sum().backward()
+        opt.step()
+        with torch.no_grad():
+            delta[done] = keep[done]
+            norms = delta.norm(dim=1)
+            scale = torch.where(
+                norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms)
+            )
+            delta.mul_(scale[:, None])
+    final = [float(p) for p in prob.detach().cpu()]
+    if any(math.isnan(p) for p in final):
+        raise EditError("value optimisation produced NaN probabilities")
+    return ValueResult(init.detach().cpu(), delta.detach().cpu(), final, used)
+
+
+def current_values(
+    lm: Any, requests: Sequence[EditRequest], *, layer: int, site: Site, position: Position = "last"
+) -> torch.Tensor:
+    """The hidden state at ``site`` of ``layer`` at each bare prompt's subject token [n, d]."""
+    seqs, subj = [], []
+    for req in requests:
+        ids, pos = locate(lm.tokenizer, req.prompt, req.subject, position=position)
+        seqs.append(ids)
+        subj.append(pos)
+    ids, mask = pad_right(seqs, pad_id(lm.tokenizer))
+    module = injection_module(lm, layer, site)
+    with torch.no_grad(), Hooks() as h:
+        h.capture("site", module, which="output", positions=torch.tensor(subj))
+        h.stop_after(module)
+        h.run(
+            lm.model,
+            input_ids=ids.to(lm.device),
+            attention_mask=mask.to(lm.device),
+            use_cache=False,
+        )
+        return h["site"].float().cpu()
