@@ -1,0 +1,220 @@
+"""``repedit eval``: run the robustness suite over a dataset (resumable) and summarise it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from repedit.cli import common
+from repedit.errors import InvalidRequestError
+
+DESCRIPTION = """\
+Edit every case of a dataset and score the edited model on the robustness suite: efficacy,
+prompt paraphrases, in-domain and held-out subject paraphrases, scrambled subjects, long
+context, neighbourhood (agreement with the unedited model) and fluency. Results go to
+OUT/results.jsonl one line per case as soon as it is done; rerunning the same command resumes
+(a different configuration into the same OUT is refused unless --overwrite). At the end
+OUT/summary.json, OUT/summary.md and OUT/report.html are written.
+
+modes:
+  single      edit one case, evaluate, revert (the paper's protocol)
+  batch       edit --batch-size cases at once, evaluate each, revert
+  sequential  edits accumulate; every --eval-every edits the edited-so-far cases are re-scored
+              into OUT/sequential.jsonl (forgetting curves)
+
+examples:
+  repedit eval --method rome --data rep-counterfact --n 100 --out runs/rome-cf
+  repedit eval --method memit --data demo --mode sequential --eval-every 5 --out runs/seq
+  repedit eval --data rep-counterfact --n 50 --tests efficacy,subject_paraphrase,neighbourhood \\
+      --long-context-words 300 --set value.steps=10 --out runs/quick
+"""
+
+EPILOG = """\
+tests: all, or a comma-separated list of efficacy, prompt_paraphrase, subject_paraphrase,
+ood_subject_paraphrase, scrambled_subject, long_context, neighbourhood, fluency.
+data: demo (built-in facts), a dataset name resolved under --data-dir / $REPEDIT_DATA
+(rep-counterfact, rep-zsre, counterfact, zsre, ...) or a JSON file.
+"""
+
+METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit")
+
+
+def register(subparsers: Any) -> None:
+    p = common.add_command(
+        subparsers,
+        "eval",
+        help="evaluate an editing method on the robustness suite (resumable run directory)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--method", default="rome", help=f"{' | '.join(METHODS)} (default: %(default)s)")
+    g.add_argument("--data", default="demo", help="dataset name or JSON file (default: demo)")
+    g.add_argument("--data-dir", default=None, help="where dataset names resolve ($REPEDIT_DATA)")
+    g.add_argument("--n", type=common.positive_int, default=None, help="first N cases (all)")
+    g.add_argument("--mode", default="single", choices=("single", "batch", "sequential"))
+    g.add_argument("--batch-size", type=common.positive_int, default=10, help="batch mode")
+    g.add_argument(
+        "--eval-every", type=common.positive_int, default=10, help="sequential checkpoints"
+    )
+    g.add_argument(
+        "--eval-sample",
+        type=int,
+        default=20,
+        help="cases re-scored at a sequential checkpoint (0 = all edited so far; default 20)",
+    )
+    g.add_argument("--tests", default="all", help="all, or a comma-separated list (see below)")
+    g.add_argument("--out", default=None, help="run directory (default: runs/METHOD-DATA-MODE)")
+    g.add_argument("--seed", type=int, default=0, help="seed for variants and sampling")
+    g.add_argument("--skip-invalid", action="store_true", help="skip malformed dataset records")
+    g.add_argument(
+        "--id-split", type=int, default=5, help="in-domain subject paraphrases (default 5)"
+    )
+    g.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lc = p.add_argument_group("long context and fluency")
+    length = lc.add_mutually_exclusive_group()
+    length.add_argument(
+        "--long-context-tokens", type=common.positive_int, metavar="N", help="default 512"
+    )
+    length.add_argument(
+        "--long-context-words",
+        type=common.positive_int,
+        metavar="N",
+        help="passage length in words instead (300 = the released code)",
+    )
+    lc.add_argument(
+        "--long-context-corpus",
+        default=None,
+        metavar="FILE",
+        help="text file to cut passages from (default $REPEDIT_DATA/wikitext/wiki.test.raw)",
+    )
+    lc.add_argument(
+        "--long-context-passages", type=int, default=1, help="test passages per case (1)"
+    )
+    lc.add_argument("--fluency-samples", type=int, default=1, help="texts per case (1)")
+    lc.add_argument("--fluency-tokens", type=common.positive_int, default=100, help="(100)")
+    lc.add_argument(
+        "--score-batch-size", type=common.positive_int, default=32, help="sequences per forward"
+    )
+    h = p.add_argument_group("hyper-parameters")
+    h.add_argument(
+        "--layer",
+        help="edited layer (ROME, R-ROME) or layers, e.g. 4-8 (MEMIT, EMMET, AlphaEdit)",
+    )
+    h.add_argument("--hparams", metavar="FILE", help="JSON/YAML mapping of hyper-parameters")
+    h.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one hyper-parameter (repeatable), e.g. --set value.steps=10",
+    )
+    common.add_model_options(p)
+    common.add_stats_options(p)
+    common.add_json_option(p)
+
+
+def hparam_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--hparams FILE, then --set, then --layer; validated against the method's fields."""
+    from repedit.editors import make_editor
+
+    overrides: dict[str, Any] = {}
+    if args.hparams:
+        values = common.read_mapping(args.hparams, "hyper-parameters")
+        if not isinstance(values, dict):
+            raise InvalidRequestError(f"{args.hparams}: expected a mapping of hyper-parameters")
+        overrides.update(values)
+    overrides.update(common.parse_overrides(args.overrides))
+    if getattr(args, "layer", None) is not None:
+        layers = common.parse_layers(args.layer)
+        fields = make_editor(args.method).hparams_class.field_names()
+        if "layer" in fields:
+            if len(layers) != 1:
+                raise InvalidRequestError(
+                    f"{args.method} edits one layer; --layer {args.layer} names {len(layers)}"
+                )
+            overrides["layer"] = layers[0]
+        else:
+            overrides["layers"] = tuple(layers)
+    make_editor(args.method, dict(overrides))  # unknown fields fail here, before loading
+    return overrides
+
+
+def run_config(args: argparse.Namespace) -> Any:
+    from repedit.evaluation.harness import RunConfig
+
+    out = args.out
+    if out is None:
+        data = Path(args.data).stem if args.data.endswith(".json") else args.data
+        out = str(Path("runs") / f"{args.method}-{data}-{args.mode}")
+    unit, length = "tokens", 512
+    if args.long_context_words:
+        unit, length = "words", args.long_context_words
+    elif args.long_context_tokens:
+        length = args.long_context_tokens
+    return RunConfig(
+        model=args.model,
+        method=args.method,
+        hparams=hparam_overrides(args),
+        data=args.data,
+        data_dir=args.data_dir,
+        n=args.n,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        eval_sample=args.eval_sample,
+        tests=args.tests,
+        seed=args.seed,
+        skip_invalid=args.skip_invalid,
+        id_split=args.id_split,
+        out=out,
+        overwrite=args.overwrite,
+        device=args.device,
+        dtype=args.dtype,
+        stats_corpus=args.corpus,
+        stats_tokens=args.stats_tokens,
+        cache_dir=args.cache_dir,
+        long_context_corpus=args.long_context_corpus,
+        long_context_length=length,
+        long_context_unit=unit,
+        long_context_passages=args.long_context_passages,
+        fluency_samples=args.fluency_samples,
+        fluency_tokens=args.fluency_tokens,
+        score_batch_size=args.score_batch_size,
+    )
+
+
+def print_summary(summary: dict[str, Any], title: str | None = None) -> None:
+    from repedit.evaluation.summary import TABLE_COLUMNS, table_rows
+
+    common.print_table(table_rows(summary), TABLE_COLUMNS, title=title)
+
+
+def run(args: argparse.Namespace) -> int:
+    from repedit.evaluation.harness import run_eval
+    from repedit.evaluation.summary import load_summary
+
+    cfg = run_config(args)
+    lm = common.load(args)
+    common.status(f"evaluating {cfg.method} ({cfg.mode}) on {cfg.data} → {cfg.out}")
+    run_dir = run_eval(cfg, lm=lm, progress=not args.no_progress)
+    summary = load_summary(run_dir)
+    if args.json:
+        common.print_json(summary)
+        return 0
+    extra = summary.get("extra", {})
+    spe = summary.get("seconds_per_edit")
+    pps = extra.get("probes_per_s")
+    title = (
+        f"{cfg.method} on {cfg.model}, {cfg.data} ({cfg.mode}): {extra.get('n_cases')} cases, "
+        f"{extra.get('n_failed')} failed; "
+        f"{'—' if spe is None else f'{spe:.2f}'} s/edit; "
+        f"{'—' if pps is None else f'{pps:.0f}'} probes/s"
+    )
+    print_summary(summary, title)
+    for name in ("results.jsonl", "summary.json", "summary.md", "report.html"):
+        common.log(f"  {run_dir / name}")
+    return 0

@@ -1,0 +1,72 @@
+"""``repedit report``: compare run directories in a table and one self-contained HTML file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from repedit.cli import common
+from repedit.errors import InvalidRequestError
+
+DESCRIPTION = """\
+Print a table of every robustness test for one or more run directories (written by
+'repedit eval') and write a self-contained HTML report: results with 95 % CIs, bar charts,
+per-case distributions and sequential-editing curves (inline images, no external assets).
+
+examples:
+  repedit report runs/rome-cf
+  repedit report runs/rome-cf runs/memit-cf --out compare.html
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = common.add_command(
+        subparsers,
+        "report",
+        help="summarise and compare evaluation runs (table + self-contained HTML)",
+        description=DESCRIPTION,
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories from repedit eval")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)",
+    )
+    common.add_json_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from repedit.evaluation.report import run_names, write_report
+    from repedit.evaluation.summary import (
+        TABLE_COLUMNS,
+        build_summary,
+        comparison_rows,
+        load_summary,
+        table_rows,
+    )
+
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not (d / "config.json").exists() and not (d / "summary.json").exists():
+            raise InvalidRequestError(f"{d} is not a run directory (no config.json)")
+    names = run_names(dirs)
+    summaries = [
+        build_summary(d) if (d / "config.json").exists() else load_summary(d) for d in dirs
+    ]
+    out = (
+        Path(args.out)
+        if args.out
+        else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
+    )
+    path = write_report(dirs, out)
+    if args.json:
+        common.print_json({"report": str(path), "runs": dict(zip(names, summaries, strict=True))})
+        return 0
+    if len(dirs) == 1:
+        common.print_table(table_rows(summaries[0]), TABLE_COLUMNS, title=names[0])
+    else:
+        columns = ["test (%; fluency in bits)", *names]
+        common.print_table(comparison_rows(summaries), columns, title="runs compared")
+    common.log(f"report: {path}")
+    return 0

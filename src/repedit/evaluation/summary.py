@@ -1,0 +1,334 @@
+"""Summaries of a run directory: ``summary.json`` (a stable contract) and ``summary.md``.
+
+``summary.json``::
+
+    {"tests": {NAME: {"mean": float | null, "ci": [lo, hi] | null, "n": int}},
+     "config": {...}, "seconds_per_edit": float | null, "extra": {...}}
+
+NAME is every test of :data:`~repedit.evaluation.probes.TESTS`. Success rates are fractions in
+[0, 1], micro-averaged over (case, variant) pairs, with the paper's exact-match metric;
+``neighbourhood`` is the agreement with the unedited model's predictions; ``fluency`` is ROME's
+n-gram entropy (bits). ``n`` counts (case, variant) pairs (texts for fluency); a test the data
+could not feed has ``n = 0`` and ``mean``/``ci`` null. The 95 % interval is a percentile
+bootstrap over *cases* (1000 resamples, seeded): a case's variants stay together.
+
+``extra`` holds ``neighbourhood_truth`` (exact match to the dataset answer), the
+``<test>_beats_alt`` variant (ROME's P(new) > P(true)) of every success test, the scrambled
+in-domain / held-out halves, counts, throughput and timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repedit.evaluation.probes import SUCCESS_TESTS, TESTS
+from repedit.io import atomic_path, write_json
+
+N_BOOT = 1000
+BOOT_SEED = 0
+
+#: (key, test, metric, meta filter): every statistic reported, besides the contract's tests
+EXTRA_STATS: tuple[tuple[str, str, str, dict[str, Any] | None], ...] = (
+    ("neighbourhood_truth", "neighbourhood", "exact", None),
+    *((f"{t}_beats_alt", t, "beats_alt", None) for t in SUCCESS_TESTS),
+    ("scrambled_subject_id", "scrambled_subject", "exact", {"half": "id"}),
+    ("scrambled_subject_ood", "scrambled_subject", "exact", {"half": "ood"}),
+    ("scrambled_subject_id_beats_alt", "scrambled_subject", "beats_alt", {"half": "id"}),
+    ("scrambled_subject_ood_beats_alt", "scrambled_subject", "beats_alt", {"half": "ood"}),
+)
+
+
+def metric_of(test: str) -> str:
+    """The headline per-probe field of a test."""
+    return {"neighbourhood": "agree", "fluency": "entropy"}.get(test, "exact")
+
+
+def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The case records of a run (first record per case id; unreadable lines skipped)."""
+    from repedit.evaluation.harness import RunDir
+
+    return RunDir(run_dir).results()
+
+
+def case_sums(
+    records: Sequence[dict[str, Any]],
+    test: str,
+    metric: str | None = None,
+    where: dict[str, Any] | None = None,
+) -> list[tuple[float, int]]:
+    """Per case ``(sum of the metric over its variants, number of variants)``.
+
+    Cases without any scored variant (failed, or nothing to feed the test) are left out.
+    ``where`` keeps only probes whose ``meta`` has those values (e.g. ``{"half": "id"}``).
+    """
+    metric = metric or metric_of(test)
+    out = []
+    for rec in records:
+        if rec.get("error"):
+            continue
+        t = (rec.get("tests") or {}).get(test)
+        if not t:
+            continue
+        if test == "fluency":
+            values = [s for s in t.get("scores", []) if s is not None]
+        else:
+            values = [
+                p.get(metric)
+                for p in t.get("probes", [])
+                if not where or all((p.get("meta") or {}).get(k) == v for k, v in where.items())
+            ]
+            values = [v for v in values if v is not None]
+        if values:
+            out.append((float(sum(float(v) for v in values)), len(values)))
+    return out
+
+
+def micro_stat(
+    sums: Sequence[tuple[float, int]], *, n_boot: int = N_BOOT, seed: int = BOOT_SEED
+) -> dict[str, Any]:
+    """``{"mean", "ci", "n"}``: the micro-average and its case-bootstrap 95 % interval."""
+    total = sum(n for _, n in sums)
+    if total == 0:
+        return {"mean": None, "ci": None, "n": 0}
+    s = np.array([x for x, _ in sums], dtype=np.float64)
+    c = np.array([n for _, n in sums], dtype=np.float64)
+    mean = float(s.sum() / c.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    boot = s[idx].sum(1) / c[idx].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"mean": mean, "ci": [float(lo), float(hi)], "n": int(total)}
+
+
+def case_means(records: Sequence[dict[str, Any]], test: str, metric: str | None = None) -> list:
+    """Each evaluated case's mean of ``metric`` on ``test`` (for distributions)."""
+    return [x / n for x, n in case_sums(records, test, metric)]
+
+
+def _seconds_per_edit(records: Sequence[dict[str, Any]]) -> float | None:
+    xs = [r["edit_seconds"] for r in records if not r.get("error") and "edit_seconds" in r]
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def _wall(run_dir: Path, records: Sequence[dict[str, Any]]) -> float:
+    from repedit.evaluation.harness import RunDir
+
+    sessions = RunDir(run_dir).sessions()
+    wall = sum(float(s.get("wall_seconds") or 0.0) for s in sessions)
+    if wall == 0.0:  # no session finished cleanly: fall back to the per-case times
+        keys = ("reference_seconds", "edit_seconds", "eval_seconds")
+        wall = sum(float(r.get(k) or 0.0) for r in records for k in keys)
+    return wall
+
+
+def build_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The summary dict of a run directory (nothing written)."""
+    from repedit.evaluation.harness import RunDir
+
+    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    stored = run.config()
+    records = run.results()
+    rc = stored.get("run_config", {})
+    selected = set(rc.get("tests") or TESTS)
+    tests = {}
+    for test in TESTS:
+        tests[test] = (
+            micro_stat(case_sums(records, test))
+            if test in selected
+            else {"mean": None, "ci": None, "n": 0}
+        )
+    extra: dict[str, Any] = {}
+    for key, test, metric, where in EXTRA_STATS:
+        if test in selected:
+            extra[key] = micro_stat(case_sums(records, test, metric, where))
+        else:
+            extra[key] = {"mean": None, "ci": None, "n": 0}
+    ok = [r for r in records if not r.get("error")]
+    n_probes = sum(int(r.get("n_probes") or 0) for r in ok)
+    score_s = sum(float(r.get("score_seconds") or 0.0) for r in ok)
+    wall = _wall(run_dir, records)
+    spe = _seconds_per_edit(records)
+    scramble = [r["scramble_n"] for r in ok if "scramble_n" in r]
+    extra.update(
+        {
+            "n_cases": len(records),
+            "n_evaluated": len(ok),
+            "n_failed": len(records) - len(ok),
+            "failed_cases": [r["case_id"] for r in records if r.get("error")][:100],
+            "n_probes": n_probes,
+            "probes_per_s": n_probes / score_s if score_s > 0 else None,
+            "score_seconds": score_s,
+            "fluency_seconds": sum(float(r.get("fluency_seconds") or 0.0) for r in ok),
+            "eval_seconds_per_case": (
+                sum(float(r.get("eval_seconds") or 0.0) for r in ok) / len(ok) if ok else None
+            ),
+            "wall_seconds": wall,
+            "scramble_n_zero": sum(1 for n in scramble if n == 0),
+            "sessions": len(run.sessions()),
+        }
+    )
+    seq = run.sequential()
+    if seq:
+        extra["sequential_checkpoints"] = len(seq)
+    config = {
+        "model": rc.get("model"),
+        "model_name": stored.get("model_name"),
+        "model_fingerprint": stored.get("model_fingerprint"),
+        "method": rc.get("method"),
+        "hparams": stored.get("hparams_resolved"),
+        "hparams_overrides": rc.get("hparams"),
+        "mode": rc.get("mode"),
+        "batch_size": rc.get("batch_size"),
+        "eval_every": rc.get("eval_every"),
+        "data": rc.get("data"),
+        "data_path": stored.get("data_path"),
+        "data_sha256": stored.get("data_sha256"),
+        "n": rc.get("n"),
+        "seed": rc.get("seed"),
+        "tests": rc.get("tests"),
+        "suite": stored.get("suite"),
+        "stats": {
+            "corpus": rc.get("stats_corpus"),
+            "n_tokens": rc.get("stats_tokens"),
+            "seq_len": rc.get("stats_seq_len"),
+        },
+        "versions": stored.get("versions"),
+        "wall_seconds": wall,
+        "seconds_per_edit": spe,
+        "run_dir": str(run_dir),
+    }
+    return {"tests": tests, "config": config, "seconds_per_edit": spe, "extra": extra}
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _fmt(test: str, stat: dict[str, Any]) -> tuple[str, str]:
+    mean, ci = stat.get("mean"), stat.get("ci")
+    if test == "fluency":
+        m = "—" if mean is None else f"{mean:.3f}"
+        c = "—" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+    else:
+        m = _pct(mean)
+        c = "—" if not ci else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
+    return m, c
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Rows ``test, mean, 95% CI, n, P(new)>P(true)`` (rates in %, fluency in bits)."""
+    rows = []
+    extra = summary.get("extra", {})
+    for test in TESTS:
+        stat = summary["tests"][test]
+        m, c = _fmt(test, stat)
+        alt = extra.get(f"{test}_beats_alt")
+        rows.append([test, m, c, str(stat["n"]), _pct(alt["mean"]) if alt else ""])
+        if test == "scrambled_subject":
+            for half in ("id", "ood"):
+                s = extra.get(f"scrambled_subject_{half}")
+                a = extra.get(f"scrambled_subject_{half}_beats_alt")
+                if s:
+                    m, c = _fmt(test, s)
+                    rows.append([f"  {half} half", m, c, str(s["n"]), _pct(a["mean"]) if a else ""])
+        if test == "neighbourhood":
+            s = extra.get("neighbourhood_truth")
+            if s:
+                m, c = _fmt(test, s)
+                rows.append(["neighbourhood_truth", m, c, str(s["n"]), ""])
+    return rows
+
+
+TABLE_COLUMNS = ("test", "mean (%)", "95% CI", "n", "P(new)>P(true) (%)")
+
+
+def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row per test, one ``mean [lo, hi]`` cell per run (rates in %, fluency in bits)."""
+    rows = []
+    labels: list[tuple[str, str, str | None]] = []
+    for test in TESTS:
+        labels.append((test, test, None))
+        if test == "scrambled_subject":
+            labels += [(f"  {h} half", test, f"scrambled_subject_{h}") for h in ("id", "ood")]
+        if test == "neighbourhood":
+            labels.append(("neighbourhood_truth", test, "neighbourhood_truth"))
+    for label, test, key in labels:
+        row = [label]
+        for summ in summaries:
+            stat = summ["tests"][test] if key is None else summ.get("extra", {}).get(key, {})
+            m, c = _fmt(test, stat or {})
+            row.append(m if c == "—" else f"{m} {c}")
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """A readable markdown rendering of a summary."""
+    cfg = summary.get("config", {})
+    extra = summary.get("extra", {})
+    lines = [
+        f"# {cfg.get('method')} on {cfg.get('model')} — {cfg.get('data')} ({cfg.get('mode')})",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|",
+    ]
+    for row in table_rows(summary):
+        lines.append("| " + " | ".join(row) + " |")
+    spe = summary.get("seconds_per_edit")
+    pps = extra.get("probes_per_s")
+    lines += [
+        "",
+        "Success rates: exact match of every target token (teacher forcing), micro-averaged "
+        "over (case, variant) pairs; neighbourhood: agreement with the unedited model; "
+        "neighbourhood_truth: exact match to the dataset answer; fluency: n-gram entropy "
+        "(bits, not %). CI: 95 % bootstrap over cases.",
+        "",
+        f"- cases: {extra.get('n_cases')} ({extra.get('n_failed')} failed)",
+        f"- seconds per edit: {'—' if spe is None else f'{spe:.2f}'}",
+        f"- probes/s: {'—' if pps is None else f'{pps:.1f}'}",
+        f"- wall time: {extra.get('wall_seconds', 0.0):.1f} s",
+        f"- model: {cfg.get('model_name')} (fingerprint {cfg.get('model_fingerprint')})",
+        f"- data: {cfg.get('data_path')} (sha256 {str(cfg.get('data_sha256'))[:16]}…)",
+        f"- seed: {cfg.get('seed')}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in (cfg.get("versions") or {}).items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    """Compute a run's summary and write ``summary.json`` and ``summary.md`` into it."""
+    run_dir = Path(run_dir)
+    summary = build_summary(run_dir)
+    from repedit.evaluation.harness import readable
+
+    write_json(run_dir / "summary.json", _finite(summary))
+    readable(run_dir / "summary.json")
+    with atomic_path(run_dir / "summary.md") as tmp:
+        tmp.write_text(markdown(summary), encoding="utf-8")
+        readable(tmp)
+    return summary
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """``summary.json`` of a run, computed (and written) if missing."""
+    path = Path(run_dir) / "summary.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return summarize(run_dir)
