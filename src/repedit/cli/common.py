@@ -1,0 +1,345 @@
+"""What every command shares: option groups, model loading, consoles, tables, ``--set`` parsing.
+
+Two consoles: ``console`` (stderr) for status lines, warnings and progress, and ``out``
+(stdout) for results only, so ``--json`` output can be piped into ``jq`` untouched.
+Heavy imports (torch, transformers) happen inside functions, so ``repedit --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from repedit.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from repedit.editors import StatsConfig
+    from repedit.models import LoadedModel
+
+#: status lines, logs, warnings and progress bars
+console = Console(stderr=True, highlight=False)
+#: results (tables; JSON goes through ``print_json``)
+out = Console(highlight=False)
+
+#: table width when stdout is not a terminal (a file or a pipe): wide enough not to wrap
+PIPE_WIDTH = 160
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def add_command(
+    subparsers: Any, name: str, *, help: str, description: str, epilog: str = ""
+) -> argparse.ArgumentParser:
+    """A sub-command parser with the shared formatting and ``-v/--verbose``."""
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log details; show tracebacks on errors"
+    )
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="alias (smollm2-135m, gemma3-270m), .gguf file, local HF directory or hub id "
+        "(default: %(default)s, embedded, works offline)",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if found)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="weights dtype (default: auto = float32 on CPU, bfloat16 on CUDA)",
+    )
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's own choice)",
+    )
+
+
+def add_stats_options(
+    parser: argparse.ArgumentParser, tokens_flags: Sequence[str] = ("--stats-tokens",)
+) -> None:
+    g = parser.add_argument_group("key statistics (C = E[kkᵀ], computed once per layer, cached)")
+    g.add_argument(
+        "--corpus",
+        default="auto",
+        help="text file or folder, 'wikitext' (hub), 'model' (text sampled from the model) or "
+        "'auto' ($REPEDIT_DATA/wikitext, else the hub, else model-sampled; default)",
+    )
+    g.add_argument(
+        *tokens_flags,
+        dest="stats_tokens",
+        type=positive_int,
+        default=100_000,
+        metavar="N",
+        help="tokens to accumulate (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cache-dir", default=None, help="cache root (default: $REPEDIT_CACHE or ~/.cache/repedit)"
+    )
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (logs stay on stderr)"
+    )
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for argparse options that must be > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"4"``, ``"4,5,6"`` or ``"4-8"`` (inclusive) into a sorted list of layer indices."""
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, dash, hi = part.partition("-")
+            if dash:
+                layers.update(range(int(lo), int(hi) + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise InvalidRequestError(f"bad layer list {text!r}: use e.g. 4 or 4,5,6 or 4-8") from None
+    if not layers:
+        raise InvalidRequestError(f"bad layer list {text!r}: no layers given")
+    return sorted(layers)
+
+
+# ----------------------------------------------------------------------------- library calls
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    """Set threads, then ``repedit.models.load_model`` with the command's model options."""
+    set_threads(getattr(args, "threads", None))
+    if not getattr(args, "verbose", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    from repedit.models import load_model
+
+    status(f"loading model {args.model}…")
+    lm = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cache=getattr(args, "cache_dir", None),
+    )
+    log(
+        f"  {lm.model.config.model_type}, {lm.n_layers} layers, d_mlp {lm.arch.d_mlp}, "
+        f"{lm.device}, {str(lm.dtype).removeprefix('torch.')}, fingerprint {lm.fingerprint}"
+    )
+    return lm
+
+
+def stats_config(args: argparse.Namespace) -> StatsConfig:
+    from repedit.editors import StatsConfig
+
+    return StatsConfig(
+        corpus=args.corpus,
+        n_tokens=args.stats_tokens,
+        cache=args.cache_dir,
+        progress=True,
+    )
+
+
+def stats_cached(
+    lm: LoadedModel, layers: Sequence[int], cfg: StatsConfig
+) -> tuple[str, list[int]] | None:
+    """``(corpus identity, layers with a cache file)`` when ``cfg.corpus`` is a local path.
+
+    ``None`` for ``auto``/hub/model corpora: the library resolves those (it may probe the hub
+    or fall back to model-sampled text with its own token budget), so the CLI does not guess.
+    """
+    from repedit.paths import cache_dir
+    from repedit.stats import StatsKey, resolve_corpus
+
+    spec = cfg.corpus
+    if not isinstance(spec, str) or spec in ("auto", "wikitext", "model") or spec.startswith("hf:"):
+        return None
+    identity = resolve_corpus(spec, lm).identity
+    root = cache_dir(cfg.cache)
+    return identity, [
+        layer
+        for layer in layers
+        if StatsKey(lm.fingerprint, layer, identity, cfg.n_tokens, cfg.seq_len).path(root).exists()
+    ]
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def status(message: str) -> None:
+    """A status line on stderr (before a long step)."""
+    console.print(f"[cyan]›[/] {escape(message)}", soft_wrap=True)
+
+
+def log(message: str) -> None:
+    console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
+
+
+def error(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def print_json(obj: Any) -> None:
+    """Exactly one JSON document on stdout."""
+    out.file.write(json.dumps(obj, indent=2, default=str) + "\n")
+    out.file.flush()
+
+
+def print_table(
+    rows: Sequence[Sequence[Any]], columns: Sequence[str], title: str | None = None
+) -> None:
+    """A rich table of results on stdout (``None`` cells print as ``—``)."""
+    table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("—" if cell is None else escape(str(cell)) for cell in row))
+    if not out.is_terminal and out.width < PIPE_WIDTH:
+        out.width = PIPE_WIDTH  # a file or pipe: no terminal to fit, don't fold paths
+    out.print(table)
+
+
+def fmt_prob(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def fmt_text(text: str, limit: int = 40) -> str:
+    """A completion on one line, with its leading space kept visible."""
+    flat = " ".join(text.split())
+    flat = flat if len(flat) <= limit else flat[: limit - 1] + "…"
+    return repr(flat)[1:-1] if flat else "∅"
+
+
+# ----------------------------------------------------------------------------- --set values
+
+
+def _tupled(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """JSON if it parses (``0.1``, ``5``, ``true``, ``[4, 5]``, ``null``), else the string."""
+    try:
+        return _tupled(json.loads(text))
+    except ValueError:
+        return text
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["value.lr=0.1", "layers=[4,5]"]`` → ``{"value.lr": 0.1, "layers": (4, 5)}``."""
+    overrides: dict[str, Any] = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise InvalidRequestError(f"--set expects key=value (e.g. value.lr=0.1), got {item!r}")
+        overrides[key] = parse_value(value.strip())
+    return overrides
+
+
+def read_mapping(path: str | Path, what: str) -> Any:
+    """A JSON or YAML file's content, with errors that name the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"{what} file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's common ground
+        raise InvalidRequestError(f"{path}: not valid JSON/YAML ({exc})") from None
+    except Exception as exc:  # yaml.YAMLError is not a ValueError
+        raise InvalidRequestError(f"{path}: not valid YAML ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- session
+
+
+@contextlib.contextmanager
+def session(verbose: bool) -> Iterator[None]:
+    """Route logging, warnings and rich's global console (progress bars) to stderr.
+
+    Everything is restored on exit, so ``main`` can be called in-process (tests).
+    """
+    import rich
+
+    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root = logging.getLogger()
+    repedit_logger = logging.getLogger("repedit")
+    saved_level = repedit_logger.level
+    repedit_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.addHandler(handler)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.addHandler(handler)
+    warnings_logger.propagate = False
+    logging.captureWarnings(True)
+    saved_console = rich._console  # progress bars use rich's global console (stdout)
+    rich._console = console
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                # third-party deprecation chatter is not for CLI users
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        rich._console = saved_console
+        logging.captureWarnings(False)
+        warnings_logger.removeHandler(handler)
+        warnings_logger.propagate = True
+        root.removeHandler(handler)
+        repedit_logger.setLevel(saved_level)

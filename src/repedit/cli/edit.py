@@ -1,0 +1,351 @@
+"""``repedit edit``: write one fact (or a file of facts) into a model and show before / after."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+
+from repedit.cli import common
+from repedit.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from repedit.data import EditRequest
+    from repedit.editors import Editor, EditResult
+    from repedit.models import LoadedModel
+
+DESCRIPTION = """\
+Edit a model so that PROMPT (with SUBJECT in its {} slot) is completed by TARGET, then print,
+before and after the edit, the greedy completion and P(target) for the prompt, two rephrasings
+and every --probe. Edits can be saved (safetensors, refused by any other base model), loaded
+back, or exported as a full Hugging Face model directory.
+
+examples:
+  repedit edit --subject Slovenia --prompt "{} is located in the continent of" \\
+      --target Antarctica --target-true Europe --probe "Ljubljana is the capital of"
+  repedit edit --method memit --requests facts.json --set value.lr=0.1 --save edit.safetensors
+  repedit edit --load edit.safetensors --probe "Slovenia is a country in"
+
+--requests FILE: a JSON list of {"prompt", "subject", "target_new", "target_true"?}; a prompt
+without {} must contain the subject verbatim.
+"""
+
+METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit")
+GENERIC_PREFIXES = ("Here is a fact: ", "As everyone knows, ")
+
+
+def register(subparsers: Any) -> None:
+    p = common.add_command(
+        subparsers,
+        "edit",
+        help="edit a fact into a model; print before/after; save, load or export the edit",
+        description=DESCRIPTION,
+    )
+    g = p.add_argument_group("the edit")
+    g.add_argument("--method", default="rome", help=f"{' | '.join(METHODS)} (default: %(default)s)")
+    g.add_argument("--subject", help="the subject, e.g. Slovenia")
+    g.add_argument("--prompt", help='template with {} for the subject, e.g. "{} is located in"')
+    g.add_argument("--target", dest="target_new", help="the new object, e.g. Antarctica")
+    g.add_argument("--target-true", help="the current object (scored as the competitor)")
+    g.add_argument("--requests", metavar="FILE", help="JSON list of edit requests")
+    g.add_argument(
+        "--probe",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="extra prompt to complete before and after (repeatable); scored against the "
+        "first request's targets",
+    )
+    g.add_argument(
+        "--new-tokens", type=common.positive_int, default=5, help="greedy completion length"
+    )
+    h = p.add_argument_group("hyper-parameters")
+    h.add_argument(
+        "--layer",
+        help="edited layer (ROME, R-ROME) or layers, e.g. 4,5,6 or 4-8 (MEMIT, EMMET, AlphaEdit)",
+    )
+    h.add_argument("--hparams", metavar="FILE", help="JSON/YAML mapping of hyper-parameters")
+    h.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one hyper-parameter (repeatable), e.g. --set value.lr=0.1",
+    )
+    s = p.add_argument_group("save / load")
+    s.add_argument("--save", metavar="FILE", help="write the edit (.safetensors + metadata)")
+    s.add_argument("--export", metavar="DIR", help="write the edited model as a HF directory")
+    s.add_argument(
+        "--load",
+        metavar="FILE",
+        help="apply a saved edit instead of computing one (must match the model)",
+    )
+    common.add_model_options(p)
+    common.add_stats_options(p)
+    common.add_json_option(p)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def _flag_request(args: argparse.Namespace) -> EditRequest | None:
+    from repedit.data import EditRequest
+    from repedit.data.case import SUBJECT_SLOT
+
+    given = [args.subject, args.prompt, args.target_new]
+    if all(v is None for v in given):
+        return None
+    if any(v is None for v in given):
+        raise InvalidRequestError(
+            "an edit from flags needs all of --subject, --prompt and --target"
+        )
+    if SUBJECT_SLOT not in args.prompt and args.subject not in args.prompt:
+        raise InvalidRequestError(
+            f"--prompt must contain {{}} where the subject goes (or the subject itself): "
+            f"{args.prompt!r}"
+        )
+    record = {
+        "prompt": args.prompt,
+        "subject": args.subject,
+        "target_new": args.target_new,
+        "target_true": args.target_true,
+    }
+    return EditRequest.from_dict(record, where="command line")
+
+
+def _file_requests(path: str) -> list[EditRequest]:
+    from repedit.data import EditRequest
+
+    data = common.read_mapping(path, "requests")
+    if isinstance(data, dict):
+        data = data.get("requests", [data])
+    if not isinstance(data, list) or not data:
+        raise InvalidRequestError(f"{path}: expected a non-empty JSON list of edit requests")
+    requests = []
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise InvalidRequestError(f"{path}: record #{i} is not an object")
+        requests.append(EditRequest.from_dict(record, where=f"{path} record #{i}"))
+    return requests
+
+
+def build_requests(args: argparse.Namespace, loaded: EditResult | None) -> list[EditRequest]:
+    from repedit.data import EditRequest
+
+    requests = []
+    flag = _flag_request(args)
+    if flag is not None:
+        requests.append(flag)
+    if args.requests:
+        requests.extend(_file_requests(args.requests))
+    if not requests and loaded is not None:
+        requests = [
+            EditRequest.from_dict(r, where=f"{args.load} request #{i}")
+            for i, r in enumerate(loaded.requests)
+        ]
+    if not requests:
+        raise InvalidRequestError(
+            "nothing to edit: give --subject, --prompt and --target, or --requests FILE, "
+            "or --load FILE"
+        )
+    return requests
+
+
+def _as_sentence_start(text: str) -> str:
+    first, _, rest = text.partition(" ")
+    return f"{first.lower()} {rest}" if first in ("The", "A", "An") and rest else text
+
+
+def rephrasings(request: EditRequest) -> list[str]:
+    """Two rephrasings: the built-in fact's paraphrases when the subject is a built-in one."""
+    from repedit.data import builtin_facts
+
+    same = [c for c in builtin_facts() if c.request.subject.lower() == request.subject.lower()]
+    same.sort(key=lambda c: c.request.prompt != request.prompt)  # same relation first
+    if same:
+        case = same[0]
+        forms = list(case.prompt_paraphrases) if case.request.prompt == request.prompt else []
+        forms += [request.prompt.format(s) for s in case.subject_paraphrases]
+        forms = [f for f in dict.fromkeys(forms) if f != request.text]
+        if len(forms) >= 2:
+            return forms[:2]
+    return [prefix + _as_sentence_start(request.text) for prefix in GENERIC_PREFIXES]
+
+
+# ----------------------------------------------------------------------------- probing
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    kind: str  # prompt | rephrase | probe
+    prompt: str
+    target_new: str
+    target_true: str | None
+
+
+def probe_specs(requests: list[EditRequest], extra: list[str]) -> list[ProbeSpec]:
+    specs = []
+    for req in requests:
+        specs.append(ProbeSpec("prompt", req.text, req.target_new, req.target_true))
+        specs += [
+            ProbeSpec("rephrase", text, req.target_new, req.target_true)
+            for text in rephrasings(req)
+        ]
+    first = requests[0]
+    specs += [ProbeSpec("probe", text, first.target_new, first.target_true) for text in extra]
+    return specs
+
+
+def measure(lm: LoadedModel, specs: list[ProbeSpec], new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy completion, P(target_new) and P(target_true) (whole targets) per probe."""
+    from repedit.evaluation.scoring import Probe, greedy_completion, score_probes
+
+    completions = greedy_completion(lm, [s.prompt for s in specs], new_tokens)
+    scores = score_probes(lm, [Probe(s.prompt, s.target_new, alt=s.target_true) for s in specs])
+    rows = []
+    for completion, score in zip(completions, scores, strict=True):
+        p_true = None if score.alt_logprob is None else _exp(score.alt_logprob)
+        rows.append({"top1": completion, "p_new": _exp(score.logprob), "p_true": p_true})
+    return rows
+
+
+def _exp(logprob: float) -> float:
+    import math
+
+    return math.exp(logprob)
+
+
+# ----------------------------------------------------------------------------- editor
+
+
+def build_editor(args: argparse.Namespace) -> Editor:
+    from repedit.editors import make_editor
+
+    overrides: dict[str, Any] = {}
+    if args.hparams:
+        values = common.read_mapping(args.hparams, "hyper-parameters")
+        if not isinstance(values, dict):
+            raise InvalidRequestError(f"{args.hparams}: expected a mapping of hyper-parameters")
+        overrides.update(values)
+    overrides.update(common.parse_overrides(args.overrides))
+    if args.layer is not None:
+        layers = common.parse_layers(args.layer)
+        fields = make_editor(args.method).hparams_class.field_names()
+        if "layer" in fields:
+            if len(layers) != 1:
+                raise InvalidRequestError(
+                    f"{args.method} edits one layer; --layer {args.layer} names {len(layers)}"
+                )
+            overrides["layer"] = layers[0]
+        else:
+            overrides["layers"] = tuple(layers)
+    return make_editor(args.method, overrides, common.stats_config(args))
+
+
+def edit_status(lm: LoadedModel, editor: Editor) -> None:
+    """Say what the next (long) step will do, and whether key statistics must be computed."""
+    cfg = editor.stats_config
+    layers = editor.layers(lm, editor.resolved(lm))
+    where = f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+    name = editor.name.upper()
+    found = common.stats_cached(lm, layers, cfg)
+    if found is None:
+        common.status(
+            f"editing with {name} at {where} (key statistics: computed on first use from "
+            f"--corpus {cfg.corpus}, then cached)…"
+        )
+    elif len(found[1]) < len(layers):
+        common.status(
+            f"computing key statistics for {where} from {found[0]} ({cfg.n_tokens} tokens; "
+            f"one-off, cached), then editing with {name}…"
+        )
+    else:
+        common.status(f"editing with {name} at {where} (key statistics cached)…")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    from repedit.editors import EditResult
+
+    loaded = EditResult.load(args.load) if args.load else None
+    editor = None if loaded else build_editor(args)
+    requests = build_requests(args, loaded)
+    specs = probe_specs(requests, args.probe)
+    lm = common.load(args)
+    if loaded is not None:
+        loaded.check_model(lm)
+    common.status(f"probing {len(specs)} prompts before the edit…")
+    before = measure(lm, specs, args.new_tokens)
+    t0 = time.perf_counter()
+    if loaded is not None:
+        result = loaded.apply(lm)
+        method = loaded.method
+    else:
+        assert editor is not None
+        edit_status(lm, editor)
+        result = editor.edit(lm, requests)
+        method = editor.name
+    seconds = time.perf_counter() - t0
+    after = measure(lm, specs, args.new_tokens)
+    saved = str(result.save(args.save)) if args.save else None
+    exported = str(result.export(lm, args.export)) if args.export else None
+
+    probes = [
+        {
+            "prompt": s.prompt,
+            "kind": s.kind,
+            "target_new": s.target_new,
+            "target_true": s.target_true,
+            "before": b,
+            "after": a,
+        }
+        for s, b, a in zip(specs, before, after, strict=True)
+    ]
+    if args.json:
+        common.print_json(
+            {
+                "method": method,
+                "model": args.model,
+                "fingerprint": lm.fingerprint,
+                "seconds": seconds,
+                "layers": result.layers,
+                "requests": [r.to_dict() for r in requests],
+                "loaded": args.load,
+                "probes": probes,
+                "saved": saved,
+                "exported": exported,
+            }
+        )
+        return 0
+    for req in requests:
+        was = f" (was {escape(req.target_true)})" if req.target_true else ""
+        common.out.print(f"[bold]{escape(req.text)}[/] → {escape(req.target_new)}{was}")
+    rows = [
+        [
+            p["prompt"],
+            common.fmt_text(p["before"]["top1"]),
+            common.fmt_text(p["after"]["top1"]),
+            f"{common.fmt_prob(p['before']['p_new'])} → {common.fmt_prob(p['after']['p_new'])}",
+            f"{common.fmt_prob(p['before']['p_true'])} → {common.fmt_prob(p['after']['p_true'])}"
+            if p["target_true"]
+            else None,
+        ]
+        for p in probes
+    ]
+    how = f"loaded from {args.load}" if loaded is not None else f"{seconds:.1f} s"
+    common.print_table(
+        rows,
+        ["prompt", "before", "after", "P(new)", "P(true)"],
+        title=f"{method} · layers {', '.join(map(str, result.layers))} · {how}",
+    )
+    if saved:
+        common.out.print(f"saved edit: {escape(saved)}")
+    if exported:
+        common.out.print(f"exported edited model: {escape(exported)}")
+    return 0

@@ -1,0 +1,132 @@
+"""``repedit stats``: compute (or find cached) key statistics ``C = E[kkᵀ]`` for some layers."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from repedit.cli import common
+
+DESCRIPTION = """\
+Compute the second moment C = E[kkᵀ] of the MLP keys at some layers (the matrix every editor
+solves against), or report that it is already cached. Files are keyed by model fingerprint,
+layer, corpus, token count and window length, so a second run is a cache hit.
+
+examples:
+  repedit stats --layers 5 --corpus ../shared/data/wikitext/wiki.test.raw --tokens 20000
+  repedit stats --layers 4-8 --tokens 100000 --json
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = common.add_command(
+        subparsers,
+        "stats",
+        help="compute or look up cached key statistics for some layers",
+        description=DESCRIPTION,
+    )
+    p.add_argument("--layers", required=True, help="layers, e.g. 5 or 4,5,6 or 4-8 (0-based)")
+    common.add_model_options(p)
+    common.add_stats_options(p, tokens_flags=("--tokens", "--stats-tokens"))
+    p.add_argument("--seq-len", type=common.positive_int, default=256, help="window length")
+    p.add_argument(
+        "--batch-tokens", type=common.positive_int, default=4096, help="tokens per forward pass"
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--cond", action="store_true", help="also print each C's condition number")
+    common.add_json_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from repedit.paths import cache_dir
+    from repedit.stats import StatsKey, resolve_corpus, second_moments
+
+    layers = common.parse_layers(args.layers)
+    lm = common.load(args)
+    for layer in layers:
+        lm.arch.check_layer(layer)
+    corpus = resolve_corpus(args.corpus, lm)
+    root = cache_dir(args.cache_dir)
+    keys = {
+        layer: StatsKey(lm.fingerprint, layer, corpus.identity, args.stats_tokens, args.seq_len)
+        for layer in layers
+    }
+    paths = {layer: key.path(root) for layer, key in keys.items()}
+    todo = [layer for layer in layers if args.no_cache or not paths[layer].exists()]
+    where = ", ".join(map(str, todo))
+    if todo:
+        common.status(
+            f"computing key statistics for layer{'s' if len(todo) > 1 else ''} {where} from "
+            f"{corpus.identity} ({args.stats_tokens} tokens"
+            f"{'' if args.no_cache else ', one-off, cached'})…"
+        )
+    report: dict[str, Any] = {}
+    moments = second_moments(
+        lm,
+        layers,
+        corpus,
+        args.stats_tokens,
+        seq_len=args.seq_len,
+        batch_tokens=args.batch_tokens,
+        cache=args.cache_dir,
+        use_cache=not args.no_cache,
+        progress=not args.json,
+        report=report,
+    )
+    cached = set(report.get("cached_layers", []))
+    rows = []
+    for layer, moment in moments.items():
+        hit = layer in cached
+        row: dict[str, Any] = {
+            "layer": layer,
+            "tokens": moment.n_tokens,
+            "cache": "hit" if hit else "computed",
+            "tokens_per_s": None if hit else report.get("tokens_per_s"),
+            "seconds": None if hit else report.get("seconds"),
+            "path": None if args.no_cache else str(paths[layer]),
+        }
+        if hit:
+            row["computed_tokens_per_s"] = moment.meta.get("tokens_per_s")
+        if args.cond:
+            row["condition_number"] = moment.condition_number()
+        rows.append(row)
+    if args.json:
+        common.print_json(
+            {
+                "model": args.model,
+                "fingerprint": lm.fingerprint,
+                "corpus": corpus.identity,
+                "seq_len": args.seq_len,
+                "layers": rows,
+            }
+        )
+        return 0
+    columns = ["layer", "tokens", "cache", "tokens/s", "seconds"]
+    if args.cond:
+        columns.append("cond(C)")
+    columns.append("file")
+    table = []
+    for r in rows:
+        rate = r["tokens_per_s"]
+        rate_text = (
+            f"{rate:,.0f}"
+            if rate is not None
+            else (
+                f"(was {r['computed_tokens_per_s']:,.0f})"
+                if r.get("computed_tokens_per_s")
+                else None
+            )
+        )
+        line = [
+            r["layer"],
+            r["tokens"],
+            "hit" if r["cache"] == "hit" else "computed",
+            rate_text,
+            None if r["seconds"] is None else f"{r['seconds']:.1f}",
+        ]
+        if args.cond:
+            line.append(f"{r['condition_number']:.3g}")
+        line.append(r["path"] or "(not cached: --no-cache)")
+        table.append(line)
+    common.print_table(table, columns, title=f"key statistics · {args.model} · {corpus.identity}")
+    return 0
