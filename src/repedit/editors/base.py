@@ -21,7 +21,11 @@ from repedit.editors.result import EditResult
 from repedit.editors.values import ValueHparams
 from repedit.errors import InvalidRequestError
 from repedit.models.tokens import Position, continuation_ids, locate
+from repedit.stats.corpus import ModelSampledCorpus, resolve_corpus
 from repedit.stats.second_moment import SecondMoment, second_moments
+
+#: token budget for C when ``corpus="auto"`` found no text and samples it from the model
+SAMPLED_TOKENS = 30_000
 
 
 @dataclass
@@ -77,11 +81,16 @@ class Editor:
         missing = [layer for layer in layers if (lm.fingerprint, layer) not in self._stats]
         if missing:
             cfg = self.stats_config
+            corpus = resolve_corpus(cfg.corpus, lm)
+            n_tokens = cfg.n_tokens
+            if cfg.corpus == "auto" and isinstance(corpus, ModelSampledCorpus):
+                # sampling is slow on a CPU; enough tokens for a well-conditioned C, not more
+                n_tokens = min(n_tokens, SAMPLED_TOKENS)
             got = second_moments(
                 lm,
                 missing,
-                cfg.corpus,
-                cfg.n_tokens,
+                corpus,
+                n_tokens,
                 seq_len=cfg.seq_len,
                 cache=cfg.cache,
                 progress=cfg.progress,

@@ -33,6 +33,8 @@ class EmmetHparams(LocateEditHparams):
     mom2_update_weight: float | None = None
     #: ρ added to K_Eᵀ(λC)⁻¹K_E (also for a single edit, as in the reference code)
     emmet_lambda: float = 0.1
+    #: "mean" or "each" (see MemitHparams.key_mode)
+    key_mode: str = "each"
 
 
 class Emmet(Editor):

@@ -70,12 +70,16 @@ def compute_keys(
     contexts: Sequence[str],
     *,
     position: Position = "last",
+    mean: bool = True,
 ) -> dict[int, torch.Tensor]:
     """``k*`` per request and layer, averaged over ``contexts``: {layer: [n_requests, d_mlp]}.
 
-    Returned in float32 whatever the model dtype.
+    With ``mean=False`` every context's key is kept: [n_requests · n_contexts, d_mlp],
+    request-major. Returned in float32 whatever the model dtype.
     """
     seqs, positions = key_inputs(lm, requests, contexts, position)
     flat = keys_at(lm, layers, seqs, positions)
+    if not mean:
+        return {layer: k.float() for layer, k in flat.items()}
     n, c = len(requests), len(contexts)
     return {layer: k.float().reshape(n, c, -1).mean(1) for layer, k in flat.items()}

@@ -21,6 +21,7 @@ from repedit.editors.keys import compute_keys
 from repedit.editors.result import EditResult
 from repedit.editors.solve import least_squares_update
 from repedit.editors.values import current_values, optimise_values
+from repedit.errors import InvalidRequestError
 from repedit.stats.second_moment import SecondMoment
 
 #: (layer, keys [d_mlp, n], residual share [d_model, n], C) -> ΔW [d_model, d_mlp]
@@ -39,6 +40,11 @@ class MemitHparams(LocateEditHparams):
     layer_fractions: tuple[float, float] = (0.125, 0.25)
     #: λ in (λC + KKᵀ); None derives it from the model as LAMBDA_PER_DIM · d_mlp
     mom2_update_weight: float | None = None
+    #: "each" (default): every context's key is its own column sharing the request's residual,
+    #: so the edit also holds where a key is far from the average, e.g. a subject at the very
+    #: start of a prompt with no BOS token (SmolLM2: β̃ of the bare key ≈ 0.3); "mean": one
+    #: context-averaged key per request, as in the reference code (for reproduction)
+    key_mode: str = "each"
 
 
 def fraction_layers(
@@ -61,6 +67,9 @@ def spread_over_layers(
     """The MEMIT procedure with a pluggable per-layer solve; leaves ``lm`` unchanged."""
     contexts = editor.contexts(lm, hp)
     stats = editor.second_moment(lm, layers)
+    key_mode = getattr(hp, "key_mode", "mean")
+    if key_mode not in ("mean", "each"):
+        raise InvalidRequestError(f"key_mode must be 'mean' or 'each', not {key_mode!r}")
     last = layers[-1]
     values = optimise_values(
         lm, requests, contexts, layer=last, site="residual", hp=hp.value, position=hp.position
@@ -71,9 +80,13 @@ def spread_over_layers(
     applied: list[EditResult] = []
     try:
         for i, layer in enumerate(layers):
-            keys = compute_keys(lm, [layer], requests, contexts, position=hp.position)[layer]
+            keys = compute_keys(
+                lm, [layer], requests, contexts, position=hp.position, mean=key_mode == "mean"
+            )[layer]  # [n or n·contexts, d_mlp]
             h = current_values(lm, requests, layer=last, site="residual", position=hp.position)
             share = (z - h).T / (len(layers) - i)  # [d_model, n]
+            if key_mode == "each":
+                share = share.repeat_interleave(len(contexts), dim=1)
             delta = solve(layer, keys.T, share, stats[layer])
             name = f"{lm.arch.down_proj_name(layer)}.weight"
             stored = lm.arch.to_storage(delta).float().cpu()

@@ -157,18 +157,22 @@ def _optimise_group(
     ids, mask = b.ids.to(device), b.mask.to(device)
     subject_pos, owner = b.subject_pos.to(device), b.owner.to(device)
     module = injection_module(lm, layer, site)
-    runner = UpperRunner(lm, layer, ids, mask)
+    with Hooks() as h:  # the runner's one full forward also gives the "before" values
+        h.capture("site", module, which="output", positions=subject_pos)
+        runner = UpperRunner(lm, layer, ids, mask)
+        site_values = h["site"]
     rows = torch.arange(ids.shape[0], device=device)
     n = len(requests)
 
-    def forward(delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return log-probs of targets [m], KL-prompt log-distributions [r, V], site values."""
-        captured: dict[str, torch.Tensor] = {}
+    t_rows, t_pos = b.target_rows.to(device), b.target_pos.to(device)
+    t_ids, t_prompt = b.target_ids.to(device), b.target_prompt.to(device)
+    kl_rows = b.kl_rows.to(device)
+    kl_owner = owner[kl_rows]
+
+    def forward(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the target tokens [m] and KL-prompt log-distributions [r, V]."""
 
         def inject(out: torch.Tensor) -> torch.Tensor:
-            captured["site"] = out[rows, subject_pos].detach()
-            if delta is None:
-                return out
             add = torch.zeros_like(out)
             add[rows, subject_pos] = delta[owner].to(out.dtype)
             return out + add
@@ -176,41 +180,36 @@ def _optimise_group(
         with Hooks() as h:
             h.rewrite(module, inject, which="output")
             hidden = runner.run()
-        t_rows, t_pos = b.target_rows.to(device), b.target_pos.to(device)
         logits = lm.arch.logits(hidden[t_rows, t_pos]).float()
-        target_lp = logits.log_softmax(-1).gather(1, b.target_ids.to(device)[:, None])[:, 0]
-        kl_rows = b.kl_rows.to(device)
+        target_lp = logits.log_softmax(-1).gather(1, t_ids[:, None])[:, 0]
         kl_lp = lm.arch.logits(hidden[kl_rows, subject_pos[kl_rows]]).float().log_softmax(-1)
-        return target_lp, kl_lp, captured["site"]
+        return target_lp, kl_lp
 
     with torch.no_grad():
-        _, kl_init, site_values = forward(None)
+        before = runner.final_hidden[kl_rows, subject_pos[kl_rows]]
+        kl_init = lm.arch.logits(before).float().log_softmax(-1)
     init = site_values[b.bare_rows.to(device)].float()  # [n, d_model]
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * init.norm(dim=1)  # [n]
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    prompt_owner = b.owner.to(device)
     n_prompts = ids.shape[0]
     prob = torch.zeros(n, device=device)
     used = [hp.steps] * n
     for step in range(hp.steps):
         opt.zero_grad()
-        target_lp, kl_lp, _ = forward(delta)
+        target_lp, kl_lp = forward(delta)
         # mean target log-prob per prompt (ROME: per-prompt token average), then per request
-        per_prompt = torch.zeros(n_prompts, device=device).index_add(
-            0, b.target_prompt.to(device), target_lp
-        )
+        per_prompt = torch.zeros(n_prompts, device=device).index_add(0, t_prompt, target_lp)
         n_tok = torch.zeros(n_prompts, device=device).index_add(
-            0, b.target_prompt.to(device), torch.ones_like(target_lp)
+            0, t_prompt, torch.ones_like(target_lp)
         )
         scored = n_tok > 0
         per_prompt = per_prompt[scored] / n_tok[scored]
-        owners = prompt_owner[scored]
+        owners = owner[scored]
         counts = torch.zeros(n, device=device).index_add(0, owners, torch.ones_like(per_prompt))
         nll = -torch.zeros(n, device=device).index_add(0, owners, per_prompt) / counts
         prob = torch.zeros(n, device=device).index_add(0, owners, per_prompt.exp()) / counts
-        kl_owner = prompt_owner[b.kl_rows.to(device)]
         kl_each = F.kl_div(kl_lp, kl_init, log_target=True, reduction="none").sum(-1)
         kl = torch.zeros(n, device=device).index_add(0, kl_owner, kl_each)
         kl = kl / torch.bincount(kl_owner, minlength=n).clamp_min(1)

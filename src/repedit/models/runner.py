@@ -33,6 +33,7 @@ class UpperRunner:
             handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
         try:
             with torch.no_grad(), Hooks() as h:
+                h.capture("final", layers[-1], which="output")
                 h.stop_after(layers[-1])
                 with contextlib.suppress(StopForward):
                     lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -43,6 +44,8 @@ class UpperRunner:
             raise RuntimeError("UpperRunner: decoder layers were not all called once")
         first_args, first_kwargs = self.calls[0]
         self.hidden_in = (first_args[0] if first_args else first_kwargs["hidden_states"]).detach()
+        #: final-layer hidden states of the unmodified forward [batch, seq, d_model]
+        self.final_hidden = h["final"]
 
     def run(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Final-layer hidden states [batch, seq, d_model] from layer ``start``'s input."""
