@@ -61,23 +61,20 @@ def test_score_case_known_outcomes(monkeypatch):
             _probe("scrambled_subject", 0, half="id"),
             _probe("scrambled_subject", 1, half="ood"),
         ],
-        "long_context": [],
+        "long_context": [_probe("long_context", 0)],
         "neighbourhood": [
             Probe("Austria is in", "Europe", None, "neighbourhood", {"index": i}) for i in range(2)
         ],
     }
     lm = SimpleNamespace(tokenizer=tiny_tokenizer())
     tests, n_probes, _ = score_case(lm, CaseProbes("c", families), [[5], [6]])
-    assert calls == [(9, True)]
-    assert n_probes == 9
+    # the short families in one call, the long-context passages in another
+    assert calls == [(9, True), (1, False)]
+    assert n_probes == 10
     assert tests["efficacy"]["means"] == {"exact": 1.0, "beats_alt": 1.0}
     assert tests["subject_paraphrase"]["means"]["exact"] == 0.5
     assert tests["scrambled_subject"]["probes"][1]["meta"]["half"] == "ood"
-    assert tests["long_context"] == {
-        "n": 0,
-        "means": {"exact": None, "beats_alt": None},
-        "probes": [],
-    }
+    assert tests["long_context"]["means"] == {"exact": 1.0, "beats_alt": 1.0}
     assert tests["neighbourhood"]["means"] == {"agree": 0.75, "exact": 0.5}
     assert "beats_alt" not in tests["neighbourhood"]["probes"][0]
 

@@ -14,8 +14,9 @@ Rerunning the same command resumes: cases already in ``results.jsonl`` are skipp
 short by a kill is dropped and the case redone). Modes:
 
 ``single``
-    per case: reference predictions (cached), edit, score every probe family in one
-    ``score_probes`` call, fluency, revert, record.
+    per case: reference predictions (cached), edit, score every probe family (one
+    ``score_probes`` call for the short families, one for the long-context passages), fluency,
+    revert, record.
 ``batch``
     ``batch_size`` consecutive cases (fixed chunks of the full case list, so a resumed chunk is
     edited with the same companions) are edited at once, each evaluated, then reverted.
@@ -378,6 +379,7 @@ class _Ctx:
     sampler: Any
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
     snapshot: dict[str, torch.Tensor] = field(default_factory=dict)
+    session: dict[str, Any] = field(default_factory=dict)
 
 
 def _neighbour_sig(probes: Sequence[Probe]) -> str:
@@ -436,6 +438,11 @@ def test_means(test: str, probes: list[dict[str, Any]]) -> dict[str, float | Non
     }
 
 
+#: families scored in a call of their own: ``score_probes`` pads a batch to its longest row,
+#: so one 512-token passage in a batch of short prompts multiplies the cost of all of them
+SEPARATE_FAMILIES: tuple[str, ...] = ("long_context",)
+
+
 def score_case(
     lm: Any,
     cp: CaseProbes,
@@ -443,14 +450,15 @@ def score_case(
     *,
     batch_size: int = 32,
 ) -> tuple[dict[str, dict[str, Any]], int, float]:
-    """Score every probe family of a case in one ``score_probes`` call.
+    """Score every probe family of a case: one ``score_probes`` call for the short families
+    and one for the long-context probes (see :data:`SEPARATE_FAMILIES`).
 
     ``reference``: the unedited predictions for the neighbourhood probes (in order).
     Returns ``(tests, n_probes, seconds)``; ``tests[name] = {"n", "means", "probes"}``.
     """
     flat = cp.flat
     spans = cp.spans
-    full_ref = None
+    ref_at: dict[int, list[int]] = {}
     if reference is not None and "neighbourhood" in spans:
         lo, hi = spans["neighbourhood"]
         if len(reference) != hi - lo:
@@ -458,20 +466,32 @@ def score_case(
                 f"case {cp.key}: {len(reference)} reference predictions for {hi - lo} "
                 "neighbourhood probes"
             )
-        # score_probes takes one reference per probe; probes other than the neighbourhood
-        # get their own target ids (their ``agree`` is ignored)
-        tok = lm.tokenizer
-        full_ref = [
-            reference[i - lo] if lo <= i < hi else tokenize_probe(tok, p.prompt, p.target)[1]
-            for i, p in enumerate(flat)
-        ]
+        ref_at = {lo + j: list(r) for j, r in enumerate(reference)}
+    groups = [
+        [i for i, p in enumerate(flat) if p.test not in SEPARATE_FAMILIES],
+        [i for i, p in enumerate(flat) if p.test in SEPARATE_FAMILIES],
+    ]
+    scores: dict[int, Any] = {}
     t0 = time.perf_counter()
-    scores = score_probes(lm, flat, batch_size=batch_size, reference=full_ref) if flat else []
+    for group in groups:
+        if not group:
+            continue
+        group_ref = None
+        if any(i in ref_at for i in group):
+            # score_probes takes one reference per probe; probes other than the neighbourhood
+            # get their own target ids (their ``agree`` is ignored)
+            tok = lm.tokenizer
+            group_ref = [
+                ref_at[i] if i in ref_at else tokenize_probe(tok, flat[i].prompt, flat[i].target)[1]
+                for i in group
+            ]
+        got = score_probes(lm, [flat[i] for i in group], batch_size=batch_size, reference=group_ref)
+        scores.update(zip(group, got, strict=True))
     seconds = time.perf_counter() - t0
     tests: dict[str, dict[str, Any]] = {}
     for test, (lo, hi) in spans.items():
         probes = [_probe_record(test, flat[i], scores[i]) for i in range(lo, hi)]
-        if test == "neighbourhood" and full_ref is None:
+        if test == "neighbourhood" and not ref_at:
             for p in probes:
                 p["agree"] = None
         tests[test] = {"n": len(probes), "means": test_means(test, probes), "probes": probes}
@@ -627,6 +647,10 @@ def _write(ctx: _Ctx, rec: dict[str, Any], progress: _Progress, done: set[str]) 
     append_jsonl(ctx.run / RESULTS, rec)
     done.add(rec["case_id"])
     progress.add(rec)
+    if ctx.session:  # keep the session's wall time current, so a killed run still counts
+        ctx.session["wall_seconds"] = time.time() - ctx.session["t0"]
+        ctx.session["cases_done"] = ctx.session.get("cases_done", 0) + 1
+        _record_session(ctx.run, ctx.session)
 
 
 def _failed_case(
@@ -699,7 +723,9 @@ def _run_batch(
         valid = []
         for i, key, case in chunk:
             try:
-                ctx.editor.validate(ctx.lm, [case.request])
+                validate = getattr(ctx.editor, "validate", None)
+                if callable(validate):
+                    validate(ctx.lm, [case.request])
                 if key in records:
                     _ensure_reference(ctx, key, _case_probes(ctx, case, key))
                 valid.append((i, key, case))
@@ -969,9 +995,11 @@ def run_eval(
     if editor is None:
         editor = make_editor(cfg.method, dict(cfg.hparams), cfg.stats(progress))
     try:
-        hparams_resolved = _plain(editor.resolved(lm).to_dict())
+        resolved = editor.resolved(lm)
+        hparams_resolved = _plain(resolved.to_dict())
+        edit_layers = list(editor.layers(lm, resolved))
     except Exception:
-        hparams_resolved = _plain(cfg.hparams)
+        hparams_resolved, edit_layers = _plain(cfg.hparams), None
     meta = {
         "model_name": getattr(lm, "name", cfg.model),
         "model_fingerprint": lm.fingerprint,
@@ -979,6 +1007,7 @@ def run_eval(
         "data_sha256": loaded.sha256,
         "data_format": loaded.format,
         "hparams_resolved": hparams_resolved,
+        "edit_layers": edit_layers,
         "suite": cfg.suite().to_dict(),
         "versions": _versions(),
         "n_skipped_invalid": len(loaded.skipped),
@@ -996,9 +1025,11 @@ def run_eval(
     ctx.snapshot = _snapshot(lm, _edited_param_names(lm, editor))
     session = {
         "id": f"{started:.6f}",
+        "t0": started,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "cases_before": len(done & set(keys)),
     }
+    ctx.session = session
     from repedit.progress import progress_bar
 
     try:

@@ -184,6 +184,7 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
         "method": rc.get("method"),
         "hparams": stored.get("hparams_resolved"),
         "hparams_overrides": rc.get("hparams"),
+        "edit_layers": stored.get("edit_layers"),
         "mode": rc.get("mode"),
         "batch_size": rc.get("batch_size"),
         "eval_every": rc.get("eval_every"),
