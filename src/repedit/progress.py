@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -41,7 +42,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=False) as bar:
+    # stderr, so a command's --json output on stdout stays clean even when piped
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
         original = bar.add_task
 
         def add_task(description: str, **kwargs: Any) -> int:
