@@ -1,0 +1,359 @@
+"""Edit speed: seconds per ROME edit and per MEMIT batch, and where the time goes.
+
+After a warm-up that is not timed (model load, key statistics from the corpus or its cache,
+context-prefix generation), it measures
+
+* ROME: one edit per built-in fact, ``--repeats`` different facts, each reverted afterwards;
+* MEMIT: one batch per size in ``--batches`` (requests from the REP CounterFact test file when
+  the data folder has it, else the built-in facts repeated with different targets);
+
+and splits each edit's wall time into value optimisation, key computation, the closed-form
+solve, MEMIT's recomputation of the hidden state at the last edited layer ("residual") and
+the rest (apply, bookkeeping). The split wraps the functions where the editor modules *use*
+them (``repedit.editors.rome.optimise_values`` and so on). Efficacy of each timed edit (the
+greedy continuation starts with the new target) is measured after the timer stops.
+
+Prints one JSON object, then a table. Never asserts: the numbers are for reading.
+
+    python benchmarks/edit_speed.py --batches 10 --repeats 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: timed phase -> (module, function name) pairs patched in the editor modules' namespaces
+PHASES: dict[str, list[tuple[str, str]]] = {
+    "values": [
+        ("repedit.editors.rome", "optimise_values"),
+        ("repedit.editors.memit", "optimise_values"),
+    ],
+    "keys": [
+        ("repedit.editors.rome", "key_inputs"),
+        ("repedit.editors.rome", "keys_at"),
+        ("repedit.editors.memit", "compute_keys"),
+    ],
+    "solve": [
+        ("repedit.editors.rome", "rank_one_update"),
+        ("repedit.editors.memit", "least_squares_update"),
+        ("repedit.editors.emmet", "equality_constrained_update"),
+        ("repedit.editors.alphaedit", "null_space_projector"),
+        ("repedit.editors.alphaedit", "null_space_update"),
+    ],
+    "residual": [("repedit.editors.memit", "current_values")],
+}
+TIMED = tuple(PHASES)
+
+
+def default_data_dir() -> Path:
+    data = os.environ.get("REPEDIT_DATA")
+    return Path(data).expanduser() if data else REPO.parent / "shared" / "data"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--model", default="smollm2-135m", help="alias, .gguf, directory or hub id")
+    p.add_argument(
+        "--corpus",
+        default=str(default_data_dir() / "wikitext" / "wiki.test.raw"),
+        help="text file/folder for the key statistics (or 'auto', 'model')",
+    )
+    p.add_argument("--data-dir", default=str(default_data_dir()), help="for rep-counterfact")
+    p.add_argument("--stats-tokens", type=int, default=100_000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--batches", default="10,100", help="MEMIT batch sizes, comma-separated")
+    p.add_argument("--repeats", type=int, default=3, help="ROME edits (different facts)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--cache", default=None, help="repedit cache (default: $REPEDIT_CACHE)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase; nested calls count only in the outermost phase."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = dict.fromkeys(TIMED, 0.0)
+        self.calls: dict[str, int] = dict.fromkeys(TIMED, 0)
+        self._depth = 0
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(TIMED, 0.0)
+        self.calls = dict.fromkeys(TIMED, 0)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            self.sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[phase] += time.perf_counter() - t0
+                self.calls[phase] += 1
+                self._depth -= 1
+
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed
+
+
+@contextlib.contextmanager
+def patched(timer: PhaseTimer) -> Iterator[None]:
+    """Wrap every phase function in the editor modules that use it; restore on exit."""
+    import importlib
+
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for phase, targets in PHASES.items():
+            for module_name, attr in targets:
+                module = importlib.import_module(module_name)
+                if not hasattr(module, attr):
+                    continue
+                original = getattr(module, attr)
+                saved.append((module, attr, original))
+                setattr(module, attr, timer.wrap(phase, original))
+        yield
+    finally:
+        for module, attr, original in reversed(saved):
+            setattr(module, attr, original)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def rome_requests(n: int) -> list[Any]:
+    from repedit.data import builtin_facts
+
+    return [c.request for c in builtin_facts()][:n]
+
+
+def batch_requests(lm: Any, editor: Any, size: int, data_dir: str) -> tuple[list[Any], str]:
+    """``size`` valid requests: REP CounterFact when available, else repeated built-in facts."""
+    from repedit.data import builtin_facts, load_cases
+    from repedit.data.case import EditRequest
+    from repedit.errors import RepeditError
+
+    out: list[Any] = []
+    source = "rep-counterfact"
+    try:
+        cases = load_cases("rep-counterfact", data_dir=data_dir).cases
+    except RepeditError:
+        cases = []
+    for case in cases:
+        try:
+            editor.validate(lm, [case.request])
+        except RepeditError:
+            continue
+        out.append(case.request)
+        if len(out) == size:
+            return out, source
+    # fallback: built-in facts, cycling through other facts' answers as new targets
+    facts = [c.request for c in builtin_facts()]
+    answers = sorted(
+        {r.target_new for r in facts} | {r.target_true for r in facts if r.target_true}
+    )
+    source = "builtin (repeated, varied targets)" if not out else source + "+builtin"
+    i = 0
+    while len(out) < size:
+        fact = facts[i % len(facts)]
+        shift = i // len(facts)
+        choices = [a for a in answers if a not in (fact.target_true, fact.target_new)]
+        target = fact.target_new if shift == 0 else choices[(i + shift) % len(choices)]
+        out.append(
+            EditRequest(fact.prompt, fact.subject, target, fact.target_true, f"{fact.case_id}#{i}")
+        )
+        i += 1
+    return out, source
+
+
+def efficacy(lm: Any, requests: Sequence[Any]) -> list[bool]:
+    """Does the greedy continuation of each edited prompt start with its new target?"""
+    from repedit.evaluation.scoring import greedy_completion
+    from repedit.models.tokens import continuation_ids
+
+    longest = max(len(continuation_ids(lm.tokenizer, r.text, r.target_new)) for r in requests)
+    outs = greedy_completion(lm, [r.text for r in requests], max_new_tokens=longest)
+    return [o.strip().startswith(r.target_new.strip()) for o, r in zip(outs, requests, strict=True)]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def timed_edit(lm: Any, editor: Any, requests: list[Any], timer: PhaseTimer) -> dict[str, Any]:
+    timer.reset()
+    with patched(timer):
+        timer.sync()
+        t0 = time.perf_counter()
+        result = editor.edit(lm, requests)
+        timer.sync()
+        total = time.perf_counter() - t0
+    try:
+        hits = efficacy(lm, requests)
+    finally:
+        result.revert(lm)
+    phases = {k: round(v, 4) for k, v in timer.seconds.items()}
+    other = max(0.0, total - sum(timer.seconds.values()))
+    info = result.info
+    probs = info.get("value_prob") or [r.get("value_prob") for r in info.get("requests", [])]
+    return {
+        "n_requests": len(requests),
+        "case_ids": [r.case_id for r in requests] if len(requests) <= 10 else None,
+        "seconds": round(total, 4),
+        "phases": {**phases, "other": round(other, 4)},
+        "calls": dict(timer.calls),
+        "efficacy": round(sum(hits) / len(hits), 4),
+        "hits": sum(hits),
+        "value_prob_mean": round(sum(probs) / len(probs), 4) if probs else None,
+    }
+
+
+def shares(runs: list[dict[str, Any]]) -> dict[str, float]:
+    total = sum(r["seconds"] for r in runs)
+    keys = [*TIMED, "other"]
+    return {k: round(sum(r["phases"][k] for r in runs) / total, 4) if total else 0.0 for k in keys}
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from repedit.editors import StatsConfig, make_editor
+    from repedit.models import load_model
+
+    sizes = [int(s) for s in args.batches.split(",") if s.strip()]
+    warm: dict[str, float] = {}
+    t0 = time.perf_counter()
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, cache=args.cache)
+    warm["load_s"] = round(time.perf_counter() - t0, 2)
+    stats = StatsConfig(
+        corpus=args.corpus, n_tokens=args.stats_tokens, cache=args.cache, progress=False
+    )
+
+    editors = {"rome": make_editor("rome", stats=stats), "memit": make_editor("memit", stats=stats)}
+    for name, editor in editors.items():
+        hp = editor.resolved(lm)
+        t0 = time.perf_counter()
+        editor.second_moment(lm, editor.layers(lm, hp))
+        warm[f"{name}_stats_s"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        editor.contexts(lm, hp)
+        warm[f"{name}_contexts_s"] = round(time.perf_counter() - t0, 2)
+
+    timer = PhaseTimer(lm.device)
+    rome_runs = []
+    for req in rome_requests(args.repeats):
+        run = timed_edit(lm, editors["rome"], [req], timer)
+        rome_runs.append(run)
+        print(
+            f"rome {req.case_id}: {run['seconds']:.2f}s efficacy {run['efficacy']}", file=sys.stderr
+        )
+
+    memit: dict[str, Any] = {}
+    for size in sizes:
+        requests, source = batch_requests(lm, editors["memit"], size, args.data_dir)
+        run = timed_edit(lm, editors["memit"], requests, timer)
+        run["source"] = source
+        memit[f"batch_{size}"] = run
+        print(
+            f"memit batch {size}: {run['seconds']:.2f}s efficacy {run['efficacy']}", file=sys.stderr
+        )
+
+    rome_mean = sum(r["seconds"] for r in rome_runs) / len(rome_runs) if rome_runs else None
+    result = {
+        "benchmark": "edit_speed",
+        "model": args.model,
+        "fingerprint": lm.fingerprint,
+        "n_layers": lm.n_layers,
+        "d_mlp": lm.arch.d_mlp,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "corpus": args.corpus,
+        "stats_tokens": args.stats_tokens,
+        "warmup": warm,
+        "rome": {
+            "layers": editors["rome"].layers(lm, editors["rome"].resolved(lm)),
+            "seconds_per_edit": round(rome_mean, 4) if rome_mean is not None else None,
+            "efficacy": (
+                round(sum(r["efficacy"] for r in rome_runs) / len(rome_runs), 4)
+                if rome_runs
+                else None
+            ),
+            "shares": shares(rome_runs) if rome_runs else None,
+            "edits": rome_runs,
+        },
+        "memit": {
+            "layers": editors["memit"].layers(lm, editors["memit"].resolved(lm)),
+            **{
+                k: {**v, "seconds_per_request": round(v["seconds"] / v["n_requests"], 4)}
+                for k, v in memit.items()
+            },
+            "shares": {k: shares([v]) for k, v in memit.items()},
+        },
+    }
+    print(json.dumps(result, indent=2))
+    _table(result)
+    return result
+
+
+def _table(r: dict[str, Any]) -> None:
+    parts = (*TIMED, "other")
+    rows: list[tuple[str, int, float, float, dict[str, float]]] = []
+    rome = r["rome"]
+    if rome["edits"]:
+        name = f"ROME x{len(rome['edits'])} (mean)"
+        rows.append((name, 1, rome["seconds_per_edit"], rome["efficacy"], rome["shares"]))
+    for key, run in r["memit"].items():
+        if key.startswith("batch_"):
+            name = f"MEMIT {key.replace('_', ' ')}"
+            share = r["memit"]["shares"][key]
+            rows.append((name, run["n_requests"], run["seconds"], run["efficacy"], share))
+    print()
+    print(
+        f"edit speed, {r['model']} ({r['device']} {r['dtype']}, {r['threads']} threads, "
+        f"torch {r['torch']}); phases as shares of each edit's wall time"
+    )
+    header = f"{'edit':<22}{'requests':>9}{'seconds':>10}{'efficacy':>9}"
+    print(header + "".join(f"{p:>10}" for p in parts))
+    for name, n, secs, eff, share in rows:
+        line = f"{name:<22}{n:>9}{secs:>10.2f}{eff:>9.2f}"
+        print(line + "".join(f"{share[p]:>10.1%}" for p in parts))
+
+
+if __name__ == "__main__":
+    main()
