@@ -371,9 +371,8 @@ def test_nan_logits_raise_edit_error_and_leave_model_unchanged(
 def test_non_finite_value_lr_raises_edit_error(method: str, lr: float, stats: StatsConfig) -> None:
     lm = tiny_loaded("llama")
     before = _snapshot(lm)
-    editor = make_editor(method, {**FAST, "value.lr": lr}, stats)
-    with pytest.raises((EditError, InvalidRequestError)):
-        editor.edit(lm, REQ)
+    with pytest.raises((EditError, InvalidRequestError)):  # rejected as early as construction
+        make_editor(method, {**FAST, "value.lr": lr}, stats).edit(lm, REQ)
     _assert_unchanged(lm, before)
 
 

@@ -3,8 +3,8 @@
 The update is confined to directions where general-text keys (the eigenvectors of ``C`` with
 tiny eigenvalues) carry almost no energy, so preserved associations are untouched:
 ``ΔW = R Kᵀ P (P(K Kᵀ + K_p K_pᵀ) + l2·I)⁻¹``. ``K_p`` are the keys of this editor's earlier
-edits, kept on the editor object so a run of sequential edits does not undo itself
-(``reset()`` forgets them).
+edits *that are still applied*, so a run of sequential edits does not undo itself while an
+edit-evaluate-revert loop starts afresh each time (``reset()`` forgets all of them).
 """
 
 from __future__ import annotations
@@ -37,11 +37,22 @@ class AlphaEdit(Editor):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._projectors: dict[tuple[str, int, float], torch.Tensor] = {}
-        self._past_kkt: dict[tuple[str, int], torch.Tensor] = {}
+        #: this editor's earlier results; only those still applied count as K_p
+        self._history: list[EditResult] = []
 
     def reset(self) -> None:
-        """Forget earlier edits' keys (start a new sequential-editing session)."""
-        self._past_kkt.clear()
+        """Forget earlier edits (start a new sequential-editing session)."""
+        self._history.clear()
+
+    def past_kkt(self, lm: Any, layer: int) -> torch.Tensor | None:
+        """Σ K_p K_pᵀ over this editor's earlier edits that are still applied to ``lm``."""
+        total = None
+        for result in self._history:
+            key = f"keys.{layer}"
+            if result.applied and result.fingerprint == lm.fingerprint and key in result.tensors:
+                k = result.tensors[key].to(torch.float64).T  # [d_mlp, n]
+                total = k @ k.T if total is None else total + k @ k.T
+        return total
 
     def layers(self, lm: Any, hp: AlphaEditHparams) -> list[int]:  # type: ignore[override]
         return fraction_layers(lm, hp.layers, hp.layer_fractions)
@@ -58,12 +69,10 @@ class AlphaEdit(Editor):
             pkey = (lm.fingerprint, layer, hp.nullspace_threshold)
             if pkey not in self._projectors:
                 self._projectors[pkey] = null_space_projector(c, hp.nullspace_threshold)
-            past = self._past_kkt.get((lm.fingerprint, layer))
-            return null_space_update(keys, share, self._projectors[pkey], past, hp.l2)
+            return null_space_update(
+                keys, share, self._projectors[pkey], self.past_kkt(lm, layer), hp.l2
+            )
 
         result = spread_over_layers(self, lm, hp, requests, self.layers(lm, hp), solve)
-        for layer in result.layers:
-            k = result.tensors[f"keys.{layer}"].to(torch.float64).T  # [d_mlp, n]
-            key = (lm.fingerprint, layer)
-            self._past_kkt[key] = self._past_kkt.get(key, 0) + k @ k.T
+        self._history.append(result)  # counts once applied (now or later), not after revert
         return result

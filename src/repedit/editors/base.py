@@ -126,7 +126,11 @@ class Editor:
         self.validate(lm, requests)
         hp = self.resolved(lm)
         for layer in self.layers(lm, hp):
-            lm.arch.check_layer(layer)
+            if not 0 <= layer < lm.n_layers:
+                raise InvalidRequestError(
+                    f"{self.name}: edit layer {layer} is out of range (the model has layers "
+                    f"0..{lm.n_layers - 1}); set 'layer'/'layers' accordingly"
+                )
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             result = self._compute(lm, hp, requests)

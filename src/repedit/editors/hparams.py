@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -23,23 +25,66 @@ FAMILY_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _coerce(current: Any, value: Any) -> Any:
-    """JSON/CLI values into the field's type: lists into tuples, "0.5" into floats."""
-    if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    if isinstance(value, str) and isinstance(current, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise InvalidRequestError(f"expected true/false, got {value!r}")
-        return value.lower() in ("true", "1")  # never bool("False") (defect D7)
-    if (
-        isinstance(value, str)
-        and isinstance(current, int | float)
-        and not isinstance(current, bool)
-    ):
+def _coerce(owner: type, name: str, value: Any) -> Any:
+    """A JSON/YAML/CLI value converted to the field's *declared* type.
+
+    ``"3"`` → 3 for ``int | None``, ``[4, 5]`` → ``(4, 5)`` for tuples, ``"false"`` → False
+    (never ``bool("False")``, defect D7 of the released REP code); a value that cannot be
+    converted is an error naming the field.
+    """
+    hint = typing.get_type_hints(owner).get(name)
+    try:
+        return _to_type(hint, value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"hyper-parameter {name!r}: {exc}") from None
+
+
+def _to_type(hint: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _to_type(options[0], value) if len(options) == 1 else value
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"expected one of {list(args)}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"expected true/false, got {value!r}")
+            return value.lower() in ("true", "1")
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expected true/false, got {value!r}")
+    if hint in (int, float):
         try:
-            return type(current)(float(value)) if isinstance(current, float) else int(value)
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise ValueError
+            if hint is int:
+                if not float(number).is_integer():
+                    raise ValueError
+                return int(number)
+            return float(number)
         except ValueError:
-            raise InvalidRequestError(f"expected a number, got {value!r}") from None
+            kind = "a whole number" if hint is int else "a number"
+            raise ValueError(f"expected {kind}, got {value!r}") from None
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_to_type(args[0], v) for v in value)
+        if args and len(args) != len(value):
+            raise ValueError(f"expected {len(args)} values, got {value!r}")
+        return (
+            tuple(_to_type(a, v) for a, v in zip(args, value, strict=False))
+            if args
+            else tuple(value)
+        )
     return value
 
 
@@ -85,11 +130,9 @@ class Hparams:
                     f"unknown {key} hyper-parameter(s) {sorted(bad)}; known: {sorted(known)}"
                 )
             flat[key] = dataclasses.replace(
-                inner, **{k: _coerce(getattr(inner, k), v) for k, v in sub.items()}
+                inner, **{k: _coerce(type(inner), k, v) for k, v in sub.items()}
             )
-        return dataclasses.replace(
-            self, **{k: _coerce(getattr(self, k), v) for k, v in flat.items()}
-        )
+        return dataclasses.replace(self, **{k: _coerce(type(self), k, v) for k, v in flat.items()})
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

@@ -30,7 +30,8 @@ class EditResult:
     requests: list[dict[str, Any]] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-    #: Tensors for REP and analysis: e.g. ``keys.<layer>`` [n, d_mlp], ``targets.<layer>``.
+    #: Tensors for REP and analysis: ``keys.<layer>`` ([n, d_mlp], or [n·contexts, d_mlp] for
+    #: MEMIT-family ``key_mode='each'``), ``values.<layer>`` / ``targets.<layer>``.
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     _originals: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from repedit.data.case import EditRequest
-from repedit.errors import EditError
+from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
 from repedit.models.runner import UpperRunner, frozen
 from repedit.models.tokens import Position, continuation_ids, locate, pad_id, pad_right
@@ -38,6 +38,23 @@ class ValueHparams:
     stop_prob: float = 0.95
     kl_prompts: tuple[str, ...] = ("{} is a",)
     request_batch: int = 8
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 0,
+            "lr": math.isfinite(self.lr) and self.lr > 0,
+            "kl_factor": math.isfinite(self.kl_factor) and self.kl_factor >= 0,
+            "weight_decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "clamp_norm_factor": math.isfinite(self.clamp_norm_factor)
+            and self.clamp_norm_factor > 0,
+            "stop_prob": 0 < self.stop_prob <= 1,
+            "request_batch": self.request_batch >= 1,
+        }
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise InvalidRequestError(f"invalid value hyper-parameter(s): {', '.join(bad)}")
+        if any(p.count("{}") != 1 for p in self.kl_prompts):
+            raise InvalidRequestError("every kl_prompt needs exactly one '{}' for the subject")
 
 
 @dataclass
