@@ -162,7 +162,7 @@ def plot_similarity_vs_success(
             hi = b["hi"] if b["hi"] is not None else hi_all
             centres.append(0.5 * (lo + hi))
         ax.plot(centres, [b["success"] for b in bins], "-o", color="black", linewidth=1.5,
-                markersize=4, label="success rate per β̃ bin", zorder=4)  # fmt: skip
+                markersize=4, label="success per β̃ bin\n(without unrelated)", zorder=4)  # fmt: skip
         for c, b in zip(centres, bins, strict=True):
             ax.annotate(f"n={b['n']}", (c, b["success"]), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=6)  # fmt: skip
