@@ -51,6 +51,7 @@ from repedit.data.variants import (
 )
 from repedit.editors.keys import compute_keys, key_inputs, keys_at
 from repedit.errors import InvalidRequestError, RepeditError
+from repedit.evaluation.probes import case_keys
 from repedit.models.tokens import Position
 from repedit.stats.second_moment import SecondMoment
 
@@ -194,26 +195,6 @@ def _abbreviate(text: str, limit: int = 160) -> str:
 
 
 # --------------------------------------------------------------------------- case keys
-
-
-def case_keys(cases: Sequence[EditCase]) -> list[str]:
-    """The evaluation harness's record key of each case (case id, made unique).
-
-    Scrambles and passages are seeded by this key, so using the harness's rule keeps the
-    variants (and hence the joins with ``results.jsonl``) identical.
-    """
-    from repedit.evaluation.probes import case_key
-
-    keys, seen = [], set()
-    for i, case in enumerate(cases):
-        key = case_key(case, i)
-        k, j = key, 1
-        while k in seen:
-            j += 1
-            k = f"{key}#{j}"
-        seen.add(k)
-        keys.append(k)
-    return keys
 
 
 # --------------------------------------------------------------------------- key reading

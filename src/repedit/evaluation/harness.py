@@ -58,7 +58,7 @@ from repedit.evaluation.probes import (
     SuiteConfig,
     build_probes,
     case_fluency,
-    case_key,
+    case_keys,
     parse_tests,
     passage_sampler,
 )
@@ -629,20 +629,6 @@ class _Progress:
         return " ".join(parts)
 
 
-def _keys(cases: Sequence[EditCase]) -> list[str]:
-    """Unique record keys: the case id, disambiguated if a dataset repeats one."""
-    keys, seen = [], set()
-    for i, case in enumerate(cases):
-        key = case_key(case, i)
-        k, j = key, 1
-        while k in seen:
-            j += 1
-            k = f"{key}#{j}"
-        seen.add(k)
-        keys.append(k)
-    return keys
-
-
 def _write(ctx: _Ctx, rec: dict[str, Any], progress: _Progress, done: set[str]) -> None:
     append_jsonl(ctx.run / RESULTS, rec)
     done.add(rec["case_id"])
@@ -1020,7 +1006,7 @@ def run_eval(
     ctx.references = {r["case_id"]: r for r in read_jsonl(run / REFERENCE, repair=True)}
     records = run.results(repair=True)
     done = {r["case_id"] for r in records}
-    keys = _keys(loaded.cases)
+    keys = case_keys(loaded.cases)
     items = list(zip(range(len(keys)), keys, loaded.cases, strict=True))
     ctx.snapshot = _snapshot(lm, _edited_param_names(lm, editor))
     session = {

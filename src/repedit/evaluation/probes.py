@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -202,6 +202,24 @@ def case_key(case: EditCase, index: int | None = None) -> str:
     if case.case_id is not None:
         return str(case.case_id)
     return f"#{index}" if index is not None else case.request.text
+
+
+def case_keys(cases: Sequence[EditCase]) -> list[str]:
+    """Unique record keys: the case id, disambiguated (``id#2``) if a dataset repeats one.
+
+    Scrambles and passages are seeded by this key, and run records are named by it, so the
+    harness and the analysis share this one rule.
+    """
+    keys, seen = [], set()
+    for i, case in enumerate(cases):
+        key = case_key(case, i)
+        k, j = key, 1
+        while k in seen:
+            j += 1
+            k = f"{key}#{j}"
+        seen.add(k)
+        keys.append(k)
+    return keys
 
 
 _AUTO: Any = object()
