@@ -1,0 +1,453 @@
+"""The REP adapter: a gated low-rank residual on the key path of one down-projection.
+
+``k̂ = k + g(k) · P(k)`` with ``P(k) = (α/r) · B A dropout(k)`` (rank ``r``; ``A`` Kaiming-
+uniform, ``B`` zero, so the adapter starts as the identity) and a per-token gate
+``g(k) = sigmoid(Linear(h→1)(GELU(Linear(D→h)(k))))`` that reads the *raw* key. Training uses
+the soft gate; ``eval()`` switches to the hard gate ``𝟙[g > τ]`` and turns dropout off (both are
+registered submodules, so there is no separate flag to forget: defect D2 of the released code).
+
+The gate design (why the released REP never switched on, and what is different here)
+-------------------------------------------------------------------------------------
+The released code trains the gate only through ``L_agg``: with the soft gate the gradient that
+reaches ``g`` is proportional to ``P(k)``, which is exactly zero at the start (``B = 0``) and
+small for the 10 steps at lr 5e-4 that follow, so ``g`` stays near its initial 0.5 and the hard
+gate at τ = 0.9 never opens (measured: max 0.57–0.83). Nothing trains it to stay *closed* on
+unrelated tokens either (D5). Here the gate gets its own supervision and learning rate:
+
+* ``gate_loss_weight`` (default 1): binary cross-entropy on the gate logit with three groups
+  weighted alike: positives = the subject token of every training sequence (→ open); "near"
+  negatives = the subject's earlier tokens and the ``gate_near_after`` tokens after the
+  subject token; "far" negatives = every other token of the training sequences (prefixes,
+  passages) and, with ``negatives=True``, other subjects / neighbourhood prompts / text. The
+  near group matters: measured on SmolLM2, without it the gate opened on the subject's
+  earlier tokens (" Office" of "Microsoft Office Mobile") and the change to *those* keys broke
+  long-context prompts the plain edit got right. In-sequence negatives cost nothing: their keys
+  come out of the same forward pass as the positives.
+* ``gate_lr`` (default 3e-3): the gate's own Adam learning rate, so it can pass ``τ`` within the
+  paper's 10 steps while the projection keeps the paper's lr 5e-4.
+* ``gate_input_norm`` (default True): the gate reads the raw key divided by its RMS, so its
+  learning speed does not depend on the model's key scale (on tiny test models unnormalised
+  keys left it near 0.5 after 30 steps).
+* ``gate_bias_init``: optionally start the gate shut (e.g. -4 → g ≈ 0.02 everywhere).
+
+:func:`released_config` turns all of this off (and the β̃ cap of ``L_agg``, see
+:class:`RepConfig`) to reproduce the released code's gate. Training reports the open rates on
+positives and negatives, before and after, soft and hard
+(:class:`~repedit.rep.train.RepTrainResult`); :class:`~repedit.rep.inject.RepInjection`
+counts them while the adapters are attached.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from repedit import __version__
+from repedit.editors.hparams import Hparams
+from repedit.errors import FingerprintMismatchError, InvalidRequestError, RepeditError
+from repedit.io import read_safetensors, write_safetensors
+
+TARGETS = ("whitened", "raw", "released")
+FORMAT = "repedit-rep/1"
+
+
+@dataclass
+class RepConfig(Hparams):
+    """Hyper-parameters of REP (defaults: the paper's script settings, plus a trained gate).
+
+    Adapter: ``rank``, ``alpha`` (scale α/r), ``dropout``, gate width
+    ``h = max(gate_hidden_min, floor(gate_hidden_fraction · d_mlp))``, threshold ``tau``.
+    ``use_gate=False`` applies ``k + P(k)`` at every token (the "no gate" ablation).
+
+    Losses (summed over every adapted layer, D3): ``agg_weight · L_agg`` with
+    ``L_agg = −mean (k̂/‖k̂‖)·t`` over positives (``use_norm=False`` drops the normalisation,
+    ``abs_agg=True`` takes ``|·|`` as the paper writes it; keys whose β̃ already reaches
+    ``agg_beta_cap`` are not pushed further); ``consistency_weight · MSE(f(k_o), k_o)`` at the
+    bare prompt (``consistency_on="original"``: at every original-subject key);
+    ``gate_loss_weight · BCE`` on the gate (see the module doc);
+    with ``negatives=True`` also ``negative_weight · mean |(k̂/‖k̂‖)·t|`` over negative tokens
+    from ``negative_sources`` (``subjects``: other subjects in the edit's templates;
+    ``neighbourhood``: the case's neighbourhood prompts, which are also the locality test's
+    probes, so using them leaks test data; ``text``: general-text passages).
+
+    Target ``t`` per layer and request: ``whitened`` = C⁻¹k*/‖C⁻¹k*‖ for every editor;
+    ``raw`` = k* (the released code's MEMIT/EMMET convention); ``released`` = whitened for
+    ROME/R-ROME and raw otherwise, as the released code mixes them (D4).
+
+    Data: contexts × {original, in-domain paraphrases, first half of the scrambles} + ``n_long``
+    passages of ``long_context_length`` ``long_context_unit`` (D1) from ``long_context_corpus``
+    (None: ``$REPEDIT_DATA/wikitext/wiki.test.raw``). Optimisation: Adam, ``steps`` batches of
+    ``batch`` pool items + every bare prompt, drawn without repetition (D6); lr ``lr`` for the
+    projection, ``gate_lr`` (None: ``lr``) for the gate. ``shared``: one adapter set for all
+    requests of a batch edit instead of one per request.
+    """
+
+    method: ClassVar[str] = "rep"
+
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.1
+    gate_hidden_fraction: float = 0.1
+    gate_hidden_min: int = 8
+    tau: float = 0.9
+    steps: int = 10
+    lr: float = 5e-4
+    batch: int = 15
+    agg_weight: float = 1.0
+    consistency_weight: float = 50000.0
+    use_gate: bool = True
+    use_norm: bool = True
+    abs_agg: bool = False
+    #: BCE on the gate (positives → 1, other tokens → 0); 0 = the released code
+    gate_loss_weight: float = 1.0
+    #: Adam lr of the gate parameters (None: ``lr``)
+    gate_lr: float | None = 3e-3
+    #: initial bias of the gate's output unit (None: PyTorch's default init, g ≈ 0.5)
+    gate_bias_init: float | None = None
+    #: the gate reads the raw key divided by its RMS (parameter-free), so it learns at the same
+    #: speed whatever the model's key scale; False: the paper's unnormalised raw key
+    gate_input_norm: bool = True
+    #: every other token of the training sequences is a gate negative ...
+    context_negatives: bool = True
+    #: the subject's earlier tokens: "negative" (near negatives, see below) or "ignore" (left
+    #: out of the gate loss; measured: they then open and the change to their keys breaks
+    #: long-context prompts)
+    gate_subject_tokens: str = "negative"
+    #: tokens right after the subject token that count as "near" negatives: the gate loss
+    #: weighs near negatives (these and the subject's earlier tokens, whose keys resemble the
+    #: positive one) as much as all the other ("far") negatives together
+    gate_near_after: int = 3
+    #: which keys the consistency loss anchors: "prompt" (the paper: the bare prompt's k_o) or
+    #: "original" (every key of the original subject: bare prompt, contexts, long passages;
+    #: they then leave L_agg, which acts on paraphrases and scrambles only)
+    consistency_on: str = "prompt"
+    #: a subject key whose adapted whitened similarity β̃ = k̂ᵀC⁻¹k*/(k*ᵀC⁻¹k*) already reaches
+    #: this value retrieves the edit as k* does and leaves L_agg (no further push, which was
+    #: measured to over-apply the edit on long-context prompts); None: the paper's L_agg
+    agg_beta_cap: float | None = 1.0
+    negatives: bool = False
+    negative_weight: float = 1.0
+    negative_sources: tuple[str, ...] = ("subjects", "text")
+    #: negative sequences added to every batch (when ``negatives``)
+    negative_batch: int = 4
+    #: general-text passages per request used as negatives (``text`` source)
+    n_negative_text: int = 4
+    long_context: bool = True
+    n_long: int = 5
+    long_context_length: int = 300
+    long_context_unit: str = "words"
+    long_context_corpus: str | None = None
+    #: at most this many scrambles are drawn; the first half train (the harness's split)
+    scramble_max: int = 10
+    target: str = "whitened"
+    shared: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidRequestError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.long_context_unit not in ("words", "tokens"):
+            raise InvalidRequestError(
+                f"long_context_unit must be 'words' or 'tokens', got {self.long_context_unit!r}"
+            )
+        if isinstance(self.negative_sources, str):
+            self.negative_sources = tuple(
+                s.strip() for s in self.negative_sources.split(",") if s.strip()
+            )
+        unknown = set(self.negative_sources) - {"subjects", "neighbourhood", "text"}
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown negative source(s) {sorted(unknown)}; "
+                "choose from subjects, neighbourhood, text"
+            )
+        for name in ("rank", "steps", "batch", "gate_hidden_min"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.tau < 1.0:
+            raise InvalidRequestError(f"tau must be in (0, 1), got {self.tau}")
+        if self.gate_subject_tokens not in ("ignore", "negative"):
+            raise InvalidRequestError(
+                "gate_subject_tokens must be 'ignore' or 'negative', "
+                f"got {self.gate_subject_tokens!r}"
+            )
+        if self.consistency_on not in ("prompt", "original"):
+            raise InvalidRequestError(
+                f"consistency_on must be 'prompt' or 'original', got {self.consistency_on!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidRequestError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def gate_hidden(self, d_mlp: int) -> int:
+        return max(self.gate_hidden_min, math.floor(self.gate_hidden_fraction * d_mlp))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["negative_sources"] = list(self.negative_sources)
+        return out
+
+
+def released_config(**overrides: Any) -> RepConfig:
+    """The released code's REP: untrained gate at g ≈ 0.5, no long-context training.
+
+    Reproduces its behaviour only up to D1/D2/D3/D6, which are always fixed here; use it to
+    show that the gate does not open (§9 of the method notes).
+    """
+    base = {
+        "gate_loss_weight": 0.0,
+        "gate_lr": None,
+        "context_negatives": False,
+        "gate_input_norm": False,
+        "agg_beta_cap": None,
+        "long_context": False,
+        "target": "released",
+    }
+    return RepConfig().replace(**{**base, **overrides})
+
+
+class RepAdapter(nn.Module):
+    """One layer's adapter; ``forward(k)`` maps keys ``[..., d_mlp]`` to adapted keys.
+
+    Works in float32 internally and returns the key's dtype. In ``eval()`` mode a token whose
+    gate is shut gets its key back unchanged, bit for bit.
+    """
+
+    def __init__(self, d_mlp: int, cfg: RepConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or RepConfig()
+        self.d_mlp = d_mlp
+        self.scale = self.cfg.alpha / self.cfg.rank
+        self.tau = self.cfg.tau
+        self.dropout = nn.Dropout(self.cfg.dropout)
+        self.A = nn.Linear(d_mlp, self.cfg.rank, bias=False)
+        self.B = nn.Linear(self.cfg.rank, d_mlp, bias=False)
+        hidden = self.cfg.gate_hidden(d_mlp)
+        self.gate_in = nn.Linear(d_mlp, hidden)
+        self.gate_act = nn.GELU()
+        self.gate_out = nn.Linear(hidden, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.B.weight)
+        self.gate_in.reset_parameters()
+        self.gate_out.reset_parameters()
+        if self.cfg.gate_bias_init is not None:
+            with torch.no_grad():
+                self.gate_out.bias.fill_(self.cfg.gate_bias_init)
+
+    # -- parts -----------------------------------------------------------------------------
+    def projection_parameters(self) -> list[nn.Parameter]:
+        return [self.A.weight, self.B.weight]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [*self.gate_in.parameters(), *self.gate_out.parameters()]
+
+    def project(self, k: torch.Tensor) -> torch.Tensor:
+        """``P(k)`` in float32 (dropout active in training mode)."""
+        x = k.float()
+        return self.B(self.A(self.dropout(x))) * self.scale
+
+    def gate_logit(self, k: torch.Tensor) -> torch.Tensor:
+        """The gate's pre-sigmoid output, ``[...]`` (float32, from the raw key)."""
+        x = k.float()
+        if self.cfg.gate_input_norm:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
+        return self.gate_out(self.gate_act(self.gate_in(x))).squeeze(-1)
+
+    def gate(self, k: torch.Tensor) -> torch.Tensor:
+        """Soft gate values in (0, 1), ``[...]`` (one per token)."""
+        return torch.sigmoid(self.gate_logit(k))
+
+    def delta(self, k: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 change ``k̂ − k``: soft-gated in training, hard-gated in eval mode."""
+        p = self.project(k)
+        if not self.cfg.use_gate:
+            return p
+        g = self.gate(k) if g is None else g
+        if self.training:
+            return g.unsqueeze(-1) * p
+        return torch.where((g > self.tau).unsqueeze(-1), p, torch.zeros_like(p))
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_gate(k)[0]
+
+    def forward_with_gate(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(k̂, soft gate values or None without a gate)``."""
+        g = self.gate(k) if self.cfg.use_gate else None
+        if g is not None and not self.training and not bool((g > self.tau).any()):
+            return k, g  # every gate shut: the key itself, untouched
+        return (k.float() + self.delta(k, g)).to(k.dtype), g
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_mlp={self.d_mlp}, rank={self.cfg.rank}, scale={self.scale:g}, "
+            f"gate_hidden={self.gate_in.out_features}, tau={self.tau}, "
+            f"use_gate={self.cfg.use_gate}"
+        )
+
+
+class RepStack(nn.Module):
+    """Several adapters on one layer (one per edit of a batch): ``k + Σᵢ gᵢ(k)·Pᵢ(k)``.
+
+    Every adapter reads the same raw key; the reported gate is the largest of theirs.
+    """
+
+    def __init__(self, adapters: list[RepAdapter]):
+        super().__init__()
+        if not adapters:
+            raise InvalidRequestError("RepStack needs at least one adapter")
+        self.adapters = nn.ModuleList(adapters)
+        self.cfg = adapters[0].cfg
+        self.d_mlp = adapters[0].d_mlp
+        self.tau = self.cfg.tau
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def gate(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.stack([a.gate(k) for a in self.adapters]).amax(0)
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_gate(k)[0]
+
+    def forward_with_gate(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gates = [a.gate(k) if a.cfg.use_gate else None for a in self.adapters]
+        every = [g for g in gates if g is not None]
+        top = torch.stack(every).amax(0) if every else None
+        if (
+            not self.training
+            and len(every) == len(gates)
+            and not any(bool((g > a.tau).any()) for a, g in zip(self.adapters, every, strict=True))
+        ):
+            return k, top
+        out = k.float()
+        for a, g in zip(self.adapters, gates, strict=True):
+            out = out + a.delta(k, g)
+        return out.to(k.dtype), top
+
+
+Adapter = RepAdapter | RepStack
+
+
+def make_adapters(
+    d_mlp: int, layers: list[int], cfg: RepConfig, *, device: Any = None, seed_offset: int = 0
+) -> dict[int, RepAdapter]:
+    """Fresh, seeded adapters (identity at start) for ``layers``, float32 on ``device``."""
+    out = {}
+    with torch.random.fork_rng(devices=[]):
+        for i, layer in enumerate(sorted(layers)):
+            torch.manual_seed(cfg.seed * 1_000_003 + seed_offset * 1009 + i)
+            out[layer] = RepAdapter(d_mlp, cfg).to(device=device, dtype=torch.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _members(adapter: Adapter) -> list[RepAdapter]:
+    return list(adapter.adapters) if isinstance(adapter, RepStack) else [adapter]  # type: ignore[arg-type]
+
+
+def save_adapters(
+    path: str | Path,
+    adapters: Mapping[int, Adapter],
+    cfg: RepConfig | None = None,
+    fingerprint: str | None = None,
+    *,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write adapters to ``path`` (safetensors) with JSON metadata, atomically.
+
+    Store them next to the edit, e.g. ``edit.safetensors`` + ``edit.rep.safetensors``.
+    ``fingerprint``: the base model's (``lm.fingerprint``); loading refuses other models.
+    """
+    if not adapters:
+        raise RepeditError("no adapters to save")
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for layer, adapter in sorted(adapters.items()):
+        members = _members(adapter)
+        layers[str(layer)] = {"n": len(members), "d_mlp": members[0].d_mlp}
+        for i, member in enumerate(members):
+            for name, value in member.state_dict().items():
+                tensors[f"layer.{layer}.{i}.{name}"] = value.detach().float().clone()
+    first = _members(next(iter(adapters.values())))[0]
+    cfg = cfg or first.cfg
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "config": cfg.to_dict(),
+        "member_configs": {
+            str(layer): [m.cfg.to_dict() for m in _members(a)] for layer, a in adapters.items()
+        },
+        "layers": layers,
+        "info": info or {},
+        "repedit_version": __version__,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_safetensors(path, tensors, meta)
+    return path
+
+
+def _config_from(values: dict[str, Any]) -> RepConfig:
+    known = RepConfig.field_names()
+    return RepConfig().replace(**{k: v for k, v in values.items() if k in known})
+
+
+def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]:
+    """Read adapters saved by :func:`save_adapters`, in eval mode (on ``lm``'s device).
+
+    With ``lm``, a file made for another base model is refused (``FingerprintMismatchError``),
+    as is one whose key width differs from the model's down-projections.
+    """
+    try:
+        tensors, meta = read_safetensors(path)
+    except FileNotFoundError:
+        raise RepeditError(f"REP adapter file not found: {path}") from None
+    except Exception as exc:
+        raise RepeditError(f"{path} is not a readable REP adapter file: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise RepeditError(
+            f"{path} is not a repedit REP adapter file (format {meta.get('format')})"
+        )
+    if lm is not None:
+        saved = meta.get("fingerprint")
+        if saved is not None and saved != lm.fingerprint:
+            raise FingerprintMismatchError(
+                f"these REP adapters were trained for base model {saved}, but the model "
+                f"{getattr(lm, 'name', '')!r} has fingerprint {lm.fingerprint}; refusing to load"
+            )
+    device = lm.device if lm is not None else None
+    out: dict[int, Adapter] = {}
+    for key, spec in meta["layers"].items():
+        layer = int(key)
+        if lm is not None:
+            lm.arch.check_layer(layer)
+            if lm.arch.d_mlp != spec["d_mlp"]:
+                raise FingerprintMismatchError(
+                    f"REP adapter for layer {layer} has d_mlp {spec['d_mlp']}, the model "
+                    f"{lm.arch.d_mlp}"
+                )
+        configs = meta.get("member_configs", {}).get(key) or [meta["config"]] * spec["n"]
+        members = []
+        for i in range(spec["n"]):
+            adapter = RepAdapter(spec["d_mlp"], _config_from(configs[i]))
+            prefix = f"layer.{layer}.{i}."
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            adapter.load_state_dict(state)
+            members.append(adapter.to(device=device, dtype=torch.float32).eval())
+        out[layer] = members[0] if len(members) == 1 else RepStack(members).eval()
+    return out
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of an adapter file (config, fingerprint, training info)."""
+    return read_safetensors(path)[1]

@@ -1,0 +1,137 @@
+"""Put REP adapters on a model's key path, through hooks only, and take them off again.
+
+``RepInjection`` registers one input-rewrite hook per adapted layer on its down-projection
+(``Hooks.rewrite(lm.arch.down_proj(layer), ..., which="input")``). Weights, modules and classes
+are never touched, so ``remove()`` restores the model exactly. With ``count=True`` it also
+tallies, per layer, how many token keys passed through and how many found the gate open::
+
+    with rep_applied(lm, adapters, count=True) as rep:
+        score_probes(lm, probes)
+        print(rep.gate_rates())   # {layer: {"tokens": ..., "open": ..., "rate": ..., ...}}
+
+Counts cover every position the model computes, padding included; for rates at chosen
+positions (e.g. subject tokens) use :func:`repedit.rep.train.gate_rates`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from repedit.errors import RepeditError
+from repedit.models.hooks import Hooks
+from repedit.rep.adapter import Adapter
+
+
+class RepInjection:
+    """Adapters attached to ``lm`` (eval mode by default) until ``remove()`` or ``with`` exit."""
+
+    def __init__(
+        self,
+        lm: Any,
+        adapters: Mapping[int, Adapter],
+        *,
+        count: bool = False,
+        record: bool = False,
+        eval_mode: bool = True,
+    ):
+        if not adapters:
+            raise RepeditError("no REP adapters to attach")
+        self.lm = lm
+        self.adapters = dict(adapters)
+        self.count = count
+        self.record = record
+        self.eval_mode = eval_mode
+        self._hooks: Hooks | None = None
+        self.counts: dict[int, dict[str, float]] = {}
+        #: with ``record=True``: the soft gate of the latest forward per layer, [batch, seq]
+        self.last_gate: dict[int, torch.Tensor] = {}
+        self.reset_counts()
+
+    @property
+    def attached(self) -> bool:
+        return self._hooks is not None
+
+    def attach(self) -> RepInjection:
+        if self.attached:
+            raise RepeditError("these REP adapters are already attached")
+        for layer in self.adapters:
+            self.lm.arch.check_layer(layer)
+        hooks = Hooks()
+        try:
+            for layer, adapter in sorted(self.adapters.items()):
+                adapter.to(self.lm.device)
+                if self.eval_mode:
+                    adapter.eval()
+                hooks.rewrite(self.lm.arch.down_proj(layer), self._fn(layer, adapter))
+        except Exception:
+            hooks.remove()
+            raise
+        self._hooks = hooks
+        return self
+
+    def remove(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    def __enter__(self) -> RepInjection:
+        return self if self.attached else self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _fn(self, layer: int, adapter: Adapter) -> Any:
+        def rewrite(k: torch.Tensor) -> torch.Tensor:
+            out, g = adapter.forward_with_gate(k)
+            if g is not None and (self.count or self.record):
+                g = g.detach()
+                if self.count:
+                    c = self.counts[layer]
+                    c["tokens"] += g.numel()
+                    c["open"] += int((g > adapter.tau).sum())
+                    c["soft_sum"] += float(g.float().sum())
+                    c["max"] = max(c["max"], float(g.max())) if g.numel() else c["max"]
+                if self.record:
+                    self.last_gate[layer] = g.float().cpu()
+            return out
+
+        return rewrite
+
+    def reset_counts(self) -> None:
+        self.counts = {
+            layer: {"tokens": 0, "open": 0, "soft_sum": 0.0, "max": 0.0} for layer in self.adapters
+        }
+        self.last_gate = {}
+
+    def gate_rates(self) -> dict[int, dict[str, float | None]]:
+        """Per layer: tokens seen, open count, open ``rate``, mean soft gate, max gate."""
+        out: dict[int, dict[str, float | None]] = {}
+        for layer, c in self.counts.items():
+            n = c["tokens"]
+            out[layer] = {
+                "tokens": n,
+                "open": c["open"],
+                "rate": c["open"] / n if n else None,
+                "soft_mean": c["soft_sum"] / n if n else None,
+                "max": c["max"] if n else None,
+            }
+        return out
+
+
+def attach(lm: Any, adapters: Mapping[int, Adapter], **kwargs: Any) -> RepInjection:
+    """Attach ``adapters`` ({layer: adapter}) to ``lm``; call ``.remove()`` to undo."""
+    return RepInjection(lm, adapters, **kwargs).attach()
+
+
+@contextlib.contextmanager
+def rep_applied(lm: Any, adapters: Mapping[int, Adapter], **kwargs: Any) -> Iterator[RepInjection]:
+    """``with rep_applied(lm, adapters): ...`` — the adapters are on inside the block only."""
+    injection = RepInjection(lm, adapters, **kwargs).attach()
+    try:
+        yield injection
+    finally:
+        injection.remove()

@@ -1,0 +1,758 @@
+"""Training REP adapters on an edited model.
+
+``train_rep(lm, edit_result, cases, layers=..., stats=..., contexts=..., cfg=...)``:
+
+1. targets ``t`` per layer and request: ``u = C⁻¹k*/‖C⁻¹k*‖`` (``cfg.target="whitened"``, every
+   editor), or the raw ``k*`` (``"raw"``; ``"released"`` mixes them as the released code does);
+   ``k*`` is the editor's own key, ``edit_result.tensors["keys.<layer>"]``.
+2. the pool of training sequences (:mod:`repedit.rep.variants`);
+3. ``cfg.steps`` Adam steps; each step takes ``cfg.batch`` pool items (without repetition) plus
+   every bare prompt, reads the down-projection inputs of all their tokens in one forward that
+   stops after the deepest adapted layer (model frozen, no graph), and applies the adapters to
+   those detached keys. Loss, summed over *all* adapted layers (D3)::
+
+       agg_weight·L_agg + consistency_weight·L_cons + gate_loss_weight·L_gate
+           (+ negative_weight·L_neg with cfg.negatives)
+
+   ``L_agg = −mean (k̂/‖k̂‖)·t`` over the subject-token keys (a key whose β̃ already reaches
+   ``cfg.agg_beta_cap`` is not pushed further), ``L_cons = MSE(f(k_o), k_o)`` at the bare
+   prompts, ``L_gate`` a BCE on the gate logits with three groups weighted alike (subject tokens
+   → open; "near" negatives: the subject's earlier tokens and the few tokens after it → shut;
+   "far" negatives: every other token → shut), ``L_neg = mean |(k̂/‖k̂‖)·t|`` over the tokens of
+   the negative sequences.
+
+Multi-layer editors (MEMIT, EMMET, AlphaEdit): ``keys.<l>`` is the key MEMIT solved layer ``l``
+for, computed after layers below ``l`` were updated, which is exactly the key of the fully
+edited model (an update at ``l`` or above cannot change the input of ``l``). REP trains on the
+edited model and is applied at every layer, so the raw keys fed to the adapter at ``l`` are read
+with the adapters below ``l`` attached (in eval mode, i.e. hard gate, as they will be at test
+time); the target stays the editor's ``k*`` of that layer, the key ``ΔW_l`` was written for.
+With a single adapted layer the keys do not depend on the adapters, so each sequence is read
+once and cached.
+
+The result reports, before and after training, the gate on positives (subject tokens, per
+kind) and negatives (every other token of the training sequences, and the negative
+sequences): the mean soft gate and the share of hard-open gates (``g > τ``), and the whitened
+alignment of the adapted keys (cos to ``u`` and ``β̃ = k̂ᵀC⁻¹k*/(k*ᵀC⁻¹k*)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from repedit.data.case import EditCase, EditRequest
+from repedit.data.variants import PassageSampler
+from repedit.editors.keys import compute_keys
+from repedit.errors import InvalidRequestError, RepeditError
+from repedit.models.hooks import Hooks
+from repedit.models.tokens import Position, pad_id, pad_right
+from repedit.rep.adapter import (
+    Adapter,
+    RepAdapter,
+    RepConfig,
+    RepStack,
+    make_adapters,
+    save_adapters,
+)
+from repedit.rep.variants import (
+    NoRepeatBatches,
+    RepExample,
+    RepItem,
+    RepPool,
+    build_pool,
+    passage_sampler,
+    rep_items,
+)
+from repedit.stats.second_moment import SecondMoment
+
+log = logging.getLogger(__name__)
+
+#: at most this many negative token keys enter one step's gate loss (a random subset)
+MAX_NEGATIVE_TOKENS = 4096
+#: token budget of one forward pass when reading keys
+CHUNK_TOKENS = 8192
+
+_AUTO: Any = object()
+
+
+# --------------------------------------------------------------------------- key reading
+
+
+def _chunks(examples: Sequence[RepExample]) -> list[list[int]]:
+    """Indices grouped by length so a forward pass carries little padding."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = len(examples[i].ids)
+        if cur and width * (len(cur) + 1) > CHUNK_TOKENS:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def read_keys(
+    lm: Any,
+    layers: Sequence[int],
+    examples: Sequence[RepExample],
+    upstream: Mapping[int, Adapter] | None = None,
+) -> dict[int, list[torch.Tensor]]:
+    """Down-projection inputs at every token: ``{layer: [keys [len_i, d_mlp] float32]}``.
+
+    The forward stops after the deepest layer. ``upstream`` adapters (eval mode) are applied
+    at their layers below the deepest, so deeper keys see them, as at test time; the key read
+    at a layer is always the raw one, before that layer's own adapter.
+    """
+    layers = sorted(layers)
+    modules = {layer: lm.arch.down_proj(layer) for layer in layers}
+    deepest = max(layers)
+    out: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(examples) for layer in layers}
+    pid = pad_id(lm.tokenizer)
+    ups = {k: a for k, a in (upstream or {}).items() if k < deepest}
+    modes = {k: a.training for k, a in ups.items()}
+    try:
+        for a in ups.values():
+            a.eval()
+        with torch.no_grad():
+            for idx in _chunks(examples):
+                ids, mask = pad_right([examples[i].ids for i in idx], pid)
+                with Hooks() as h:
+                    for layer, module in modules.items():
+                        h.capture(str(layer), module)
+                    for layer, adapter in sorted(ups.items()):
+                        h.rewrite(lm.arch.down_proj(layer), adapter)
+                    h.stop_after(modules[deepest])
+                    h.run(
+                        lm.model,
+                        input_ids=ids.to(lm.device),
+                        attention_mask=mask.to(lm.device),
+                        use_cache=False,
+                    )
+                    for layer in layers:
+                        keys = h[str(layer)]  # [chunk, seq, d_mlp]
+                        for row, i in enumerate(idx):
+                            out[layer][i] = keys[row, : len(examples[i].ids)].float()
+    finally:
+        for k, a in ups.items():
+            a.train(modes[k])
+    return out  # type: ignore[return-value]
+
+
+class _KeyCache:
+    """Keys per pool example; cached when they cannot depend on the adapters (one layer)."""
+
+    def __init__(self, lm: Any, layers: list[int], examples: list[RepExample], cacheable: bool):
+        self.lm, self.layers, self.examples, self.cacheable = lm, layers, examples, cacheable
+        self.store: dict[int, dict[int, torch.Tensor]] = {}
+        self.forward_seconds = 0.0
+
+    def get(
+        self, indices: Sequence[int], adapters: Mapping[int, Adapter]
+    ) -> dict[int, list[torch.Tensor]]:
+        need = [i for i in indices if not (self.cacheable and i in self.store)]
+        if need:
+            t0 = time.perf_counter()
+            got = read_keys(self.lm, self.layers, [self.examples[i] for i in need], adapters)
+            self.forward_seconds += time.perf_counter() - t0
+            fresh = {i: {layer: got[layer][j] for layer in self.layers} for j, i in enumerate(need)}
+            if self.cacheable:
+                self.store.update(fresh)
+        else:
+            fresh = {}
+        return {
+            layer: [(self.store[i] if i in self.store else fresh[i])[layer] for i in indices]
+            for layer in self.layers
+        }
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class _Targets:
+    t: dict[int, torch.Tensor]  # [n, d] the loss target per layer
+    u: dict[int, torch.Tensor]  # [n, d] whitened unit direction (reports)
+    w: dict[int, torch.Tensor]  # [n, d] C⁻¹k*/(k*ᵀC⁻¹k*): β̃(k) = k·w (reports)
+    source: dict[int, str]
+
+
+def _request_rows(edit_result: Any, items: Sequence[RepItem]) -> list[int]:
+    stored = [dict(r) for r in (getattr(edit_result, "requests", None) or [])]
+    wanted = [it.request.to_dict() for it in items]
+    if stored and all(w in stored for w in wanted):
+        return [stored.index(w) for w in wanted]
+    if not stored or len(stored) == len(items):
+        return list(range(len(items)))
+    raise InvalidRequestError(
+        f"the edit holds {len(stored)} requests and none match the {len(items)} REP is asked to "
+        "train for; pass the same requests (or cases) that were edited"
+    )
+
+
+def edit_targets(
+    lm: Any,
+    edit_result: Any,
+    items: Sequence[RepItem],
+    layers: Sequence[int],
+    stats: Mapping[int, SecondMoment],
+    cfg: RepConfig,
+    *,
+    contexts: Sequence[str] = ("{}",),
+    position: Position = "last",
+) -> _Targets:
+    """``t``, ``u`` and ``w`` per layer for each item's request (see the module docstring)."""
+    rows = _request_rows(edit_result, items)
+    n_stored = len(getattr(edit_result, "requests", None) or []) or len(items)
+    tensors = getattr(edit_result, "tensors", {}) or {}
+    mode = cfg.target
+    if mode == "released":
+        method = str(getattr(edit_result, "method", "")).lower()
+        mode = "whitened" if method in ("rome", "r-rome") else "raw"
+    out = _Targets({}, {}, {}, {})
+    for layer in layers:
+        if layer not in stats:
+            raise InvalidRequestError(f"REP needs C for layer {layer} (stats has {sorted(stats)})")
+        k = tensors.get(f"keys.{layer}")
+        if k is not None and k.shape[0] != n_stored and k.shape[0] % n_stored == 0:
+            # MEMIT key_mode="each": one key per context, request-major; k* is their mean
+            k = k.reshape(n_stored, -1, k.shape[-1]).mean(1)
+        if k is not None and k.shape[0] == n_stored:
+            k_star = k[rows].float()
+            out.source[layer] = "edit"
+        else:
+            reqs = [it.request for it in items]
+            k_star = compute_keys(lm, [layer], reqs, list(contexts), position=position)[layer]
+            out.source[layer] = "computed"
+            log.warning("REP: no keys.%d in the edit result; k* recomputed on the model", layer)
+        k_star = k_star.to(torch.float64).cpu()
+        cinv = stats[layer].solve(k_star.T).T.reshape(k_star.shape)  # [n, d] C⁻¹k*
+        u = cinv / cinv.norm(dim=-1, keepdim=True)
+        w = cinv / (cinv * k_star).sum(-1, keepdim=True)
+        dev = lm.device
+        out.u[layer] = u.float().to(dev)
+        out.w[layer] = w.float().to(dev)
+        out.t[layer] = (u if mode == "whitened" else k_star).float().to(dev)
+    return out
+
+
+# --------------------------------------------------------------------------- reports
+
+
+class _Tally:
+    """Gate and alignment sums per (layer, category), so groups add up."""
+
+    def __init__(self) -> None:
+        self.gate: dict[int, dict[str, list[float]]] = {}
+        self.align: dict[int, dict[str, list[float]]] = {}
+
+    def add_gate(self, layer: int, cat: str, g: torch.Tensor, tau: float) -> None:
+        s = self.gate.setdefault(layer, {}).setdefault(cat, [0, 0, 0.0])
+        s[0] += g.numel()
+        s[1] += int((g > tau).sum())
+        s[2] += float(g.sum())
+
+    def add_align(self, layer: int, cat: str, cos: torch.Tensor, beta: torch.Tensor) -> None:
+        s = self.align.setdefault(layer, {}).setdefault(cat, [0, 0.0, 0.0])
+        s[0] += cos.numel()
+        s[1] += float(cos.sum())
+        s[2] += float(beta.sum())
+
+    def merge(self, other: _Tally) -> None:
+        for mine, theirs in ((self.gate, other.gate), (self.align, other.align)):
+            for layer, cats in theirs.items():
+                for cat, vals in cats.items():
+                    cur = mine.setdefault(layer, {}).setdefault(cat, [0] * len(vals))
+                    for i, v in enumerate(vals):
+                        cur[i] += v
+
+    def gate_dict(self) -> dict[int, dict[str, dict[str, float]]]:
+        return {
+            layer: {
+                cat: {"n": n, "open": o / n if n else 0.0, "soft": s / n if n else 0.0}
+                for cat, (n, o, s) in sorted(cats.items())
+            }
+            for layer, cats in self.gate.items()
+        }
+
+    def align_dict(self) -> dict[int, dict[str, dict[str, float]]]:
+        return {
+            layer: {
+                cat: {"n": n, "cos": c / n if n else 0.0, "beta": b / n if n else 0.0}
+                for cat, (n, c, b) in sorted(cats.items())
+            }
+            for layer, cats in self.align.items()
+        }
+
+
+def _measure(
+    adapters: Mapping[int, Adapter],
+    examples: Sequence[RepExample],
+    keys: Mapping[int, Sequence[torch.Tensor]],
+    targets: _Targets | None,
+    request_map: Sequence[int] | None = None,
+) -> _Tally:
+    """Gate (eval semantics: hard-open share and soft mean) and alignment of adapted keys."""
+    tally = _Tally()
+    with torch.no_grad():
+        for layer, adapter in adapters.items():
+            modes = adapter.training
+            adapter.eval()
+            try:
+                for ex, k in zip(examples, keys[layer], strict=True):
+                    g = adapter.gate(k) if adapter.cfg.use_gate else torch.ones(k.shape[0])
+                    if ex.position is not None:
+                        pos = ex.position
+                        mask = torch.ones(k.shape[0], dtype=torch.bool)
+                        mask[pos] = False
+                        for cat in ("positive", f"pos:{ex.kind}"):
+                            tally.add_gate(layer, cat, g[pos : pos + 1].cpu(), adapter.tau)
+                        neg = g[mask.to(g.device)]
+                        if neg.numel():
+                            tally.add_gate(layer, "negative", neg.cpu(), adapter.tau)
+                            tally.add_gate(layer, "neg:context", neg.cpu(), adapter.tau)
+                        if targets is not None:
+                            r = ex.request if request_map is None else request_map[ex.request]
+                            kh = adapter(k[pos : pos + 1])
+                            cos = F.cosine_similarity(kh, targets.u[layer][r : r + 1], dim=-1)
+                            beta = kh @ targets.w[layer][r]
+                            for cat in ("positive", f"pos:{ex.kind}"):
+                                tally.add_align(layer, cat, cos.cpu(), beta.cpu())
+                    else:
+                        for cat in ("negative", f"neg:{ex.kind}"):
+                            tally.add_gate(layer, cat, g.cpu(), adapter.tau)
+            finally:
+                adapter.train(modes)
+    return tally
+
+
+def gate_rates(
+    lm: Any,
+    adapters: Mapping[int, Adapter],
+    examples: Sequence[RepExample],
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Gate report on any sequences (e.g. :func:`~repedit.rep.variants.heldout_examples`):
+    per layer and category (``positive``, ``negative``, ``pos:<kind>``, ``neg:<kind>``,
+    ``neg:context`` = the non-subject tokens of positive sequences) the token count ``n``, the
+    hard-open share ``open`` (g > τ) and the mean soft gate ``soft``."""
+    if not examples:
+        return {}
+    keys = read_keys(lm, sorted(adapters), examples, adapters)
+    return _measure(adapters, examples, keys, None).gate_dict()
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class RepTrainResult:
+    """Trained adapters ({layer: adapter}; a :class:`RepStack` per layer when several edits got
+    their own adapters) and what training measured."""
+
+    adapters: dict[int, Adapter]
+    cfg: RepConfig
+    #: per step, summed over layers (and over edits trained separately): total, agg, cons, ...
+    losses: list[dict[str, float]]
+    #: {layer: {category: {"n", "open", "soft"}}} on the training pool, before / after
+    gate_before: dict[int, dict[str, dict[str, float]]]
+    gate_after: dict[int, dict[str, dict[str, float]]]
+    #: {layer: {category: {"n", "cos", "beta"}}}: adapted subject keys vs the edit's k*
+    alignment_before: dict[int, dict[str, dict[str, float]]]
+    alignment_after: dict[int, dict[str, dict[str, float]]]
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.adapters)
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers: open rates and alignment on positives/negatives, per layer."""
+        out: dict[str, Any] = {"seconds": round(self.seconds, 3)}
+        for layer in self.layers:
+            gb, ga = self.gate_before.get(layer, {}), self.gate_after.get(layer, {})
+            ab, aa = self.alignment_before.get(layer, {}), self.alignment_after.get(layer, {})
+            out[str(layer)] = {
+                "open_pos": [
+                    gb.get("positive", {}).get("open"),
+                    ga.get("positive", {}).get("open"),
+                ],
+                "open_neg": [
+                    gb.get("negative", {}).get("open"),
+                    ga.get("negative", {}).get("open"),
+                ],
+                "soft_pos": [
+                    gb.get("positive", {}).get("soft"),
+                    ga.get("positive", {}).get("soft"),
+                ],
+                "soft_neg": [
+                    gb.get("negative", {}).get("soft"),
+                    ga.get("negative", {}).get("soft"),
+                ],
+                "beta_pos": [
+                    ab.get("positive", {}).get("beta"),
+                    aa.get("positive", {}).get("beta"),
+                ],
+                "cos_pos": [ab.get("positive", {}).get("cos"), aa.get("positive", {}).get("cos")],
+            }
+        if self.losses:
+            out["loss"] = [self.losses[0]["total"], self.losses[-1]["total"]]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        def keyed(d: dict[int, Any]) -> dict[str, Any]:
+            return {str(k): v for k, v in d.items()}
+
+        return {
+            "cfg": self.cfg.to_dict(),
+            "layers": self.layers,
+            "losses": self.losses,
+            "gate_before": keyed(self.gate_before),
+            "gate_after": keyed(self.gate_after),
+            "alignment_before": keyed(self.alignment_before),
+            "alignment_after": keyed(self.alignment_after),
+            "seconds": self.seconds,
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path, fingerprint: str | None = None) -> Path:
+        return save_adapters(path, self.adapters, self.cfg, fingerprint, info=self.summary())
+
+
+def _losses(
+    adapters: Mapping[int, RepAdapter],
+    batch: Sequence[RepExample],
+    keys: Mapping[int, Sequence[torch.Tensor]],
+    targets: _Targets,
+    request_map: Sequence[int],
+    cfg: RepConfig,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    total = torch.zeros(())
+    parts = {"agg": 0.0, "cons": 0.0, "gate": 0.0, "neg": 0.0}
+    pos_ex = [(i, ex) for i, ex in enumerate(batch) if ex.position is not None]
+    anchor_kinds = ("prompt",) if cfg.consistency_on == "prompt" else ("prompt", "original", "long")
+    prompt_ex = [(i, ex) for i, ex in pos_ex if ex.kind in anchor_kinds]
+    anchored = torch.tensor([ex.kind in anchor_kinds for _, ex in pos_ex])
+    neg_seq = [(i, ex) for i, ex in enumerate(batch) if ex.position is None]
+    for layer, adapter in adapters.items():
+        ks = keys[layer]
+        dev = ks[0].device
+        pos_k = torch.stack([ks[i][ex.position] for i, ex in pos_ex])  # [P, d]
+        req = torch.tensor([request_map[ex.request] for _, ex in pos_ex], device=dev)
+        t = targets.t[layer][req]  # [P, d]
+        k_hat = adapter(pos_k)
+        unit = F.normalize(k_hat, dim=-1) if cfg.use_norm else k_hat
+        agg = (unit * t).sum(-1)
+        if cfg.abs_agg:
+            agg = agg.abs()
+        if cfg.agg_beta_cap is not None:
+            with torch.no_grad():
+                beta = (k_hat * targets.w[layer][req]).sum(-1)
+            agg = torch.where(beta < cfg.agg_beta_cap, agg, agg.detach())
+        if cfg.consistency_on == "original":
+            agg = agg[~anchored.to(dev)]
+        l_agg = -agg.mean() if agg.numel() else agg.sum()
+        loss = cfg.agg_weight * l_agg
+        parts["agg"] += float(l_agg.detach())
+        if prompt_ex and cfg.consistency_weight:
+            k_o = torch.stack([ks[i][ex.position] for i, ex in prompt_ex])
+            l_cons = F.mse_loss(adapter(k_o), k_o)
+            loss = loss + cfg.consistency_weight * l_cons
+            parts["cons"] += float(l_cons.detach())
+        # gate negatives, in two groups weighted alike: "near" = the subject's earlier tokens
+        # and the few tokens after the subject token (hard: their keys resemble the positive
+        # one), "far" = every other token and the negative sequences
+        near, far = [], []
+        if cfg.context_negatives:
+            for i, ex in pos_ex:
+                k = ks[i]
+                is_far = torch.ones(k.shape[0], dtype=torch.bool, device=dev)
+                is_near = torch.zeros(k.shape[0], dtype=torch.bool, device=dev)
+                start = ex.subject_start if ex.subject_start is not None else ex.position
+                is_near[ex.position + 1 : ex.position + 1 + cfg.gate_near_after] = True
+                if cfg.gate_subject_tokens == "negative":
+                    is_near[start : ex.position] = True
+                is_far[start : ex.position + 1 + cfg.gate_near_after] = False
+                near.append(k[is_near])
+                far.append(k[is_far])
+        far += [ks[i] for i, _ in neg_seq]
+        if cfg.use_gate and cfg.gate_loss_weight:
+            lp = adapter.gate_logit(pos_k)
+            l_gate = F.binary_cross_entropy_with_logits(lp, torch.ones_like(lp))
+            for group in (near, far):
+                kg = torch.cat(group) if group else pos_k[:0]
+                if kg.shape[0] > MAX_NEGATIVE_TOKENS:
+                    pick = torch.randperm(kg.shape[0], generator=gen)[:MAX_NEGATIVE_TOKENS]
+                    kg = kg[pick.to(dev)]
+                if kg.shape[0]:
+                    ln = adapter.gate_logit(kg)
+                    l_gate = l_gate + F.binary_cross_entropy_with_logits(ln, torch.zeros_like(ln))
+            loss = loss + cfg.gate_loss_weight * l_gate
+            parts["gate"] += float(l_gate.detach())
+        if cfg.negatives and cfg.negative_weight and neg_seq:
+            rows, reqs = [], []
+            for i, ex in neg_seq:
+                rows.append(ks[i])
+                reqs += [request_map[ex.request]] * ks[i].shape[0]
+            kn = torch.cat(rows)
+            rq = torch.tensor(reqs, device=dev)
+            if kn.shape[0] > MAX_NEGATIVE_TOKENS:
+                pick = torch.randperm(kn.shape[0], generator=gen)[:MAX_NEGATIVE_TOKENS].to(dev)
+                kn, rq = kn[pick], rq[pick]
+            kh = adapter(kn)
+            tn = targets.t[layer][rq]
+            dots = (F.normalize(kh, dim=-1) * tn).sum(-1) if cfg.use_norm else (kh * tn).sum(-1)
+            l_neg = dots.abs().mean()
+            loss = loss + cfg.negative_weight * l_neg
+            parts["neg"] += float(l_neg.detach())
+        total = total.to(loss.device) + loss
+    parts["total"] = float(total.detach())
+    return total, parts
+
+
+def _train_group(
+    lm: Any,
+    adapters: dict[int, RepAdapter],
+    pool: RepPool,
+    targets: _Targets,
+    request_map: Sequence[int],
+    cfg: RepConfig,
+    seed_offset: int,
+    report: bool,
+) -> tuple[list[dict[str, float]], _Tally, _Tally, float]:
+    layers = sorted(adapters)
+    examples = pool.all_examples()
+    n_prompts, n_pos = len(pool.prompts), len(pool.positives)
+    pos_index = list(range(n_prompts, n_prompts + n_pos))
+    neg_index = list(range(n_prompts + n_pos, len(examples)))
+    cache = _KeyCache(lm, layers, examples, cacheable=len(layers) == 1)
+    before = after = _Tally()
+    if report:
+        everything = list(range(len(examples)))
+        keys = cache.get(everything, adapters)
+        before = _measure(adapters, examples, keys, targets, request_map)
+    proj = [p for a in adapters.values() for p in a.projection_parameters()]
+    gate = [p for a in adapters.values() for p in a.gate_parameters()]
+    opt = torch.optim.Adam(
+        [{"params": proj, "lr": cfg.lr}, {"params": gate, "lr": cfg.gate_lr or cfg.lr}],
+        weight_decay=0.0,
+    )
+    rng = random.Random(f"rep:{cfg.seed}:{seed_offset}")
+    pos_batches = NoRepeatBatches(len(pos_index), cfg.batch, rng)
+    neg_batches = NoRepeatBatches(len(neg_index), cfg.negative_batch, rng)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + seed_offset)
+    losses = []
+    for a in adapters.values():
+        a.train()
+    for _ in range(cfg.steps):
+        chosen = list(range(n_prompts)) + [pos_index[i] for i in next(pos_batches)]
+        if cfg.negatives and neg_index:
+            chosen += [neg_index[i] for i in next(neg_batches)]
+        keys = cache.get(chosen, adapters)
+        batch = [examples[i] for i in chosen]
+        loss, parts = _losses(adapters, batch, keys, targets, request_map, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(parts)
+    for a in adapters.values():
+        a.eval()
+    if report:
+        keys = cache.get(list(range(len(examples))), adapters)
+        after = _measure(adapters, examples, keys, targets, request_map)
+    return losses, before, after, cache.forward_seconds
+
+
+def _sum_losses(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for step in zip(*runs, strict=True):
+        out.append({k: sum(s[k] for s in step) for k in step[0]})
+    return out
+
+
+def train_rep(
+    lm: Any,
+    edit_result: Any,
+    cases: Sequence[EditCase | EditRequest | RepItem] | EditCase | EditRequest,
+    *,
+    layers: Sequence[int] | None = None,
+    stats: Mapping[int, SecondMoment],
+    contexts: Sequence[str],
+    cfg: RepConfig | None = None,
+    position: Position | None = None,
+    sampler: PassageSampler | None = _AUTO,
+    keys: Sequence[str] | None = None,
+    negative_subjects: Sequence[str] = (),
+    report: bool = True,
+) -> RepTrainResult:
+    """Train REP adapters for the edit in ``edit_result`` (see the module docstring).
+
+    ``cases``: the edited cases (``EditCase`` gives paraphrases and neighbours) or bare
+    requests, in any order (matched to the edit's requests). ``layers``: default the edit's
+    layers. ``stats``: ``C`` per layer. ``contexts``: the editor's templates. ``position``:
+    default the editor's. ``sampler``: long-context passages (default from ``cfg``). ``keys``:
+    case keys seeding scrambles/passages (default: case ids, as the evaluation suite).
+    ``negative_subjects``: other subjects for ``cfg.negatives``. ``report``: measure gates and
+    alignment on the whole pool before and after training.
+
+    If the edit is not applied, it is applied for the training and reverted afterwards.
+    The model's weights are never changed by REP and get no gradients.
+    """
+    t_start = time.perf_counter()
+    cfg = cfg or RepConfig()
+    items = rep_items(cases, keys)
+    if layers is None:
+        layers = list(getattr(edit_result, "layers", []) or [])
+    layers = sorted(set(layers))
+    if not layers:
+        raise InvalidRequestError("REP needs at least one layer to adapt")
+    for layer in layers:
+        lm.arch.check_layer(layer)
+    if position is None:
+        position = (getattr(edit_result, "hparams", {}) or {}).get("position", "last")
+    applied_here = False
+    if hasattr(edit_result, "applied") and not edit_result.applied:
+        edit_result.apply(lm)
+        applied_here = True
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return _train(
+                lm, edit_result, items, layers, stats, contexts, cfg, position,  # type: ignore[arg-type]
+                sampler, negative_subjects, report, t_start,
+            )  # fmt: skip
+    finally:
+        if applied_here:
+            edit_result.revert(lm)
+
+
+def _train(
+    lm: Any,
+    edit_result: Any,
+    items: list[RepItem],
+    layers: list[int],
+    stats: Mapping[int, SecondMoment],
+    contexts: Sequence[str],
+    cfg: RepConfig,
+    position: Position,
+    sampler: Any,
+    negative_subjects: Sequence[str],
+    report: bool,
+    t_start: float,
+) -> RepTrainResult:
+    targets = edit_targets(
+        lm, edit_result, items, layers, stats, cfg, contexts=contexts, position=position
+    )
+    wants_text = cfg.long_context or (cfg.negatives and "text" in cfg.negative_sources)
+    if sampler is _AUTO:
+        sampler = passage_sampler(lm, cfg) if wants_text else None
+    n = len(items)
+    groups = [list(range(n))] if cfg.shared or n == 1 else [[i] for i in range(n)]
+    per_layer: dict[int, list[RepAdapter]] = {layer: [] for layer in layers}
+    runs, pools = [], []
+    before, after = _Tally(), _Tally()
+    forward_seconds = 0.0
+    for gi, group in enumerate(groups):
+        others = [items[j].request.subject for j in range(n) if j not in group]
+        pool = build_pool(
+            lm,
+            [items[i] for i in group],
+            contexts,
+            cfg,
+            sampler=sampler,
+            position=position,
+            negative_subjects=[*negative_subjects, *others],
+        )
+        wanted_long = cfg.long_context and sampler is not None and cfg.n_long > 0
+        if wanted_long and not any(ex.kind == "long" for ex in pool.positives):
+            warnings.warn("REP: no long-context example could be built", stacklevel=3)
+        adapters = make_adapters(lm.arch.d_mlp, layers, cfg, device=lm.device, seed_offset=gi)
+        losses, b, a, fs = _train_group(lm, adapters, pool, targets, group, cfg, gi, report)
+        runs.append(losses)
+        pools.append(pool.counts())
+        before.merge(b)
+        after.merge(a)
+        forward_seconds += fs
+        for layer in layers:
+            per_layer[layer].append(adapters[layer])
+    final: dict[int, Adapter] = {
+        layer: ads[0] if len(ads) == 1 else RepStack(ads).eval() for layer, ads in per_layer.items()
+    }
+    info = {
+        "layers": layers,
+        "target": cfg.target,
+        "k_star": {str(k): v for k, v in targets.source.items()},
+        "groups": len(groups),
+        "pool": pools[0] if len(pools) == 1 else pools,
+        "forward_seconds": round(forward_seconds, 3),
+        "long_context_sampler": sampler is not None,
+        "method": getattr(edit_result, "method", None),
+    }
+    return RepTrainResult(
+        adapters=final,
+        cfg=cfg,
+        losses=_sum_losses(runs),
+        gate_before=before.gate_dict(),
+        gate_after=after.gate_dict(),
+        alignment_before=before.align_dict(),
+        alignment_after=after.align_dict(),
+        seconds=time.perf_counter() - t_start,
+        info=info,
+    )
+
+
+def train_rep_for_editor(
+    lm: Any,
+    editor: Any,
+    cases: Sequence[EditCase | EditRequest | RepItem] | EditCase | EditRequest,
+    cfg: RepConfig | None = None,
+    **kwargs: Any,
+) -> tuple[Any, RepTrainResult]:
+    """Edit with ``editor`` (applied to ``lm``), then train REP on the edited model.
+
+    Returns ``(edit_result, rep_result)``; ``rep_result.adapters`` go to
+    :func:`~repedit.rep.inject.rep_applied`. On a REP failure the edit is reverted.
+    """
+    items = rep_items(cases, kwargs.pop("keys", None))
+    result = editor.edit(lm, [it.request for it in items])
+    try:
+        hp = editor.resolved(lm)
+        layers = kwargs.pop("layers", None) or editor.layers(lm, hp)
+        rep = train_rep(
+            lm,
+            result,
+            items,
+            layers=layers,
+            stats=editor.second_moment(lm, layers),
+            contexts=editor.contexts(lm, hp),
+            cfg=cfg,
+            position=hp.position,
+            **kwargs,
+        )
+    except BaseException:
+        if result.applied:
+            result.revert(lm)
+        raise
+    return result, rep
+
+
+def check_no_model_grads(lm: Any) -> None:
+    """Raise if any model parameter holds a gradient (REP must leave the model alone)."""
+    bad = [n for n, p in lm.model.named_parameters() if p.grad is not None]
+    if bad:
+        raise RepeditError(f"model parameters received gradients: {bad[:5]}")

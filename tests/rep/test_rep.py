@@ -1,0 +1,493 @@
+"""REP on tiny random models: the adapter's semantics (identity at start, hard gate at τ,
+deterministic eval), injection through hooks only, save/load, the training pool (long-context
+examples: D1; no repeated batch: D6), training (loss down, whitened alignment up, bare-prompt
+key kept, only adapter parameters learn; every adapted layer trains: D3) on every family.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from repedit.data.case import EditCase, EditRequest, Neighbour
+from repedit.editors import StatsConfig, make_editor
+from repedit.errors import FingerprintMismatchError, InvalidRequestError
+from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
+from repedit.rep import (
+    RepAdapter,
+    RepConfig,
+    RepStack,
+    build_pool,
+    gate_rates,
+    heldout_examples,
+    load_adapters,
+    read_keys,
+    rep_applied,
+    rep_items,
+    save_adapters,
+    train_rep,
+    train_rep_for_editor,
+)
+from repedit.rep.inject import attach
+from repedit.rep.train import edit_targets
+from repedit.rep.variants import NoRepeatBatches, passage_sampler
+from repedit.stats import second_moments
+
+#: a fast edit: few contexts, few value steps
+FAST = {"contexts": ((3, 2),), "value": {"steps": 8}}
+
+CASE = EditCase(
+    EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
+    subject_paraphrases=[
+        "the city of Paris",
+        "Paris France",
+        "Pari",
+        "the French capital",
+        "Lutetia",
+        "Paree",
+        "Paris city",
+    ],
+    neighbourhood=[Neighbour("Toyota was founded in", "Japan")],
+)
+OTHER = EditCase(
+    EditRequest("Toyota was founded in {}", "Japan", "Europe", case_id="toyota"),
+    subject_paraphrases=["the country of Japan", "Nippon", "Japan Asia"],
+)
+
+
+def tiny_cfg(corpus: Path, **kw: object) -> RepConfig:
+    """Short passages (the tiny corpus is small) and a fast-learning gate for tiny models."""
+    base = {
+        "long_context_corpus": str(corpus),
+        "long_context_length": 30,
+        "steps": 4,
+        "batch": 6,
+    }
+    return RepConfig().replace(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random text over most of the tiny tokenizer's vocabulary (well-conditioned C)."""
+    root = tmp_path_factory.mktemp("rep-corpus")
+    rng = random.Random(0)
+    vocab = tiny_tokenizer().get_vocab()
+    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
+    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
+    path = root / "corpus.txt"
+    path.write_text("\n\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stats_cfg(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
+    cache = tmp_path_factory.mktemp("rep-stats")
+    return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(cache), progress=False)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_loaded("llama")
+
+
+@pytest.fixture(scope="module")
+def edited(lm, stats_cfg):
+    """A ROME edit of CASE (not applied) with its editor."""
+    editor = make_editor("rome", FAST, stats_cfg)
+    result = editor.edit(lm, [CASE.request], apply=False)
+    return editor, result
+
+
+def _snapshot(lm) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _assert_unchanged(lm, before: dict[str, torch.Tensor]) -> None:
+    after = lm.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def _logits(lm, text: str = "The Eiffel Tower is in Paris and Rome") -> torch.Tensor:
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits
+
+
+def _open_adapter(d: int, **cfg: object) -> RepAdapter:
+    """An adapter with a moved projection and a gate forced open (bias +20)."""
+    torch.manual_seed(0)
+    adapter = RepAdapter(d, RepConfig(gate_bias_init=20.0, **cfg))  # type: ignore[arg-type]
+    with torch.no_grad():
+        adapter.B.weight.normal_(0, 0.5)
+    return adapter
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def test_config_rejects_unknown_fields_and_parses_strings() -> None:
+    with pytest.raises(InvalidRequestError, match="unknown"):
+        RepConfig().replace(rnak=4)
+    assert RepConfig().replace(use_gate="False").use_gate is False  # never bool("False") (D7)
+    assert RepConfig().replace(steps="20").steps == 20
+    with pytest.raises(InvalidRequestError, match="target"):
+        RepConfig(target="nope")
+    assert RepConfig().gate_hidden(11008) == 1100
+    assert RepConfig().gate_hidden(40) == 8
+
+
+def test_adapter_starts_as_identity_in_train_and_eval() -> None:
+    torch.manual_seed(0)
+    adapter = RepAdapter(128)
+    assert torch.count_nonzero(adapter.B.weight) == 0
+    k = torch.randn(3, 7, 128)
+    for mode in (True, False):
+        adapter.train(mode)
+        assert torch.equal(adapter(k), k)
+    # a gate that starts near 0.5 (default init) is shut at τ = 0.9
+    assert float(adapter.gate(k).detach().max()) < 0.9
+
+
+def test_hard_gate_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = _open_adapter(64)
+    k = torch.randn(2, 5, 64)
+    proj = adapter.eval().project(k)
+    for value, opened in ((0.89, False), (0.91, True)):
+        monkeypatch.setattr(adapter, "gate", lambda x, v=value: torch.full(x.shape[:-1], v))
+        adapter.eval()
+        out = adapter(k)
+        expected = k + proj if opened else k
+        assert torch.allclose(out, expected, atol=1e-6)
+        if not opened:
+            assert torch.equal(out, k)  # shut: the key itself
+        adapter.train()
+        soft = adapter.B(adapter.A(k)) * adapter.scale  # dropout aside, the soft gate scales P
+        torch.manual_seed(1)
+        out_train = adapter(k)
+        assert not torch.allclose(out_train, k + soft)  # dropout is on in training
+    adapter.dropout.p = 0.0
+    assert torch.allclose(adapter(k), k + 0.91 * proj, atol=1e-6)
+
+
+def test_eval_is_deterministic_and_dropout_is_a_submodule() -> None:
+    adapter = _open_adapter(64)
+    k = torch.randn(4, 64)
+    adapter.eval()
+    assert not adapter.dropout.training  # registered: eval() reaches it (D2)
+    a, b = adapter(k), adapter(k)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, k)
+    adapter.train()
+    assert adapter.dropout.training
+    assert not torch.equal(adapter(k), adapter(k))
+
+
+def test_adapter_keeps_dtype_and_no_gate_ablation() -> None:
+    adapter = _open_adapter(32).eval()
+    k = torch.randn(2, 32, dtype=torch.bfloat16)
+    assert adapter(k).dtype == torch.bfloat16
+    plain = RepAdapter(32, RepConfig(use_gate=False))
+    with torch.no_grad():
+        plain.B.weight.fill_(0.1)
+    plain.eval()
+    k = torch.randn(2, 32)
+    assert torch.allclose(plain(k), k + plain.project(k))
+
+
+def test_stack_sums_adapters() -> None:
+    a, b = _open_adapter(32).eval(), _open_adapter(32).eval()
+    with torch.no_grad():
+        b.B.weight.mul_(-0.5)
+    stack = RepStack([a, b]).eval()
+    k = torch.randn(3, 32)
+    assert torch.allclose(stack(k), k + a.project(k) + b.project(k), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- injection
+
+
+def test_injection_changes_output_and_removal_restores_bit_for_bit(lm) -> None:
+    before_state = _snapshot(lm)
+    before = _logits(lm)
+    adapters = {1: _open_adapter(lm.arch.d_mlp), 2: _open_adapter(lm.arch.d_mlp)}
+    with rep_applied(lm, adapters, count=True) as inj:
+        during = _logits(lm)
+        rates = inj.gate_rates()
+    assert not torch.equal(before, during)
+    assert rates[1]["tokens"] > 0 and rates[1]["rate"] == 1.0
+    assert torch.equal(_logits(lm), before)
+    _assert_unchanged(lm, before_state)
+    assert not any(k.endswith(("A.weight", "B.weight")) for k in lm.model.state_dict())
+    handle = attach(lm, adapters)
+    assert not torch.equal(_logits(lm), before)
+    handle.remove()
+    assert torch.equal(_logits(lm), before)
+    handle.remove()  # idempotent
+
+
+def test_injection_of_fresh_adapters_is_exact(lm) -> None:
+    before = _logits(lm)
+    with rep_applied(lm, {1: RepAdapter(lm.arch.d_mlp)}):
+        assert torch.equal(_logits(lm), before)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def test_save_load_round_trip_and_fingerprint_refusal(lm, tmp_path: Path) -> None:
+    adapters = {1: _open_adapter(lm.arch.d_mlp, rank=8), 2: RepStack([_open_adapter(128)] * 2)}
+    path = save_adapters(tmp_path / "edit.rep.safetensors", adapters, None, lm.fingerprint)
+    loaded = load_adapters(path, lm)
+    assert sorted(loaded) == [1, 2]
+    assert isinstance(loaded[2], RepStack) and len(loaded[2]) == 2
+    assert loaded[1].cfg.rank == 8 and not loaded[1].training
+    k = torch.randn(3, lm.arch.d_mlp)
+    for layer in (1, 2):
+        adapters[layer].eval()
+        assert torch.equal(loaded[layer](k), adapters[layer](k))
+    other = tiny_loaded("llama", seed=1)
+    assert other.fingerprint != lm.fingerprint
+    with pytest.raises(FingerprintMismatchError):
+        load_adapters(path, other)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_pool_has_every_variant_kind_and_long_context(lm, corpus: Path) -> None:
+    cfg = tiny_cfg(corpus)
+    sampler = passage_sampler(lm, cfg)
+    contexts = ["{}", "Hello there. {}", "The capital. {}"]
+    pool = build_pool(lm, rep_items(CASE), contexts, cfg, sampler=sampler)
+    counts = pool.counts()
+    assert counts["prompt"] == 1
+    assert counts["original"] == 2  # contexts without the bare one
+    assert counts["paraphrase"] == 5 * 3  # in-domain paraphrases only, every context
+    assert counts["long"] == cfg.n_long  # D1: passages + prompt are trained on
+    for ex in pool.positives:
+        assert ex.position is not None and 0 <= ex.position < len(ex.ids)
+    long_ex = [ex for ex in pool.positives if ex.kind == "long"]
+    assert all(ex.text.endswith(CASE.request.text) for ex in long_ex)
+    # the position is the subject's last token
+    tok = lm.tokenizer
+    for ex in long_ex:
+        prefix = tok.decode(list(ex.ids[: ex.position + 1]))
+        assert prefix.endswith(CASE.request.subject)
+    off = build_pool(
+        lm, rep_items(CASE), contexts, tiny_cfg(corpus, long_context=False), sampler=sampler
+    )
+    assert "long" not in off.counts()
+
+
+def test_negative_pool(lm, corpus: Path) -> None:
+    cfg = tiny_cfg(corpus, negatives=True, negative_sources=("subjects", "neighbourhood", "text"))
+    pool = build_pool(
+        lm,
+        rep_items(CASE),
+        ["{}"],
+        cfg,
+        sampler=passage_sampler(lm, cfg),
+        negative_subjects=["Rome"],
+    )
+    kinds = {ex.kind for ex in pool.negatives}
+    assert kinds == {"subject_negative", "neighbourhood", "text"}
+    assert all(ex.position is None for ex in pool.negatives)
+
+
+def test_batches_never_repeat() -> None:
+    sampler = NoRepeatBatches(7, 3, random.Random(0))
+    seen: list[int] = []
+    previous = None
+    for _ in range(14):
+        batch = next(sampler)
+        assert len(batch) == len(set(batch)) == 3
+        assert batch != previous
+        previous = batch
+        seen += batch
+    # 42 draws over 7 items: every item exactly 6 times
+    assert sorted(seen) == sorted(list(range(7)) * 6)
+
+
+def test_read_keys_matches_editor_keys(lm) -> None:
+    from repedit.editors.keys import key_inputs, keys_at
+
+    seqs, pos = key_inputs(lm, [CASE.request], ["{}", "Hello. {}"], "last")
+    ref = keys_at(lm, [1], seqs, pos)[1]
+    pool = build_pool(lm, rep_items(CASE), ["{}", "Hello. {}"], RepConfig(long_context=False))
+    examples = [pool.prompts[0], pool.positives[0]]
+    keys = read_keys(lm, [1], examples)[1]
+    got = torch.stack([k[ex.position] for k, ex in zip(keys, examples, strict=True)])
+    assert torch.allclose(got, ref.float(), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_aligns_variant_keys_and_keeps_the_prompt_key(
+    lm, edited, corpus, tmp_path: Path
+) -> None:
+    editor, result = edited
+    before_state = _snapshot(lm)
+    hp = editor.resolved(lm)
+    (layer,) = editor.layers(lm, hp)
+    stats = second_moments(lm, [layer], str(corpus), 2000, cache=tmp_path, progress=False)
+    cfg = tiny_cfg(corpus, steps=40, gate_lr=1e-2, lr=2e-3)
+    rep = train_rep(
+        lm, result, CASE, layers=[layer], stats=stats, contexts=editor.contexts(lm, hp), cfg=cfg
+    )
+    _assert_unchanged(lm, before_state)  # edit applied for training and reverted
+    assert not result.applied
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert rep.losses[-1]["total"] < rep.losses[0]["total"]
+    gb, ga = rep.gate_before[layer], rep.gate_after[layer]
+    ab, aa = rep.alignment_before[layer], rep.alignment_after[layer]
+    # the gate opens on the subject's variants and stays mostly shut elsewhere
+    assert gb["positive"]["open"] == 0.0
+    assert ga["positive"]["open"] > 0.5
+    assert ga["negative"]["open"] < 0.2
+    # adapted variant keys retrieve more of the edit (β̃ up) ...
+    assert aa["pos:paraphrase"]["beta"] > ab["pos:paraphrase"]["beta"]
+    assert aa["positive"]["cos"] > ab["positive"]["cos"]
+    # ... while the bare prompt's key k_o stays (almost) where it was
+    adapter = rep.adapters[layer].eval()
+    ex = build_pool(lm, rep_items(CASE), ["{}"], RepConfig(long_context=False)).prompts[0]
+    k_o = read_keys(lm, [layer], [ex])[layer][0][ex.position]
+    drift = float((adapter(k_o) - k_o).norm() / k_o.norm())
+    assert drift < 0.05
+    assert rep.seconds > 0 and rep.info["pool"]["long"] == cfg.n_long
+    assert rep.summary()[str(layer)]["open_pos"][1] == ga["positive"]["open"]
+
+
+def test_gate_rates_on_heldout_examples(lm, corpus) -> None:
+    adapters = {1: _open_adapter(lm.arch.d_mlp)}
+    cfg = tiny_cfg(corpus)
+    held = heldout_examples(lm, CASE, sampler=passage_sampler(lm, cfg), n_long=1)
+    assert held["ood_paraphrase"] and held["long_test"] and held["neighbourhood"]
+    rates = gate_rates(lm, adapters, [e for v in held.values() for e in v])[1]
+    assert rates["positive"]["open"] == 1.0 and rates["neg:neighbourhood"]["n"] > 0
+
+
+def test_targets_whitened_and_raw(lm, edited, corpus) -> None:
+    editor, result = edited
+    stats = editor.second_moment(lm, result.layers)
+    (layer,) = result.layers
+    items = rep_items(CASE)
+    whitened = edit_targets(lm, result, items, [layer], stats, RepConfig())
+    raw = edit_targets(lm, result, items, [layer], stats, RepConfig(target="raw"))
+    k_star = result.tensors[f"keys.{layer}"].float()
+    assert torch.allclose(raw.t[layer], k_star)
+    assert math.isclose(float(whitened.t[layer].norm()), 1.0, rel_tol=1e-5)
+    # β̃(k*) = 1 by construction
+    assert math.isclose(float(k_star[0] @ whitened.w[layer][0]), 1.0, rel_tol=1e-4)
+    released = edit_targets(lm, result, items, [layer], stats, RepConfig(target="released"))
+    assert torch.allclose(released.t[layer], whitened.t[layer])  # ROME: whitened
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_family_trains_only_adapters(family: str, corpus: Path, stats_cfg) -> None:
+    lm = tiny_loaded(family)
+    before_state = _snapshot(lm)
+    before = _logits(lm)
+    editor = make_editor("rome", FAST, stats_cfg)
+    result, rep = train_rep_for_editor(lm, editor, [CASE], tiny_cfg(corpus, steps=3))
+    try:
+        assert all(p.grad is None for p in lm.model.parameters())
+        (layer,) = rep.layers
+        adapter = rep.adapters[layer]
+        assert torch.count_nonzero(adapter.B.weight) > 0  # the projection moved
+        assert len(rep.losses) == 3 and all(math.isfinite(s["total"]) for s in rep.losses)
+        with rep_applied(lm, rep.adapters, count=True) as inj:
+            _logits(lm)
+        assert inj.gate_rates()[layer]["tokens"] > 0
+    finally:
+        result.revert(lm)
+    assert torch.equal(_logits(lm), before)
+    _assert_unchanged(lm, before_state)
+
+
+def test_two_layers_both_adapters_train(lm, corpus, stats_cfg) -> None:
+    """D3: with MEMIT on two layers every adapter gets gradients, not only the last."""
+    editor = make_editor("memit", {**FAST, "layers": (1, 2)}, stats_cfg)
+    result, rep = train_rep_for_editor(lm, editor, [CASE], tiny_cfg(corpus, steps=3))
+    try:
+        assert rep.layers == [1, 2]
+        for layer in (1, 2):
+            assert torch.count_nonzero(rep.adapters[layer].B.weight) > 0, layer
+            assert rep.info["k_star"][str(layer)] == "edit"
+    finally:
+        result.revert(lm)
+
+
+def test_batch_edits_get_own_or_shared_adapters(lm, corpus, stats_cfg) -> None:
+    editor = make_editor("memit", {**FAST, "layers": (2,)}, stats_cfg)
+    result = editor.edit(lm, [CASE.request, OTHER.request], apply=False)
+    kw = {
+        "layers": [2],
+        "stats": editor.second_moment(lm, [2]),
+        "contexts": editor.contexts(lm, editor.resolved(lm)),
+    }
+    own = train_rep(lm, result, [OTHER, CASE], cfg=tiny_cfg(corpus, steps=2), **kw)
+    assert isinstance(own.adapters[2], RepStack) and len(own.adapters[2]) == 2
+    assert own.info["groups"] == 2
+    shared = train_rep(lm, result, [CASE, OTHER], cfg=tiny_cfg(corpus, steps=2, shared=True), **kw)
+    assert isinstance(shared.adapters[2], RepAdapter) and shared.info["groups"] == 1
+    assert shared.info["pool"]["prompt"] == 2
+
+
+def test_released_config_gate_never_opens(lm, edited, corpus) -> None:
+    """§9: the released code's REP (gate trained only through L_agg, 10 steps at lr 5e-4)
+    never opens its hard gate, so it changes nothing; the report must show it."""
+    from repedit.rep import released_config
+
+    editor, result = edited
+    (layer,) = result.layers
+    rep = train_rep(
+        lm,
+        result,
+        CASE,
+        layers=[layer],
+        stats=editor.second_moment(lm, [layer]),
+        contexts=editor.contexts(lm, editor.resolved(lm)),
+        cfg=released_config(long_context_corpus=str(corpus), long_context_length=30),
+    )
+    assert rep.gate_after[layer]["positive"]["open"] == 0.0
+    assert rep.info["pool"].get("long", 0) == 0  # the released code trained on no passage
+    before = _logits(lm)
+    with rep_applied(lm, rep.adapters, count=True) as inj:
+        assert torch.equal(_logits(lm), before)
+    assert inj.gate_rates()[layer]["open"] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"consistency_on": "original", "agg_beta_cap": None},
+        {"negatives": True, "negative_sources": "subjects,text", "use_gate": False},
+        {"target": "raw", "abs_agg": True, "use_norm": False, "gate_subject_tokens": "ignore"},
+    ],
+)
+def test_config_variants_train(lm, edited, corpus, overrides: dict) -> None:
+    editor, result = edited
+    (layer,) = result.layers
+    rep = train_rep(
+        lm,
+        result,
+        CASE,
+        layers=[layer],
+        stats=editor.second_moment(lm, [layer]),
+        contexts=editor.contexts(lm, editor.resolved(lm)),
+        cfg=tiny_cfg(corpus, steps=3, **overrides),
+        negative_subjects=["Rome", "Japan"],
+    )
+    assert all(math.isfinite(s["total"]) for s in rep.losses)
+    assert torch.count_nonzero(rep.adapters[layer].B.weight) > 0
+    if overrides.get("negatives"):
+        assert rep.info["pool"]["subject_negative"] > 0 and rep.losses[0]["neg"] > 0
