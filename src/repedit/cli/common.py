@@ -56,6 +56,24 @@ def add_command(
     return parser
 
 
+def add_hparam_options(parser: argparse.ArgumentParser, *, example: str = "value.lr=0.1") -> None:
+    """``--layer``, ``--hparams FILE`` and repeatable ``--set KEY=VALUE`` for an editor."""
+    h = parser.add_argument_group("hyper-parameters")
+    h.add_argument(
+        "--layer",
+        help="edited layer (ROME, R-ROME) or layers, e.g. 4,5,6 or 4-8 (MEMIT, EMMET, AlphaEdit)",
+    )
+    h.add_argument("--hparams", metavar="FILE", help="JSON/YAML mapping of hyper-parameters")
+    h.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one hyper-parameter (repeatable), e.g. --set {example}",
+    )
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument(

@@ -62,20 +62,7 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--new-tokens", type=common.positive_int, default=5, help="greedy completion length"
     )
-    h = p.add_argument_group("hyper-parameters")
-    h.add_argument(
-        "--layer",
-        help="edited layer (ROME, R-ROME) or layers, e.g. 4,5,6 or 4-8 (MEMIT, EMMET, AlphaEdit)",
-    )
-    h.add_argument("--hparams", metavar="FILE", help="JSON/YAML mapping of hyper-parameters")
-    h.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one hyper-parameter (repeatable), e.g. --set value.lr=0.1",
-    )
+    common.add_hparam_options(p)
     s = p.add_argument_group("save / load")
     s.add_argument("--save", metavar="FILE", help="write the edit (.safetensors + metadata)")
     s.add_argument("--export", metavar="DIR", help="write the edited model as a HF directory")

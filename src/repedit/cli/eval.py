@@ -98,20 +98,7 @@ def register(subparsers: Any) -> None:
     lc.add_argument(
         "--score-batch-size", type=common.positive_int, default=32, help="sequences per forward"
     )
-    h = p.add_argument_group("hyper-parameters")
-    h.add_argument(
-        "--layer",
-        help="edited layer (ROME, R-ROME) or layers, e.g. 4-8 (MEMIT, EMMET, AlphaEdit)",
-    )
-    h.add_argument("--hparams", metavar="FILE", help="JSON/YAML mapping of hyper-parameters")
-    h.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one hyper-parameter (repeatable), e.g. --set value.steps=10",
-    )
+    common.add_hparam_options(p, example="value.steps=10")
     common.add_model_options(p)
     common.add_stats_options(p)
     common.add_json_option(p)
