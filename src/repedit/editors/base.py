@@ -25,7 +25,7 @@ from repedit.stats.corpus import ModelSampledCorpus, resolve_corpus
 from repedit.stats.second_moment import SecondMoment, second_moments
 
 #: token budget for C when ``corpus="auto"`` found no text and samples it from the model
-SAMPLED_TOKENS = 30_000
+SAMPLED_TOKENS = 16_384
 
 
 @dataclass

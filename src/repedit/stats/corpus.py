@@ -120,7 +120,7 @@ class ModelSampledCorpus:
     lm: object
     seed: int = 0
     doc_tokens: int = 256
-    batch: int = 16
+    batch: int = 32
     max_docs: int = 100_000
 
     def __post_init__(self) -> None:
