@@ -74,6 +74,32 @@ def add_hparam_options(parser: argparse.ArgumentParser, *, example: str = "value
     )
 
 
+def hparam_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--hparams FILE, then --set, then --layer; validated against the method's fields."""
+    from repedit.editors import make_editor
+
+    overrides: dict[str, Any] = {}
+    if args.hparams:
+        values = read_mapping(args.hparams, "hyper-parameters")
+        if not isinstance(values, dict):
+            raise InvalidRequestError(f"{args.hparams}: expected a mapping of hyper-parameters")
+        overrides.update(values)
+    overrides.update(parse_overrides(args.overrides))
+    if getattr(args, "layer", None) is not None:
+        layers = parse_layers(args.layer)
+        fields = make_editor(args.method).hparams_class.field_names()
+        if "layer" in fields:
+            if len(layers) != 1:
+                raise InvalidRequestError(
+                    f"{args.method} edits one layer; --layer {args.layer} names {len(layers)}"
+                )
+            overrides["layer"] = layers[0]
+        else:
+            overrides["layers"] = tuple(layers)
+    make_editor(args.method, dict(overrides))  # unknown fields fail here, before loading
+    return overrides
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument(

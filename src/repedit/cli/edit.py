@@ -212,25 +212,7 @@ def _exp(logprob: float) -> float:
 def build_editor(args: argparse.Namespace) -> Editor:
     from repedit.editors import make_editor
 
-    overrides: dict[str, Any] = {}
-    if args.hparams:
-        values = common.read_mapping(args.hparams, "hyper-parameters")
-        if not isinstance(values, dict):
-            raise InvalidRequestError(f"{args.hparams}: expected a mapping of hyper-parameters")
-        overrides.update(values)
-    overrides.update(common.parse_overrides(args.overrides))
-    if args.layer is not None:
-        layers = common.parse_layers(args.layer)
-        fields = make_editor(args.method).hparams_class.field_names()
-        if "layer" in fields:
-            if len(layers) != 1:
-                raise InvalidRequestError(
-                    f"{args.method} edits one layer; --layer {args.layer} names {len(layers)}"
-                )
-            overrides["layer"] = layers[0]
-        else:
-            overrides["layers"] = tuple(layers)
-    return make_editor(args.method, overrides, common.stats_config(args))
+    return make_editor(args.method, common.hparam_overrides(args), common.stats_config(args))
 
 
 def edit_status(lm: LoadedModel, editor: Editor) -> None:

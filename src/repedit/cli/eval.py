@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from repedit.cli import common
-from repedit.errors import InvalidRequestError
 
 DESCRIPTION = """\
 Edit every case of a dataset and score the edited model on the robustness suite: efficacy,
@@ -104,32 +103,6 @@ def register(subparsers: Any) -> None:
     common.add_json_option(p)
 
 
-def hparam_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--hparams FILE, then --set, then --layer; validated against the method's fields."""
-    from repedit.editors import make_editor
-
-    overrides: dict[str, Any] = {}
-    if args.hparams:
-        values = common.read_mapping(args.hparams, "hyper-parameters")
-        if not isinstance(values, dict):
-            raise InvalidRequestError(f"{args.hparams}: expected a mapping of hyper-parameters")
-        overrides.update(values)
-    overrides.update(common.parse_overrides(args.overrides))
-    if getattr(args, "layer", None) is not None:
-        layers = common.parse_layers(args.layer)
-        fields = make_editor(args.method).hparams_class.field_names()
-        if "layer" in fields:
-            if len(layers) != 1:
-                raise InvalidRequestError(
-                    f"{args.method} edits one layer; --layer {args.layer} names {len(layers)}"
-                )
-            overrides["layer"] = layers[0]
-        else:
-            overrides["layers"] = tuple(layers)
-    make_editor(args.method, dict(overrides))  # unknown fields fail here, before loading
-    return overrides
-
-
 def run_config(args: argparse.Namespace) -> Any:
     from repedit.evaluation.harness import RunConfig
 
@@ -145,7 +118,7 @@ def run_config(args: argparse.Namespace) -> Any:
     return RunConfig(
         model=args.model,
         method=args.method,
-        hparams=hparam_overrides(args),
+        hparams=common.hparam_overrides(args),
         data=args.data,
         data_dir=args.data_dir,
         n=args.n,
