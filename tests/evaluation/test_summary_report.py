@@ -221,7 +221,7 @@ def test_report_two_runs_self_contained(tmp_path):
     html = out.read_text()
     assert "rome-run" in html and "memit-run" in html
     assert '<img alt="figure" src="data:image/png;base64,' in html
-    assert html.count("data:image/png;base64,") == 3  # bars, distributions, one sequential
+    assert html.count("data:image/png;base64,") == 4  # bars, trade-off, distributions, sequential
     assert "Sequential editing" in html
     assert "http://" not in html and "https://" not in html
     assert "<link" not in html and "<script" not in html

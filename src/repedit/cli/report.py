@@ -14,9 +14,16 @@ Print a table of every robustness test for one or more run directories (written 
 'repedit eval') and write a self-contained HTML report: results with 95 % CIs, bar charts,
 per-case distributions and sequential-editing curves (inline images, no external assets).
 
+Runs are labelled from their configuration (rome, rome+rep, rome+rep(no-gate), rome+rep τ=0.7;
+the directory name is added where two runs share a label); REP runs add their mean edit / REP
+seconds and gate open rates, and the HTML has a robustness / specificity trade-off plot (one
+point per run). A τ-sweep directory (repedit eval --rep-tau 0.5,0.7,...) stands for its
+sub-runs OUT/tau-*.
+
 examples:
   repedit report runs/rome-cf
   repedit report runs/rome-cf runs/memit-cf --out compare.html
+  repedit report runs/rome-cf runs/rome-rep-cf runs/rome-rep-sweep/tau-* --out rep.html
 """
 
 
@@ -37,7 +44,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repedit.evaluation.report import run_names, write_report
+    from repedit.evaluation.harness import sweep_dirs
+    from repedit.evaluation.report import run_labels, run_names, write_report
     from repedit.evaluation.summary import (
         TABLE_COLUMNS,
         build_summary,
@@ -46,25 +54,34 @@ def run(args: argparse.Namespace) -> int:
         table_rows,
     )
 
-    dirs = [Path(d) for d in args.run_dirs]
-    for d in dirs:
+    given = [Path(d) for d in args.run_dirs]
+    dirs: list[Path] = []
+    for d in given:
         if not (d / "config.json").exists() and not (d / "summary.json").exists():
             raise InvalidRequestError(f"{d} is not a run directory (no config.json)")
-    names = run_names(dirs)
+        subs = [s for s in sweep_dirs(d) if (s / "config.json").exists()]
+        dirs += subs or [d]  # a τ sweep stands for its sub-runs
     summaries = [
         build_summary(d) if (d / "config.json").exists() else load_summary(d) for d in dirs
     ]
+    names = run_labels(dirs, summaries)
     out = (
         Path(args.out)
         if args.out
-        else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
+        else (given[0] / "report.html" if len(given) == 1 else Path("report.html"))
     )
     path = write_report(dirs, out)
     if args.json:
-        common.print_json({"report": str(path), "runs": dict(zip(names, summaries, strict=True))})
+        common.print_json(
+            {
+                "report": str(path),
+                "runs": dict(zip(run_names(dirs), summaries, strict=True)),
+                "labels": dict(zip(run_names(dirs), names, strict=True)),
+            }
+        )
         return 0
     if len(dirs) == 1:
-        common.print_table(table_rows(summaries[0]), TABLE_COLUMNS, title=names[0])
+        common.print_table(table_rows(summaries[0]), TABLE_COLUMNS, title=f"{names[0]} · {dirs[0]}")
     else:
         columns = ["test (%; fluency in bits)", *names]
         common.print_table(comparison_rows(summaries), columns, title="runs compared")

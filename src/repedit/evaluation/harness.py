@@ -28,6 +28,17 @@ short by a kill is dropped and the case redone). Modes:
 A case whose edit or evaluation fails (``RepeditError``, ``RuntimeError``) is recorded with its
 error and the run goes on; the edited layers are compared with a snapshot taken at the start
 and restored if anything changed.
+
+REP (``RunConfig.rep``: RepConfig overrides, ``{}`` for the defaults): after each edit REP
+adapters are trained on the edited model (:func:`repedit.rep.train_rep`, in batch mode once per
+batch, one shared adapter set unless ``rep["shared"]`` is False) and the case is evaluated with
+them attached. Records gain ``rep_seconds`` (apart from ``edit_seconds``), ``rep`` (the training
+summary: gate open rates, alignment, losses, pool) and ``rep_eval_gate`` (open rates while
+evaluating). Sequential mode with REP is refused. A τ sweep (``rep_taus`` with several values)
+trains once per case and evaluates once per τ; ``OUT`` then holds ``config.json``,
+``reference.jsonl``, ``sessions.json``, a ``report.html`` comparing the τ values, and one plain
+run directory per τ, ``OUT/tau-0.5/``, ``OUT/tau-0.9/``, ... (its config has ``rep.tau`` set, its
+records ``rep_tau``); a case is done once every sub-run holds it.
 """
 
 from __future__ import annotations
@@ -102,7 +113,9 @@ class RunConfig:
     ``{"value.steps": 10}``). ``n``: the first ``n`` cases (None = all). ``tests``: names from
     :data:`~repedit.evaluation.probes.TESTS`. ``eval_sample``: cases re-scored at each
     sequential checkpoint (0 = all edited so far). Stats fields mirror
-    :class:`~repedit.editors.StatsConfig`; ``cache_dir`` is the cache root.
+    :class:`~repedit.editors.StatsConfig`; ``cache_dir`` is the cache root. ``rep``:
+    :class:`~repedit.rep.RepConfig` overrides (None: the plain editor; ``{}``: REP with its
+    defaults); ``rep_taus``: a τ sweep (several values; one value just sets ``rep["tau"]``).
     """
 
     model: str = "smollm2-135m"
@@ -134,11 +147,14 @@ class RunConfig:
     fluency_samples: int = 1
     fluency_tokens: int = 100
     score_batch_size: int = 32
+    rep: dict[str, Any] | None = None
+    rep_taus: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         self.tests = parse_tests(self.tests)
         if self.mode not in MODES:
             raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        self._check_rep()
         if self.batch_size < 1 or self.eval_every < 1:
             raise InvalidRequestError("batch_size and eval_every must be >= 1")
         if self.eval_sample < 0:
@@ -146,6 +162,78 @@ class RunConfig:
         if self.n is not None and self.n < 0:
             raise InvalidRequestError(f"n must be >= 0, got {self.n}")
         self.suite()  # validates the suite fields
+
+    def _check_rep(self) -> None:
+        """Validate and normalise ``rep`` (coerced to RepConfig's field types) and ``rep_taus``."""
+        from repedit.rep.ablations import parse_taus
+
+        if self.rep_taus:
+            taus = parse_taus(self.rep_taus)
+            rep = dict(self.rep or {})
+            if len(taus) == 1:
+                if "tau" in rep and float(rep["tau"]) != taus[0]:
+                    raise InvalidRequestError(
+                        f"τ given twice: rep tau={rep['tau']} and rep_taus={list(taus)}"
+                    )
+                rep["tau"] = taus[0]
+                taus = ()
+            elif "tau" in rep:
+                raise InvalidRequestError(
+                    f"τ given twice: rep tau={rep['tau']} and a τ sweep {list(taus)}; "
+                    "give one or the other"
+                )
+            self.rep, self.rep_taus = rep, taus
+        else:
+            self.rep_taus = ()
+        if self.rep is None:
+            return
+        if not isinstance(self.rep, dict):
+            raise InvalidRequestError(
+                f"rep must be a mapping of RepConfig fields, got {type(self.rep).__name__}"
+            )
+        from repedit.rep.adapter import RepConfig
+
+        resolved = RepConfig().replace(**self.rep)  # unknown fields and bad values fail here
+        self.rep = {k: getattr(resolved, k) for k in sorted(self.rep)}
+        if self.mode == "sequential":
+            raise InvalidRequestError(
+                "REP with sequential mode is not supported yet (the adapters of earlier edits "
+                "would have to be stacked on the accumulated edits); use --mode single or batch"
+            )
+
+    def rep_config(self) -> Any:
+        """The :class:`~repedit.rep.RepConfig` of the run, or None without REP.
+
+        Defaults on top of RepConfig's: REP's long-context passages come from the suite's
+        ``long_context_corpus`` when one is set (REP draws its training passages under other
+        keys than the test passages), and batch mode trains one shared adapter set per batch.
+        Explicit ``rep`` fields win.
+        """
+        if self.rep is None:
+            return None
+        from repedit.rep.adapter import RepConfig
+
+        base: dict[str, Any] = {}
+        if self.long_context_corpus:
+            base["long_context_corpus"] = self.long_context_corpus
+        if self.mode == "batch":
+            base["shared"] = True
+        return RepConfig().replace(**{**base, **self.rep})
+
+    def sweep(self) -> list[tuple[float, RunConfig]]:
+        """A τ sweep's sub-runs ``[(τ, config)]`` (``OUT/tau-<τ>``); empty for a plain run."""
+        return [
+            (
+                tau,
+                dataclasses.replace(
+                    self,
+                    rep={**(self.rep or {}), "tau": tau},
+                    rep_taus=(),
+                    out=str(Path(self.out) / sweep_name(tau)),
+                ),
+            )
+            for tau in self.rep_taus
+        ]
 
     def suite(self) -> SuiteConfig:
         return SuiteConfig(
@@ -185,6 +273,21 @@ class RunConfig:
     def comparable(self) -> dict[str, Any]:
         """The fields a resumed run must share with the original."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+
+
+def sweep_name(tau: float) -> str:
+    """The sub-run directory of one τ of a sweep: ``tau-0.7``."""
+    return f"tau-{float(tau):g}"
+
+
+def sweep_dirs(path: str | Path) -> list[Path]:
+    """The sub-run directories of a τ-sweep run directory (empty if ``path`` is no sweep)."""
+    path = Path(path)
+    try:
+        rc = json.loads((path / CONFIG).read_text()).get("run_config", {})
+    except (OSError, ValueError):
+        return []
+    return [path / sweep_name(t) for t in rc.get("rep_taus") or []]
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -380,6 +483,12 @@ class _Ctx:
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
     snapshot: dict[str, torch.Tensor] = field(default_factory=dict)
     session: dict[str, Any] = field(default_factory=dict)
+    #: REP: the RepConfig (None: plain editor) and its long-context passage sampler
+    rep_cfg: Any = None
+    rep_sampler: Any = None
+    #: τ sweep: sub-run per τ, and the cases each already holds
+    subruns: dict[float, RunDir] = field(default_factory=dict)
+    sub_done: dict[float, set[str]] = field(default_factory=dict)
 
 
 def _neighbour_sig(probes: Sequence[Probe]) -> str:
@@ -529,6 +638,69 @@ def _evaluate(ctx: _Ctx, case: EditCase, key: str, *, fluency: bool = True) -> d
     return out
 
 
+def _score_edited(
+    ctx: _Ctx, case: EditCase, key: str, adapters: Any = None, *, fluency: bool = True
+) -> dict[str, Any]:
+    """``_evaluate`` of the edited model (with ``eval_seconds``); with REP ``adapters`` the
+    evaluation runs with them attached (``rep_eval_gate``: their open rates over every token
+    it ran), once per τ of a sweep (``{"per_tau": {τ: ...}}``, split by ``_write``)."""
+    if adapters is None:
+        t0 = time.perf_counter()
+        out = _evaluate(ctx, case, key, fluency=fluency)
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+    from repedit.rep.ablations import set_tau
+    from repedit.rep.inject import rep_applied
+
+    taus: list[float | None] = list(ctx.subruns) or [None]
+    per: dict[float | None, dict[str, Any]] = {}
+    for tau in taus:
+        if tau is not None:
+            set_tau(adapters, tau)
+        t0 = time.perf_counter()
+        with rep_applied(ctx.lm, adapters, count=True) as inj:
+            out = _evaluate(ctx, case, key, fluency=fluency)
+        out["eval_seconds"] = time.perf_counter() - t0
+        out["rep_eval_gate"] = {
+            str(layer): {k: v for k, v in rates.items() if k in ("tokens", "open", "rate")}
+            for layer, rates in inj.gate_rates().items()
+        }
+        per[tau] = out
+    return per[None] if taus == [None] else {"per_tau": per}
+
+
+def _train_rep(ctx: _Ctx, result: Any, cases: list[EditCase], keys: list[str]) -> Any:
+    """Train REP adapters for the (applied) edit ``result`` of ``cases``."""
+    from repedit.rep.train import train_rep
+
+    lm, editor = ctx.lm, ctx.editor
+    hp = editor.resolved(lm)
+    layers = list(editor.layers(lm, hp))
+    return train_rep(
+        lm,
+        result,
+        cases,
+        layers=layers,
+        stats=editor.second_moment(lm, layers),
+        contexts=editor.contexts(lm, hp),
+        cfg=ctx.rep_cfg,
+        position=hp.position,
+        keys=keys,
+        sampler=ctx.rep_sampler,
+    )
+
+
+def _rep_record(rep: Any) -> dict[str, Any]:
+    """What a case record keeps of REP training: ``RepTrainResult.summary()`` (per layer the
+    open rates / soft gates / β̃ / cos on positives and negatives, before and after; losses
+    first and last) plus the pool's composition."""
+    out = dict(rep.summary())
+    out["layers"] = rep.layers
+    out["groups"] = rep.info.get("groups")
+    out["pool"] = rep.info.get("pool")
+    return _plain(out)
+
+
 def _base_record(case: EditCase, key: str, index: int, mode: str) -> dict[str, Any]:
     req = case.request
     return {
@@ -630,9 +802,18 @@ class _Progress:
 
 
 def _write(ctx: _Ctx, rec: dict[str, Any], progress: _Progress, done: set[str]) -> None:
-    append_jsonl(ctx.run / RESULTS, rec)
+    per_tau = rec.pop("per_tau", None) or {}
+    shown = rec
+    if ctx.subruns:  # a τ sweep: one record per sub-run that lacks the case
+        for tau, sub in ctx.subruns.items():
+            shown = {**rec, **per_tau.get(tau, {}), "rep_tau": tau}
+            if rec["case_id"] not in ctx.sub_done[tau]:
+                append_jsonl(sub / RESULTS, shown)
+                ctx.sub_done[tau].add(rec["case_id"])
+    else:
+        append_jsonl(ctx.run / RESULTS, rec)
     done.add(rec["case_id"])
-    progress.add(rec)
+    progress.add(shown)
     if ctx.session:  # keep the session's wall time current, so a killed run still counts
         ctx.session["wall_seconds"] = time.time() - ctx.session["t0"]
         ctx.session["cases_done"] = ctx.session.get("cases_done", 0) + 1
@@ -681,9 +862,14 @@ def _run_single(
         rec["info"] = _info(result)
         try:
             _check_finite(result)
-            t0 = time.perf_counter()
-            rec.update(_evaluate(ctx, case, key))
-            rec["eval_seconds"] = time.perf_counter() - t0
+            adapters = None
+            if ctx.rep_cfg is not None:
+                t0 = time.perf_counter()
+                rep = _train_rep(ctx, result, [case], [key])
+                rec["rep_seconds"] = time.perf_counter() - t0
+                rec["rep"] = _rep_record(rep)
+                adapters = rep.adapters
+            rec.update(_score_edited(ctx, case, key, adapters))
         except CASE_ERRORS as exc:
             _failed_case(ctx, rec, exc)
         finally:
@@ -734,6 +920,21 @@ def _run_batch(
             continue
         seconds = time.perf_counter() - t0
         info = _info(result)
+        rep, rep_seconds = None, 0.0
+        if ctx.rep_cfg is not None:  # one REP training for the whole batch (shared by default)
+            t0 = time.perf_counter()
+            try:
+                rep = _train_rep(ctx, result, [c for _, _, c in valid], [k for _, k, _ in valid])
+            except CASE_ERRORS as exc:
+                rep_seconds = time.perf_counter() - t0
+                if result.applied:
+                    result.revert(ctx.lm)
+                for key in list(records):
+                    rec = _failed_case(ctx, records.pop(key), exc, seconds / len(valid))
+                    rec["rep_seconds"] = rep_seconds / len(valid)
+                    _write(ctx, rec, progress, done)
+                continue
+            rep_seconds = time.perf_counter() - t0
         try:
             for _, key, case in valid:
                 if key not in records:
@@ -745,10 +946,14 @@ def _run_batch(
                     chunk_size=len(valid),
                     info=info,
                 )
+                if rep is not None:
+                    rec.update(
+                        rep_seconds=rep_seconds / len(valid),
+                        chunk_rep_seconds=rep_seconds,
+                        rep=_rep_record(rep),
+                    )
                 try:
-                    t1 = time.perf_counter()
-                    rec.update(_evaluate(ctx, case, key))
-                    rec["eval_seconds"] = time.perf_counter() - t1
+                    rec.update(_score_edited(ctx, case, key, rep.adapters if rep else None))
                 except CASE_ERRORS as exc:
                     rec["error"] = _error(exc)
                 _write(ctx, rec, progress, done)
@@ -964,7 +1169,10 @@ def run_eval(
     from repedit.evaluation.summary import summarize
 
     started = time.time()
+    sweep = cfg.sweep()
     RunDir(cfg.out).check(cfg)
+    for _, sub_cfg in sweep:
+        RunDir(sub_cfg.out).check(sub_cfg)
     loaded = load_cases(
         cfg.data,
         data_dir=cfg.data_dir,
@@ -1000,12 +1208,33 @@ def run_eval(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     run = RunDir(cfg.out)
+    if sweep and (run / RESULTS).exists() and not cfg.overwrite:
+        raise RepeditError(
+            f"{run.path} holds a single run's {RESULTS}, not a τ sweep; choose another --out, "
+            "or pass --overwrite"
+        )
     run.prepare(cfg, meta)
     suite = cfg.suite()
     ctx = _Ctx(lm, editor, cfg, suite, run, passage_sampler(lm, suite))
     ctx.references = {r["case_id"]: r for r in read_jsonl(run / REFERENCE, repair=True)}
-    records = run.results(repair=True)
-    done = {r["case_id"] for r in records}
+    ctx.rep_cfg = cfg.rep_config()
+    if ctx.rep_cfg is not None:
+        ctx.rep_sampler = _rep_sampler(lm, ctx.rep_cfg)
+    if sweep:
+        # a τ sweep: results go to one sub-run per τ (each a plain run directory); the
+        # references and sessions stay in OUT; a case is done once every sub-run holds it
+        per_sub = {}
+        for tau, sub_cfg in sweep:
+            sub = RunDir(sub_cfg.out)
+            sub.prepare(sub_cfg, meta)
+            ctx.subruns[tau] = sub
+            per_sub[tau] = sub.results(repair=True)
+            ctx.sub_done[tau] = {r["case_id"] for r in per_sub[tau]}
+        done = set.intersection(*ctx.sub_done.values())
+        records = [r for r in per_sub[sweep[0][0]] if r["case_id"] in done]
+    else:
+        records = run.results(repair=True)
+        done = {r["case_id"] for r in records}
     keys = case_keys(loaded.cases)
     items = list(zip(range(len(keys)), keys, loaded.cases, strict=True))
     ctx.snapshot = _snapshot(lm, _edited_param_names(lm, editor))
@@ -1030,9 +1259,26 @@ def run_eval(
         session["wall_seconds"] = time.time() - started
         session["cases_after"] = len(done & set(keys))
         _record_session(run, session)
+    from repedit.evaluation.report import write_report
+
+    if sweep:
+        subs = [sub.path for sub in ctx.subruns.values()]
+        for sub in subs:
+            summarize(sub)
+            if report:
+                write_report([sub], sub / "report.html")
+        if report:
+            write_report(subs, run.path / "report.html")
+        return run.path
     summarize(run.path)
     if report:
-        from repedit.evaluation.report import write_report
-
         write_report([run.path], run.path / "report.html")
     return run.path
+
+
+def _rep_sampler(lm: Any, rep_cfg: Any) -> Any:
+    """REP's long-context passage sampler, built once per run (None: none needed/found)."""
+    from repedit.rep.variants import passage_sampler as rep_passage_sampler
+
+    wants_text = rep_cfg.long_context or (rep_cfg.negatives and "text" in rep_cfg.negative_sources)
+    return rep_passage_sampler(lm, rep_cfg) if wants_text else None

@@ -2,9 +2,13 @@
 
 One ``report.html`` file: inline CSS, figures as inline base64 PNGs (matplotlib's Agg canvas,
 no global backend switch), no external assets, so it can be mailed or archived as is.
-Contents: a table of every test per run (mean, 95 % CI, n), a grouped bar chart of the means
-with CI error bars, per-case distributions (box plots of per-case means per test and run),
-sequential-editing curves when a run has ``sequential.jsonl``, and each run's configuration.
+Contents: a table of every test per run (mean, 95 % CI, n; REP runs add their edit / REP
+seconds and gate open rates), a grouped bar chart of the means with CI error bars, a
+robustness / specificity trade-off scatter (one point per run), per-case distributions (box
+plots of per-case means per test and run), sequential-editing curves when a run has
+``sequential.jsonl``, and each run's configuration. Runs are labelled from their configuration
+(``rome``, ``rome+rep``, ``rome+rep(no-gate)``, ``rome+rep τ=0.7``; the directory name is added
+where labels collide).
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from repedit.evaluation.probes import SUCCESS_TESTS, TESTS
-from repedit.evaluation.summary import build_summary, case_means, load_summary, read_records
+from repedit.evaluation.summary import (
+    REP_ROWS,
+    build_summary,
+    case_means,
+    has_rep,
+    load_summary,
+    read_records,
+    run_label,
+)
 from repedit.io import atomic_path
 
 _CSS = """
@@ -35,6 +47,13 @@ code { background: #f6f6f6; padding: 0 3px; }
 """
 
 RATE_TESTS = (*SUCCESS_TESTS, "neighbourhood")
+#: the robustness tests averaged on the trade-off plot's y axis
+ROBUSTNESS_TESTS = (
+    "subject_paraphrase",
+    "ood_subject_paraphrase",
+    "scrambled_subject",
+    "long_context",
+)
 
 
 def run_names(run_dirs: Sequence[Path]) -> list[str]:
@@ -49,6 +68,70 @@ def run_names(run_dirs: Sequence[Path]) -> list[str]:
     if len(set(out)) != len(out):
         out = [f"{n} ({i + 1})" for i, n in enumerate(out)]
     return out
+
+
+def summary_label(summary: dict[str, Any]) -> str | None:
+    """The configuration label of a summary (older summaries: derived from their config)."""
+    cfg = summary.get("config", {})
+    if cfg.get("label"):
+        return str(cfg["label"])
+    if cfg.get("method"):
+        return run_label(cfg)
+    return None
+
+
+def run_labels(run_dirs: Sequence[Path], summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """Display names: each run's configuration label, with its directory name added where two
+    runs share a label (e.g. ``rome (rome-cf)``, ``rome (rome-zsre)``)."""
+    dirs = run_names(run_dirs)
+    labels = [summary_label(s) or d for s, d in zip(summaries, dirs, strict=True)]
+    out = [
+        lab if labels.count(lab) == 1 or lab == d else f"{lab} ({d})"
+        for lab, d in zip(labels, dirs, strict=True)
+    ]
+    if len(set(out)) != len(out):
+        out = [f"{n} [{i + 1}]" for i, n in enumerate(out)]
+    return out
+
+
+def robustness_mean(summary: dict[str, Any]) -> float | None:
+    """The mean of the robustness tests' means (:data:`ROBUSTNESS_TESTS` the run scored)."""
+    means = [summary["tests"].get(t, {}).get("mean") for t in ROBUSTNESS_TESTS]
+    means = [m for m in means if m is not None]
+    return sum(means) / len(means) if means else None
+
+
+def tradeoff_chart(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
+    """One point per run: x = neighbourhood (locality) success, y = mean robustness."""
+    fig = _figure(7, 5)
+    ax = fig.subplots()
+    colors = _colors(len(names))
+    plotted = 0
+    for name, summ, color in zip(names, summaries, colors, strict=True):
+        x = summ["tests"].get("neighbourhood", {}).get("mean")
+        y = robustness_mean(summ)
+        if x is None or y is None:
+            continue
+        ax.scatter([100 * x], [100 * y], s=60, color=color, zorder=3)
+        ax.annotate(name, (100 * x, 100 * y), xytext=(5, 5), textcoords="offset points", fontsize=8)
+        plotted += 1
+    if not plotted:
+        ax.text(
+            0.5,
+            0.5,
+            "no run scored neighbourhood and a robustness test",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("specificity: neighbourhood agreement (%)")
+    ax.set_ylabel("robustness: mean of subject paraphrase (ID, OOD),\nscrambled, long context (%)")
+    ax.set_title("robustness / specificity trade-off (top right is best)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
 
 
 def _png(fig: Any) -> str:
@@ -220,12 +303,20 @@ def results_table(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> 
     for test in SUCCESS_TESTS:
         key = f"{test}_beats_alt"
         row(f"{test}: P(new) > P(true)", "name", test, lambda s, k=key: s.get("extra", {}).get(k))
+    if any(has_rep(s) for s in summaries):
+        for label, key, fmt in REP_ROWS:
+            cells = "".join(
+                f"<td>{html.escape(fmt(s.get('extra', {}).get(key)))}</td>" for s in summaries
+            )
+            rows.append(f'<tr><td class="name">{html.escape(label)}</td>{cells}</tr>')
     return "<table>" + "".join(rows) + "</table>"
 
 
 def config_table(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
     fields = (
+        ("run directory", lambda c, e: c.get("run_dir")),
         ("method", lambda c, e: c.get("method")),
+        ("REP overrides", lambda c, e: "—" if c.get("rep") is None else c.get("rep") or "defaults"),
         ("model", lambda c, e: f"{c.get('model')} ({c.get('model_fingerprint')})"),
         ("data", lambda c, e: c.get("data_path")),
         ("mode", lambda c, e: c.get("mode")),
@@ -269,10 +360,10 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             from repedit.errors import RepeditError
 
             raise RepeditError(f"{d} is not a run directory (no config.json or summary.json)")
-    names = run_names(dirs)
     summaries = []
     for d in dirs:
         summaries.append(build_summary(d) if (d / "config.json").exists() else load_summary(d))
+    names = run_labels(dirs, summaries)
     records = [read_records(d) for d in dirs]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -287,6 +378,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         results_table(names, summaries),
         "<h2>Means per test</h2>",
         bar_chart(names, summaries),
+        "<h2>Robustness vs. specificity</h2>",
+        '<p class="muted">One point per run: x = neighbourhood agreement with the unedited '
+        "model, y = mean of the robustness tests (subject paraphrases in-domain and held-out, "
+        "scrambled subjects, long context) the run scored.</p>",
+        tradeoff_chart(names, summaries),
         "<h2>Per-case distributions</h2>",
         distributions(names, records),
     ]

@@ -14,7 +14,11 @@ bootstrap over *cases* (1000 resamples, seeded): a case's variants stay together
 
 ``extra`` holds ``neighbourhood_truth`` (exact match to the dataset answer), the
 ``<test>_beats_alt`` variant (ROME's P(new) > P(true)) of every success test, the scrambled
-in-domain / held-out halves, counts, throughput and timing.
+in-domain / held-out halves, counts, throughput and timing; for a REP run also
+``edit_seconds_mean``, ``rep_seconds_mean`` and the gate open rates ``rep_open_pos`` /
+``rep_open_neg`` (training pool, after training) and ``rep_eval_open_rate`` (every evaluated
+token). ``config.label`` names the run (``rome``, ``rome+rep(no-gate) τ=0.7``, see
+:func:`run_label`).
 """
 
 from __future__ import annotations
@@ -111,9 +115,43 @@ def case_means(records: Sequence[dict[str, Any]], test: str, metric: str | None 
     return [x / n for x, n in case_sums(records, test, metric)]
 
 
-def _seconds_per_edit(records: Sequence[dict[str, Any]]) -> float | None:
-    xs = [r["edit_seconds"] for r in records if not r.get("error") and "edit_seconds" in r]
+def _seconds_per_edit(records: Sequence[dict[str, Any]], key: str = "edit_seconds") -> float | None:
+    xs = [r[key] for r in records if not r.get("error") and r.get(key) is not None]
     return float(sum(xs) / len(xs)) if xs else None
+
+
+def run_label(run_config: dict[str, Any]) -> str:
+    """A run's label from its configuration: ``rome``, ``rome+rep``, ``rome+rep(no-gate)``,
+    ``rome+rep τ=0.7`` (see :func:`repedit.rep.ablations.rep_label`)."""
+    from repedit.rep.ablations import rep_label
+
+    return rep_label(
+        str(run_config.get("method") or "?"), run_config.get("rep"), run_config.get("rep_taus")
+    )
+
+
+def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Means over cases (and adapted layers) of REP's hard-gate open rates: on the training
+    positives / negatives after training, and over every token of the evaluation."""
+    pos, neg, ev = [], [], []
+    for r in records:
+        if r.get("error"):
+            continue
+        rep = r.get("rep") or {}
+        for layer in rep.get("layers") or []:
+            stats = rep.get(str(layer)) or {}
+            for out, name in ((pos, "open_pos"), (neg, "open_neg")):
+                v = stats.get(name)
+                if isinstance(v, list) and v and v[-1] is not None:
+                    out.append(float(v[-1]))
+        for stats in (r.get("rep_eval_gate") or {}).values():
+            if stats.get("rate") is not None:
+                ev.append(float(stats["rate"]))
+    return {
+        "rep_open_pos": sum(pos) / len(pos) if pos else None,
+        "rep_open_neg": sum(neg) / len(neg) if neg else None,
+        "rep_eval_open_rate": sum(ev) / len(ev) if ev else None,
+    }
 
 
 def _wall(run_dir: Path, records: Sequence[dict[str, Any]]) -> float:
@@ -122,7 +160,7 @@ def _wall(run_dir: Path, records: Sequence[dict[str, Any]]) -> float:
     sessions = RunDir(run_dir).sessions()
     wall = sum(float(s.get("wall_seconds") or 0.0) for s in sessions)
     if wall == 0.0:  # no session finished cleanly: fall back to the per-case times
-        keys = ("reference_seconds", "edit_seconds", "eval_seconds")
+        keys = ("reference_seconds", "edit_seconds", "rep_seconds", "eval_seconds")
         wall = sum(float(r.get(k) or 0.0) for r in records for k in keys)
     return wall
 
@@ -172,6 +210,9 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
             "wall_seconds": wall,
             "scramble_n_zero": sum(1 for n in scramble if n == 0),
             "sessions": len(run.sessions()),
+            "edit_seconds_mean": spe,
+            "rep_seconds_mean": _seconds_per_edit(records, "rep_seconds"),
+            **_rep_gate_means(records),
         }
     )
     seq = run.sequential()
@@ -182,6 +223,9 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
         "model_name": stored.get("model_name"),
         "model_fingerprint": stored.get("model_fingerprint"),
         "method": rc.get("method"),
+        "label": run_label(rc),
+        "rep": rc.get("rep"),
+        "rep_taus": rc.get("rep_taus") or None,
         "hparams": stored.get("hparams_resolved"),
         "hparams_overrides": rc.get("hparams"),
         "edit_layers": stored.get("edit_layers"),
@@ -223,8 +267,27 @@ def _fmt(test: str, stat: dict[str, Any]) -> tuple[str, str]:
     return m, c
 
 
+def _secs(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+#: timing / REP rows of the tables: (label, extra key, formatter); shown when a run used REP
+REP_ROWS: tuple[tuple[str, str, Any], ...] = (
+    ("edit_seconds (mean, s)", "edit_seconds_mean", _secs),
+    ("rep_seconds (mean, s)", "rep_seconds_mean", _secs),
+    ("REP gate open: train positives", "rep_open_pos", _pct),
+    ("REP gate open: train negatives", "rep_open_neg", _pct),
+    ("REP gate open: eval tokens", "rep_eval_open_rate", _pct),
+)
+
+
+def has_rep(summary: dict[str, Any]) -> bool:
+    return summary.get("extra", {}).get("rep_seconds_mean") is not None
+
+
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """Rows ``test, mean, 95% CI, n, P(new)>P(true)`` (rates in %, fluency in bits)."""
+    """Rows ``test, mean, 95% CI, n, P(new)>P(true)`` (rates in %, fluency in bits); a REP run
+    adds its mean edit / REP seconds and gate open rates (no CI)."""
     rows = []
     extra = summary.get("extra", {})
     for test in TESTS:
@@ -244,6 +307,10 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
             if s:
                 m, c = _fmt(test, s)
                 rows.append(["neighbourhood_truth", m, c, str(s["n"]), ""])
+    if has_rep(summary):
+        n = str(extra.get("n_evaluated", ""))
+        for label, key, fmt in REP_ROWS:
+            rows.append([label, fmt(extra.get(key)), "", n, ""])
     return rows
 
 
@@ -267,6 +334,9 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
             m, c = _fmt(test, stat or {})
             row.append(m if c == "—" else f"{m} {c}")
         rows.append(row)
+    if any(has_rep(s) for s in summaries):
+        for label, key, fmt in REP_ROWS:
+            rows.append([label, *(fmt(s.get("extra", {}).get(key)) for s in summaries)])
     return rows
 
 
@@ -275,7 +345,8 @@ def markdown(summary: dict[str, Any]) -> str:
     cfg = summary.get("config", {})
     extra = summary.get("extra", {})
     lines = [
-        f"# {cfg.get('method')} on {cfg.get('model')} — {cfg.get('data')} ({cfg.get('mode')})",
+        f"# {cfg.get('label') or cfg.get('method')} on {cfg.get('model')} — {cfg.get('data')} "
+        f"({cfg.get('mode')})",
         "",
         "| " + " | ".join(TABLE_COLUMNS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|",
@@ -292,7 +363,13 @@ def markdown(summary: dict[str, Any]) -> str:
         "(bits, not %). CI: 95 % bootstrap over cases.",
         "",
         f"- cases: {extra.get('n_cases')} ({extra.get('n_failed')} failed)",
-        f"- seconds per edit: {'—' if spe is None else f'{spe:.2f}'}",
+        f"- seconds per edit: {'—' if spe is None else f'{spe:.2f}'}"
+        + (
+            f" (+ REP training {extra['rep_seconds_mean']:.2f})"
+            if extra.get("rep_seconds_mean") is not None
+            else ""
+        ),
+        *([f"- REP overrides: {cfg.get('rep')}"] if cfg.get("rep") is not None else []),
         f"- probes/s: {'—' if pps is None else f'{pps:.1f}'}",
         f"- wall time: {extra.get('wall_seconds', 0.0):.1f} s",
         f"- model: {cfg.get('model_name')} (fingerprint {cfg.get('model_fingerprint')})",

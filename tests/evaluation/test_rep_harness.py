@@ -1,0 +1,312 @@
+"""REP in the evaluation harness, on a tiny model: records carry REP timing and training
+summaries, the adapters are on while scoring, batch mode shares one adapter set, a τ sweep
+writes one resumable sub-run per τ, and configurations REP cannot run are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from repedit.editors import StatsConfig, make_editor
+from repedit.errors import InvalidRequestError, RepeditError
+from repedit.evaluation.harness import RESULTS, RunConfig, read_jsonl, run_eval, sweep_dirs
+from repedit.models.tiny import tiny_loaded
+
+torch.set_num_threads(1)
+
+CORPUS = "".join(
+    f"Line {i}: the capital of France is Paris, Toyota was founded in Japan and "
+    f"Slovenia is located in Europe; item {i * 7} is Microsoft.\n"
+    for i in range(150)
+)
+
+
+def _case(case_id: int, prompt: str, subject: str, new: str, true: str, **kw: Any) -> dict:
+    return {
+        "case_id": case_id,
+        "prompt": prompt,
+        "subject": subject,
+        "target_new": new,
+        "target_true": true,
+        "rephrase_prompt": [],
+        "rephrase_target": new,
+        "locality_prompt": kw.get("locality", []),
+        "locality_ground_truth": true,
+        "subject_rephrase": kw.get("paraphrases", []),
+    }
+
+
+CASES = [
+    _case(
+        1,
+        "Slovenia is located in the continent of",
+        "Slovenia",
+        "Asia",
+        "Europe",
+        locality=["Austria is located in the continent of"],
+        paraphrases=["the Republic of Slovenia", "Slovenija", "the Slovene state"],
+    ),
+    _case(
+        2,
+        "Toyota was founded in",
+        "Toyota",
+        "France",
+        "Japan",
+        locality=["Apple was founded in"],
+        paraphrases=["the Toyota company", "Toyota Motor"],
+    ),
+    _case(
+        3,
+        "The mother tongue of Danielle Darrieux is",
+        "Danielle Darrieux",
+        "English",
+        "French",
+        locality=["The mother tongue of Michel Rocard is"],
+        paraphrases=["the actress Danielle Darrieux", "Darrieux"],
+    ),
+]
+
+#: no fluency: the token count of an evaluation does not depend on the adapters
+TESTS = "efficacy,subject_paraphrase,scrambled_subject,long_context,neighbourhood"
+#: few steps and short passages: a REP training takes a fraction of a second on a tiny model
+REP = {"steps": 3, "batch": 6, "long_context_length": 30}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_loaded("llama")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rep-harness")
+    data = root / "cases.json"
+    data.write_text(json.dumps(CASES))
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS)
+    return {"data": data, "corpus": corpus, "cache": root / "cache"}
+
+
+class Spy:
+    """Counts the editor's edit calls."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.calls: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def edit(self, lm: Any, requests: Any, **kw: Any) -> Any:
+        self.calls.append([r.case_id for r in requests])
+        return self.inner.edit(lm, requests, **kw)
+
+
+def _editor(files: dict[str, Path]) -> Spy:
+    stats = StatsConfig(
+        corpus=str(files["corpus"]), n_tokens=2000, cache=str(files["cache"]), progress=False
+    )
+    return Spy(make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 5}}, stats))
+
+
+def _cfg(files: dict[str, Path], out: Path, **kw: Any) -> RunConfig:
+    base = {
+        "model": "tiny-llama",
+        "method": "rome",
+        "hparams": {"contexts": [[3, 2]], "value.steps": 5},
+        "data": str(files["data"]),
+        "out": str(out),
+        "tests": TESTS,
+        "long_context_corpus": str(files["corpus"]),
+        "long_context_length": 48,
+        "stats_corpus": str(files["corpus"]),
+        "stats_tokens": 2000,
+    }
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _weights(lm: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(lm: Any, saved: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, saved[k]) for k, v in lm.model.state_dict().items())
+
+
+def _logprobs(rec: dict) -> list[float]:
+    return [p["logprob"] for t in rec["tests"].values() for p in t.get("probes", [])]
+
+
+def test_single_mode_with_rep_records_timing_and_summary(lm, files, tmp_path):
+    before = _weights(lm)
+    cfg = _cfg(files, tmp_path / "run", n=2, rep=REP)
+    out = run_eval(cfg, lm=lm, editor=_editor(files), progress=False)
+    assert _same(lm, before)
+    recs = read_jsonl(out / RESULTS)
+    assert [r["case_id"] for r in recs] == ["1", "2"]
+    for rec in recs:
+        assert rec["error"] is None
+        assert rec["edit_seconds"] > 0 and rec["rep_seconds"] > 0 and rec["eval_seconds"] > 0
+        rep = rec["rep"]
+        assert rep["layers"] == [1] and rep["groups"] == 1
+        assert rep["pool"]["prompt"] == 1 and rep["pool"]["long"] > 0  # suite corpus reused
+        layer = rep["1"]
+        assert len(layer["open_pos"]) == 2 and len(layer["open_neg"]) == 2  # before, after
+        assert len(rep["loss"]) == 2
+        assert rec["rep_eval_gate"]["1"]["tokens"] > 0
+    config = json.loads((out / "config.json").read_text())["run_config"]
+    assert config["rep"] == {"batch": 6, "long_context_length": 30, "steps": 3}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["label"] == "rome+rep(batch=6, long_context_length=30, steps=3)"
+    assert summary["extra"]["rep_seconds_mean"] > 0
+    assert summary["extra"]["edit_seconds_mean"] == pytest.approx(summary["seconds_per_edit"])
+    assert summary["extra"]["rep_open_pos"] is not None
+    assert "rep_seconds (mean, s)" in (out / "summary.md").read_text()
+    assert "Robustness vs. specificity" in (out / "report.html").read_text()
+
+
+def test_adapters_are_on_while_scoring(lm, files, tmp_path):
+    """Without a gate the trained projection acts on every token: scores must move."""
+    plain = run_eval(
+        _cfg(files, tmp_path / "plain", n=1), lm=lm, editor=_editor(files), progress=False
+    )
+    rep = run_eval(
+        _cfg(files, tmp_path / "rep", n=1, rep={**REP, "use_gate": False}),
+        lm=lm,
+        editor=_editor(files),
+        progress=False,
+        report=False,
+    )
+    a, b = read_jsonl(plain / RESULTS)[0], read_jsonl(rep / RESULTS)[0]
+    assert "rep" not in a and "rep_seconds" not in a
+    assert len(_logprobs(a)) == len(_logprobs(b))
+    assert max(abs(x - y) for x, y in zip(_logprobs(a), _logprobs(b), strict=True)) > 1e-4
+
+
+def test_batch_mode_shares_one_adapter_set_unless_told(lm, files, tmp_path):
+    before = _weights(lm)
+    kw = {"mode": "batch", "batch_size": 2, "n": 2}
+    shared = run_eval(
+        _cfg(files, tmp_path / "shared", rep=REP, **kw),
+        lm=lm,
+        editor=_editor(files),
+        progress=False,
+        report=False,
+    )
+    own = run_eval(
+        _cfg(files, tmp_path / "own", rep={**REP, "shared": False}, **kw),
+        lm=lm,
+        editor=_editor(files),
+        progress=False,
+        report=False,
+    )
+    assert _same(lm, before)
+    for out, groups in ((shared, 1), (own, 2)):
+        recs = read_jsonl(out / RESULTS)
+        assert len(recs) == 2
+        for rec in recs:
+            assert rec["error"] is None and rec["rep"]["groups"] == groups
+            assert rec["chunk_rep_seconds"] == pytest.approx(2 * rec["rep_seconds"])
+            assert rec["rep"]["pool"]
+
+
+def test_tau_sweep_one_subrun_per_tau_and_resume(lm, files, tmp_path):
+    before = _weights(lm)
+    out = tmp_path / "sweep"
+    spy = _editor(files)
+    cfg = _cfg(files, out, n=2, rep=REP, rep_taus=(0.5, 0.9))
+    assert run_eval(cfg, lm=lm, editor=spy, progress=False) == out
+    assert _same(lm, before)
+    assert spy.calls == [["1"], ["2"]]  # trained once per case, whatever the number of τ
+    subs = sweep_dirs(out)
+    assert subs == [out / "tau-0.5", out / "tau-0.9"]
+    assert not (out / RESULTS).exists() and (out / "reference.jsonl").exists()
+    html = (out / "report.html").read_text()
+    assert "τ=0.5" in html and "τ=0.9" in html  # the sweep's report compares the τ values
+    opened = {}
+    for tau, sub in zip((0.5, 0.9), subs, strict=True):
+        config = json.loads((sub / "config.json").read_text())["run_config"]
+        assert config["rep"]["tau"] == tau and config["rep_taus"] == []
+        recs = read_jsonl(sub / RESULTS)
+        assert [r["case_id"] for r in recs] == ["1", "2"]
+        assert all(r["rep_tau"] == tau and r["error"] is None for r in recs)
+        summary = json.loads((sub / "summary.json").read_text())
+        assert summary["config"]["label"].endswith(f"τ={tau:g}")
+        assert (sub / "report.html").exists()
+        opened[tau] = sum(r["rep_eval_gate"]["1"]["open"] for r in recs)
+        tokens = [r["rep_eval_gate"]["1"]["tokens"] for r in recs]
+        opened[f"tokens-{tau}"] = tokens
+    # the same tokens scored at both thresholds; a lower τ opens more gates
+    assert opened["tokens-0.5"] == opened["tokens-0.9"]
+    assert opened[0.5] > opened[0.9]
+
+    # resume with one more case: only that case is edited, and it lands in both sub-runs
+    spy.calls.clear()
+    run_eval(_cfg(files, out, n=3, rep=REP, rep_taus=(0.5, 0.9)), lm=lm, editor=spy, progress=False)
+    assert spy.calls == [["3"]]
+    for sub in subs:
+        assert [r["case_id"] for r in read_jsonl(sub / RESULTS)] == ["1", "2", "3"]
+
+    # a case missing from one sub-run only is redone, and written where it is missing
+    path = subs[1] / RESULTS
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]))
+    spy.calls.clear()
+    run_eval(_cfg(files, out, n=3, rep=REP, rep_taus=(0.5, 0.9)), lm=lm, editor=spy, progress=False)
+    assert spy.calls == [["3"]]
+    assert [r["case_id"] for r in read_jsonl(subs[0] / RESULTS)] == ["1", "2", "3"]
+    assert [r["case_id"] for r in read_jsonl(subs[1] / RESULTS)] == ["1", "2", "3"]
+
+    # another τ list or REP config into the same directory is refused
+    with pytest.raises(RepeditError, match="rep_taus"):
+        run_eval(_cfg(files, out, n=3, rep=REP, rep_taus=(0.5, 0.7)), lm=lm, editor=spy)
+    with pytest.raises(RepeditError, match="rep"):
+        run_eval(
+            _cfg(files, out, n=3, rep={**REP, "steps": 4}, rep_taus=(0.5, 0.9)), lm=lm, editor=spy
+        )
+
+
+def test_resumed_run_needs_the_same_rep_config(lm, files, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(files, out, n=1, tests="efficacy", rep=REP)
+    run_eval(cfg, lm=lm, editor=_editor(files), progress=False, report=False)
+    spy = _editor(files)
+    with pytest.raises(RepeditError, match=r"different configuration.*rep"):
+        run_eval(
+            _cfg(files, out, n=1, tests="efficacy", rep={**REP, "steps": 4}), lm=lm, editor=spy
+        )
+    with pytest.raises(RepeditError, match=r"different configuration.*rep"):
+        run_eval(_cfg(files, out, n=1, tests="efficacy"), lm=lm, editor=spy)
+    assert spy.calls == []
+
+
+def test_rep_config_validation():
+    with pytest.raises(InvalidRequestError, match="sequential mode is not supported"):
+        RunConfig(mode="sequential", rep={})
+    with pytest.raises(InvalidRequestError, match="unknown rep hyper-parameter"):
+        RunConfig(rep={"bogus": 1})
+    with pytest.raises(InvalidRequestError, match="tau must be in"):
+        RunConfig(rep={"tau": 1.5})
+    with pytest.raises(InvalidRequestError, match="τ given twice"):
+        RunConfig(rep={"tau": 0.8}, rep_taus=(0.5, 0.7))
+    # values are coerced to the declared field types; one τ is just rep.tau
+    cfg = RunConfig(rep={"rank": "8", "use_gate": "false"}, rep_taus=[0.7])
+    assert cfg.rep == {"rank": 8, "tau": 0.7, "use_gate": False} and cfg.rep_taus == ()
+    assert cfg.rep_config().rank == 8 and cfg.rep_config().tau == 0.7
+    # a sweep implies REP; batch mode shares adapters unless told otherwise
+    sweep = RunConfig(rep_taus="0.5,0.9", mode="batch", out="o")
+    assert sweep.rep == {} and sweep.rep_config().shared is True
+    assert [(t, c.out, c.rep) for t, c in sweep.sweep()] == [
+        (0.5, str(Path("o") / "tau-0.5"), {"tau": 0.5}),
+        (0.9, str(Path("o") / "tau-0.9"), {"tau": 0.9}),
+    ]
+    assert RunConfig(mode="batch", rep={"shared": False}).rep_config().shared is False
+    assert RunConfig().rep_config() is None and RunConfig().sweep() == []
+    # round trip through config.json
+    again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.comparable() == cfg.comparable()
