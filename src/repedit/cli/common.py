@@ -100,6 +100,100 @@ def hparam_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+REP_HELP = """\
+REP (Robust Edit Pathway): after the edit, train a small gated low-rank adapter on the key
+path of every edited layer so that paraphrased, scrambled and long-context forms of the subject
+retrieve the edit, then score with the adapters attached (through hooks; the weights hold only
+the plain edit). Any --rep-* option implies --rep."""
+
+
+def add_rep_options(parser: argparse.ArgumentParser, *, sweep: bool) -> argparse._ArgumentGroup:
+    """``--rep``, ``--rep-config FILE``, ``--rep-set KEY=VALUE``, ``--rep-ablation NAME`` and
+    ``--rep-tau`` (a comma-separated sweep with ``sweep``, one value otherwise)."""
+    from repedit.rep.ablations import ABLATIONS
+
+    ablations = "\n".join(
+        f"  {name:<16} {', '.join(f'{k}={v}' for k, v in fields.items())}"
+        for name, fields in ABLATIONS.items()
+    )
+    g = parser.add_argument_group("REP", f"{REP_HELP}\n\n--rep-ablation NAME:\n{ablations}")
+    g.add_argument(
+        "--rep", action="store_true", help="train and apply REP adapters (RepConfig defaults)"
+    )
+    g.add_argument(
+        "--rep-config",
+        metavar="FILE",
+        help="JSON/YAML mapping of RepConfig fields (rank, alpha, steps, lr, tau, use_gate, "
+        "consistency_weight, negatives, long_context, shared, ...)",
+    )
+    g.add_argument(
+        "--rep-set",
+        dest="rep_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one RepConfig field (repeatable; applied after --rep-config and "
+        "--rep-ablation; values are converted to the field's type), e.g. --rep-set steps=20 "
+        "--rep-set use_gate=false",
+    )
+    g.add_argument(
+        "--rep-ablation",
+        dest="rep_ablations",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an ablation, applied as the RepConfig fields listed above (repeatable or "
+        "comma-separated, e.g. --rep-ablation no-gate,no-norm)",
+    )
+    if sweep:
+        g.add_argument(
+            "--rep-tau",
+            metavar="TAUS",
+            help="hard-gate threshold τ in (0, 1) (default 0.9). Several comma-separated "
+            "values (e.g. 0.5,0.7,0.9,0.95) run a τ sweep: REP is trained once per case and "
+            "evaluated once per τ, into one run directory per τ, OUT/tau-0.5/, OUT/tau-0.7/, ... "
+            "(compare them with: repedit report OUT)",
+        )
+    else:
+        g.add_argument(
+            "--rep-tau",
+            type=float,
+            metavar="TAU",
+            help="hard-gate threshold τ in (0, 1) applied at inference (default: the "
+            "config's, 0.9)",
+        )
+    return g
+
+
+def rep_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """RepConfig overrides from --rep-config, --rep-ablation, --rep-set (in that order), or
+    None when no REP option was given. Validated (names and types) before any model loads."""
+    from repedit.rep.ablations import ablation_overrides
+    from repedit.rep.adapter import RepConfig
+
+    wanted = (
+        args.rep
+        or args.rep_config
+        or args.rep_overrides
+        or args.rep_ablations
+        or args.rep_tau is not None
+    )
+    if not wanted:
+        return None
+    overrides: dict[str, Any] = {}
+    if args.rep_config:
+        values = read_mapping(args.rep_config, "REP config")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise InvalidRequestError(f"{args.rep_config}: expected a mapping of RepConfig fields")
+        overrides.update(values)
+    overrides.update(ablation_overrides(args.rep_ablations))
+    overrides.update(parse_overrides(args.rep_overrides, "--rep-set", "steps=20"))
+    resolved = RepConfig().replace(**overrides)  # unknown fields / bad values fail here
+    return {k: getattr(resolved, k) for k in sorted(overrides)}
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument(
@@ -319,14 +413,16 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+def parse_overrides(
+    items: Sequence[str] | None, flag: str = "--set", example: str = "value.lr=0.1"
+) -> dict[str, Any]:
     """``["value.lr=0.1", "layers=[4,5]"]`` → ``{"value.lr": 0.1, "layers": (4, 5)}``."""
     overrides: dict[str, Any] = {}
     for item in items or ():
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise InvalidRequestError(f"--set expects key=value (e.g. value.lr=0.1), got {item!r}")
+            raise InvalidRequestError(f"{flag} expects key=value (e.g. {example}), got {item!r}")
         overrides[key] = parse_value(value.strip())
     return overrides
 

@@ -31,6 +31,19 @@ examples:
 
 --requests FILE: a JSON list of {"prompt", "subject", "target_new", "target_true"?}; a prompt
 without {} must contain the subject verbatim.
+
+REP: --rep (or any --rep-* option) trains REP adapters on the request after the edit (on its
+scrambled subjects, the editor's context templates, long-context passages and, for a built-in
+subject, its in-domain paraphrases other than those probed) and adds an "after+REP" column; with
+--json each probe gets "after_rep" and the output a "rep" entry (seconds, gate open rates).
+Long-context passages come from RepConfig.long_context_corpus, else
+$REPEDIT_DATA/wikitext/wiki.test.raw, else the --corpus file. --rep-save writes the adapters,
+--rep-load applies saved ones instead of training (refused by another base model). Adapters act
+through hooks, so --export (plain Hugging Face weights) cannot carry them and is refused with REP.
+
+  repedit edit --subject Slovenia --prompt "{} is located in the continent of" \\
+      --target Antarctica --rep --rep-set steps=20 --save e.safetensors --rep-save e.rep.safetensors
+  repedit edit --load e.safetensors --rep-load e.rep.safetensors --rep-tau 0.7
 """
 
 METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit")
@@ -63,6 +76,17 @@ def register(subparsers: Any) -> None:
         "--new-tokens", type=common.positive_int, default=5, help="greedy completion length"
     )
     common.add_hparam_options(p)
+    r = common.add_rep_options(p, sweep=False)
+    r.add_argument(
+        "--rep-save",
+        metavar="FILE",
+        help="write the REP adapters (.safetensors + metadata, tied to the model's fingerprint)",
+    )
+    r.add_argument(
+        "--rep-load",
+        metavar="FILE",
+        help="apply saved REP adapters instead of training them (must match the model)",
+    )
     s = p.add_argument_group("save / load")
     s.add_argument("--save", metavar="FILE", help="write the edit (.safetensors + metadata)")
     s.add_argument("--export", metavar="DIR", help="write the edited model as a HF directory")
@@ -236,12 +260,150 @@ def edit_status(lm: LoadedModel, editor: Editor) -> None:
         common.status(f"editing with {name} at {where} (key statistics cached)…")
 
 
+# ----------------------------------------------------------------------------- REP
+
+
+def rep_request(args: argparse.Namespace) -> dict[str, Any] | None:
+    """RepConfig overrides when REP is asked for (``{}``: defaults), else None; refuses the
+    combinations that cannot work, before any model is loaded."""
+    overrides = common.rep_overrides(args)
+    if overrides is None and not (args.rep_load or args.rep_save):
+        return None
+    if args.export:
+        raise InvalidRequestError(
+            "--export writes plain Hugging Face weights, which cannot hold REP adapters (they "
+            "act through hooks on the key path); export without REP, and keep the adapters "
+            "with --rep-save"
+        )
+    if args.rep_load and (args.rep_config or args.rep_overrides or args.rep_ablations):
+        raise InvalidRequestError(
+            "--rep-load applies saved adapters with the configuration they were trained with; "
+            "--rep-config, --rep-set and --rep-ablation only shape training (--rep-tau still "
+            "applies)"
+        )
+    return overrides or {}
+
+
+def rep_items(requests: list[EditRequest], specs: list[ProbeSpec]) -> list[Any]:
+    """What REP trains on per request: a built-in subject's in-domain paraphrases (those not
+    shown as a probe), else none (REP then trains on scrambles, contexts and passages)."""
+    from repedit.data import builtin_facts
+    from repedit.rep.variants import RepItem, item_key
+
+    probed = {s.prompt for s in specs}
+    facts = builtin_facts()
+    items = []
+    for req in requests:
+        same = [c for c in facts if c.request.subject.lower() == req.subject.lower()]
+        paraphrases = [
+            p
+            for p in (same[0].id_paraphrases if same else [])
+            if req.with_subject(p).text not in probed
+        ]
+        items.append(RepItem(req, paraphrases, [], item_key(req)))
+    return items
+
+
+def _rep_corpus(args: argparse.Namespace) -> dict[str, Any]:
+    """``long_context_corpus`` = the --corpus file when $REPEDIT_DATA has no WikiText."""
+    import os
+    from pathlib import Path
+
+    from repedit.data.loaders import DATA_ENV
+    from repedit.rep.variants import DEFAULT_CORPUS
+
+    env = os.environ.get(DATA_ENV, "").strip()
+    if env and (Path(env).expanduser() / DEFAULT_CORPUS).is_file():
+        return {}
+    if args.corpus in ("auto", "wikitext", "model") or args.corpus.startswith("hf:"):
+        return {}
+    path = Path(args.corpus).expanduser()
+    return {"long_context_corpus": str(path)} if path.is_file() else {}
+
+
+def _rep_editor(args: argparse.Namespace, loaded: EditResult) -> Editor:
+    """The editor a loaded edit was made with (its contexts, statistics and key position)."""
+    from repedit.editors import make_editor
+
+    hparams = {k: v for k, v in (loaded.hparams or {}).items() if k != "method"}
+    try:
+        return make_editor(loaded.method, hparams, common.stats_config(args))
+    except Exception as exc:
+        raise InvalidRequestError(
+            f"cannot rebuild the {loaded.method} editor of {args.load} to train REP ({exc}); "
+            "train REP when computing the edit, or pass --rep-load"
+        ) from None
+
+
+def apply_rep(
+    args: argparse.Namespace,
+    lm: LoadedModel,
+    editor: Editor | None,
+    result: EditResult,
+    items: list[Any],
+    overrides: dict[str, Any],
+) -> tuple[dict[int, Any], dict[str, Any]]:
+    """Train (or ``--rep-load``) the adapters; ``(adapters, info for the output)``."""
+    from repedit.rep import RepConfig, load_adapters, read_adapter_metadata, train_rep
+    from repedit.rep.ablations import set_tau
+
+    if args.rep_load:
+        adapters = load_adapters(args.rep_load, lm)
+        if args.rep_tau is not None:
+            set_tau(adapters, args.rep_tau)
+        if sorted(adapters) != result.layers:
+            common.log(
+                f"warning: the REP adapters in {args.rep_load} adapt layers {sorted(adapters)}, "
+                f"the edit changed {result.layers}"
+            )
+        meta = read_adapter_metadata(args.rep_load)
+        tau = next(iter(adapters.values())).tau
+        info = {"trained": False, "loaded": args.rep_load, "seconds": None, "tau": tau}
+        info["config"] = meta.get("config")
+        info["training"] = meta.get("info") or None  # the summary saved with the adapters
+        return adapters, info
+    values = {**_rep_corpus(args), **overrides}
+    if args.rep_tau is not None:
+        values["tau"] = args.rep_tau
+    cfg = RepConfig().replace(**values)
+    assert editor is not None
+    hp = editor.resolved(lm)
+    layers = result.layers
+    common.status(
+        f"training REP adapters at layer{'s' if len(layers) > 1 else ''} "
+        f"{', '.join(map(str, layers))} ({cfg.steps} steps)…"
+    )
+    rep = train_rep(
+        lm,
+        result,
+        items,
+        layers=layers,
+        stats=editor.second_moment(lm, layers),
+        contexts=editor.contexts(lm, hp),
+        cfg=cfg,
+        position=hp.position,
+    )
+    saved = str(rep.save(args.rep_save, fingerprint=lm.fingerprint)) if args.rep_save else None
+    info = {
+        "trained": True,
+        "loaded": None,
+        "seconds": rep.seconds,
+        "tau": cfg.tau,
+        "config": cfg.to_dict(),
+        "training": rep.summary(),
+        "pool": rep.info.get("pool"),
+        "saved": saved,
+    }
+    return rep.adapters, info
+
+
 # ----------------------------------------------------------------------------- run
 
 
 def run(args: argparse.Namespace) -> int:
     from repedit.editors import EditResult
 
+    rep_overrides = rep_request(args)
     loaded = EditResult.load(args.load) if args.load else None
     editor = None if loaded else build_editor(args)
     requests = build_requests(args, loaded)
@@ -264,6 +426,22 @@ def run(args: argparse.Namespace) -> int:
     after = measure(lm, specs, args.new_tokens)
     saved = str(result.save(args.save)) if args.save else None
     exported = str(result.export(lm, args.export)) if args.export else None
+    after_rep, rep = None, None
+    if rep_overrides is not None:
+        from repedit.rep import rep_applied, save_adapters
+
+        rep_editor = editor
+        if rep_editor is None and not args.rep_load:
+            assert loaded is not None
+            rep_editor = _rep_editor(args, loaded)
+        items = rep_items(requests, specs)
+        adapters, rep = apply_rep(args, lm, rep_editor, result, items, rep_overrides)
+        if args.rep_load and args.rep_save:
+            rep["saved"] = str(save_adapters(args.rep_save, adapters, fingerprint=lm.fingerprint))
+        with rep_applied(lm, adapters, count=True) as inj:
+            after_rep = measure(lm, specs, args.new_tokens)
+        rep["gate"] = {str(k): v for k, v in inj.gate_rates().items()}
+        rep["layers"] = sorted(adapters)
 
     probes = [
         {
@@ -276,6 +454,9 @@ def run(args: argparse.Namespace) -> int:
         }
         for s, b, a in zip(specs, before, after, strict=True)
     ]
+    if after_rep is not None:
+        for p, ar in zip(probes, after_rep, strict=True):
+            p["after_rep"] = ar
     if args.json:
         common.print_json(
             {
@@ -289,32 +470,54 @@ def run(args: argparse.Namespace) -> int:
                 "probes": probes,
                 "saved": saved,
                 "exported": exported,
+                "rep": rep,
             }
         )
         return 0
     for req in requests:
         was = f" (was {escape(req.target_true)})" if req.target_true else ""
         common.out.print(f"[bold]{escape(req.text)}[/] → {escape(req.target_new)}{was}")
+    whens = ["before", "after", *(["after_rep"] if rep is not None else [])]
+
+    def probs(p: dict[str, Any], key: str) -> str:
+        return " → ".join(common.fmt_prob(p[w][key]) for w in whens)
+
     rows = [
         [
             p["prompt"],
-            common.fmt_text(p["before"]["top1"]),
-            common.fmt_text(p["after"]["top1"]),
-            f"{common.fmt_prob(p['before']['p_new'])} → {common.fmt_prob(p['after']['p_new'])}",
-            f"{common.fmt_prob(p['before']['p_true'])} → {common.fmt_prob(p['after']['p_true'])}"
-            if p["target_true"]
-            else None,
+            *(common.fmt_text(p[w]["top1"]) for w in whens),
+            probs(p, "p_new"),
+            probs(p, "p_true") if p["target_true"] else None,
         ]
         for p in probes
     ]
     how = f"loaded from {args.load}" if loaded is not None else f"{seconds:.1f} s"
+    if rep is not None:
+        how += f" · REP τ={rep['tau']:g}, " + (
+            f"trained {rep['seconds']:.1f} s" if rep["trained"] else f"loaded from {args.rep_load}"
+        )
     common.print_table(
         rows,
-        ["prompt", "before", "after", "P(new)", "P(true)"],
+        [
+            "prompt",
+            "before",
+            "after",
+            *(["after+REP"] if rep is not None else []),
+            "P(new)",
+            "P(true)",
+        ],
         title=f"{method} · layers {', '.join(map(str, result.layers))} · {how}",
     )
     if saved:
         common.out.print(f"saved edit: {escape(saved)}")
     if exported:
         common.out.print(f"exported edited model: {escape(exported)}")
+    if rep is not None:
+        rates = ", ".join(
+            f"layer {k}: " + ("—" if v["rate"] is None else f"{100 * v['rate']:.1f} %")
+            for k, v in rep["gate"].items()
+        )
+        common.out.print(f"REP gate open on probe tokens: {rates}")
+        if rep.get("saved"):
+            common.out.print(f"saved REP adapters: {escape(rep['saved'])}")
     return 0

@@ -22,8 +22,17 @@ modes:
   sequential  edits accumulate; every --eval-every edits the edited-so-far cases are re-scored
               into OUT/sequential.jsonl (forgetting curves)
 
+REP: --rep trains REP adapters after every edit (batch mode: one shared set per batch unless
+--rep-set shared=false) and scores with them attached; records gain rep_seconds (apart from
+edit_seconds), the training summary (gate open rates, losses) and the gate's open rate while
+scoring. --rep-tau 0.5,0.7,0.9 trains once and scores once per τ, into OUT/tau-0.5/, ... (one
+plain run directory each; OUT/report.html compares them). Sequential mode with REP is refused.
+
 examples:
   repedit eval --method rome --data rep-counterfact --n 100 --out runs/rome-cf
+  repedit eval --method rome --data rep-counterfact --n 100 --rep --out runs/rome-rep-cf
+  repedit eval --method rome --data rep-counterfact --n 100 --rep-ablation no-gate \\
+      --rep-set steps=20 --rep-tau 0.5,0.7,0.9,0.95 --out runs/rome-rep-nogate
   repedit eval --method memit --data demo --mode sequential --eval-every 5 --out runs/seq
   repedit eval --data rep-counterfact --n 50 --tests efficacy,subject_paraphrase,neighbourhood \\
       --long-context-words 300 --set value.steps=10 --out runs/quick
@@ -98,6 +107,7 @@ def register(subparsers: Any) -> None:
         "--score-batch-size", type=common.positive_int, default=32, help="sequences per forward"
     )
     common.add_hparam_options(p, example="value.steps=10")
+    common.add_rep_options(p, sweep=True)
     common.add_model_options(p)
     common.add_stats_options(p)
     common.add_json_option(p)
@@ -105,11 +115,15 @@ def register(subparsers: Any) -> None:
 
 def run_config(args: argparse.Namespace) -> Any:
     from repedit.evaluation.harness import RunConfig
+    from repedit.rep.ablations import parse_taus
 
+    rep = common.rep_overrides(args)
+    taus = parse_taus(args.rep_tau) if args.rep_tau is not None else ()
     out = args.out
     if out is None:
         data = Path(args.data).stem if args.data.endswith(".json") else args.data
-        out = str(Path("runs") / f"{args.method}-{data}-{args.mode}")
+        method = f"{args.method}-rep" if rep is not None else args.method
+        out = str(Path("runs") / f"{method}-{data}-{args.mode}")
     unit, length = "tokens", 512
     if args.long_context_words:
         unit, length = "words", args.long_context_words
@@ -144,6 +158,8 @@ def run_config(args: argparse.Namespace) -> Any:
         fluency_samples=args.fluency_samples,
         fluency_tokens=args.fluency_tokens,
         score_batch_size=args.score_batch_size,
+        rep=rep,
+        rep_taus=taus,
     )
 
 
@@ -154,13 +170,17 @@ def print_summary(summary: dict[str, Any], title: str | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repedit.evaluation.harness import run_eval
-    from repedit.evaluation.summary import load_summary
+    from repedit.evaluation.harness import run_eval, sweep_dirs
+    from repedit.evaluation.summary import load_summary, run_label
 
     cfg = run_config(args)
     lm = common.load(args)
-    common.status(f"evaluating {cfg.method} ({cfg.mode}) on {cfg.data} → {cfg.out}")
+    label = run_label(cfg.to_dict())
+    common.status(f"evaluating {label} ({cfg.mode}) on {cfg.data} → {cfg.out}")
     run_dir = run_eval(cfg, lm=lm, progress=not args.no_progress)
+    subs = sweep_dirs(run_dir)
+    if subs:
+        return _print_sweep(args, run_dir, subs)
     summary = load_summary(run_dir)
     if args.json:
         common.print_json(summary)
@@ -168,13 +188,38 @@ def run(args: argparse.Namespace) -> int:
     extra = summary.get("extra", {})
     spe = summary.get("seconds_per_edit")
     pps = extra.get("probes_per_s")
+    rep_s = extra.get("rep_seconds_mean")
     title = (
-        f"{cfg.method} on {cfg.model}, {cfg.data} ({cfg.mode}): {extra.get('n_cases')} cases, "
+        f"{label} on {cfg.model}, {cfg.data} ({cfg.mode}): {extra.get('n_cases')} cases, "
         f"{extra.get('n_failed')} failed; "
-        f"{'—' if spe is None else f'{spe:.2f}'} s/edit; "
-        f"{'—' if pps is None else f'{pps:.0f}'} probes/s"
+        f"{'—' if spe is None else f'{spe:.2f}'} s/edit"
+        + ("" if rep_s is None else f" + {rep_s:.2f} s REP")
+        + f"; {'—' if pps is None else f'{pps:.0f}'} probes/s"
     )
     print_summary(summary, title)
     for name in ("results.jsonl", "summary.json", "summary.md", "report.html"):
         common.log(f"  {run_dir / name}")
+    return 0
+
+
+def _print_sweep(args: argparse.Namespace, run_dir: Path, subs: list[Path]) -> int:
+    """A τ sweep: one column per τ sub-run."""
+    from repedit.evaluation.report import run_labels
+    from repedit.evaluation.summary import comparison_rows, load_summary
+
+    summaries = [load_summary(d) for d in subs]
+    names = run_labels(subs, summaries)
+    if args.json:
+        common.print_json(
+            {
+                "sweep": str(run_dir),
+                "runs": {str(d): s for d, s in zip(subs, summaries, strict=True)},
+            }
+        )
+        return 0
+    columns = ["test (%; fluency in bits)", *names]
+    common.print_table(comparison_rows(summaries), columns, title=f"τ sweep: {run_dir}")
+    for d in subs:
+        common.log(f"  {d}")
+    common.log(f"  {run_dir / 'report.html'}")
     return 0
