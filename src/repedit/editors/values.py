@@ -5,10 +5,17 @@ layer for ROME-style editors, the residual stream after the last edited layer fo
 ones) and optimised so the target is likely after every context prefix, with a KL term that
 keeps "{subject} is a" unchanged, weight decay and a norm clamp. The layers below the
 injection point are run once (``UpperRunner``); each step runs only the layers above.
+
+Positions before the subject token never see ``δ`` (causal attention), so by default the rows
+are aligned at the subject token and those positions' keys/values are cached once
+(``PrefixRunner``): each step then runs the upper layers on the few columns from the subject
+on. ``VALUE_PATH`` forces either path; "auto" falls back to the full one when the cache setup
+fails (an architecture or transformers version whose cache cannot be restored).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,10 +27,17 @@ import torch.nn.functional as F
 from repedit.data.case import EditRequest
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
-from repedit.models.runner import UpperRunner, frozen
+from repedit.models.runner import PrefixRunner, UpperRunner, frozen
 from repedit.models.tokens import Position, continuation_ids, locate, pad_id, pad_right
 
 Site = Literal["mlp", "residual"]
+ValuePath = Literal["auto", "prefix", "full"]
+
+#: "auto": cached prefix when it can be set up, else full rows; "prefix"/"full" force one
+#: (for tests and benchmarks; a forced "prefix" raises instead of falling back)
+VALUE_PATH: ValuePath = "auto"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +79,8 @@ class ValueResult:
     delta: torch.Tensor  # [n, d_model] float32
     prob: list[float] = field(default_factory=list)  # mean target probability at the end
     steps: list[int] = field(default_factory=list)
+    #: per request, the loss at each step until it stopped (to compare paths and runs)
+    losses: list[list[float]] = field(default_factory=list)
 
     @property
     def target(self) -> torch.Tensor:
@@ -144,20 +160,93 @@ def optimise_values(
     site: Site,
     hp: ValueHparams,
     position: Position = "last",
+    path: ValuePath | None = None,
 ) -> ValueResult:
-    """Optimise one delta per request at ``site`` of ``layer`` (see module docstring)."""
+    """Optimise one delta per request at ``site`` of ``layer`` (see module docstring).
+
+    ``path`` overrides ``VALUE_PATH`` (both give the same deltas up to float rounding).
+    """
     if contexts[0] != "{}":
         raise ValueError("the first context must be the bare prompt '{}'")
-    inits, deltas, probs, steps = [], [], [], []
+    path = VALUE_PATH if path is None else path
+    if path not in ("auto", "prefix", "full"):
+        raise ValueError(f"value path must be auto, prefix or full, not {path!r}")
+    inits, deltas, probs, steps, losses = [], [], [], [], []
     for i in range(0, len(requests), hp.request_batch):
         group = requests[i : i + hp.request_batch]
         with frozen(lm.model):
-            res = _optimise_group(lm, group, contexts, layer, site, hp, position)
+            res = _optimise_group(lm, group, contexts, layer, site, hp, position, path)
         inits.append(res.init)
         deltas.append(res.delta)
         probs += res.prob
         steps += res.steps
-    return ValueResult(torch.cat(inits), torch.cat(deltas), probs, steps)
+        losses += res.losses
+    return ValueResult(torch.cat(inits), torch.cat(deltas), probs, steps, losses)
+
+
+@dataclass
+class _Plan:
+    """A runner and where, in the columns its ``run()`` returns, the loss reads and writes."""
+
+    runner: UpperRunner
+    site_values: torch.Tensor  # [rows, d] unmodified injection-site output at the subject token
+    inject_pos: torch.Tensor  # [rows] column of the subject token (where δ goes, KL is read)
+    target_pos: torch.Tensor  # [m] column whose logits predict each target token
+    path: str
+
+
+def _full_plan(lm: Any, b: _Batch, module: torch.nn.Module, layer: int) -> _Plan:
+    device = lm.device
+    subject_pos = b.subject_pos.to(device)
+    with Hooks() as h:  # the runner's one full forward also gives the "before" values
+        h.capture("site", module, which="output", positions=subject_pos)
+        runner = UpperRunner(lm, layer, b.ids.to(device), b.mask.to(device))
+        site_values = h["site"]
+    return _Plan(runner, site_values, subject_pos, b.target_pos.to(device), "full")
+
+
+def _prefix_plan(lm: Any, b: _Batch, module: torch.nn.Module, layer: int) -> _Plan:
+    """Rows left-padded so every subject token sits in column ``split``; columns before it cached.
+
+    Position ids count only real tokens, so each row is computed as if unpadded.
+    """
+    device = lm.device
+    split = int(b.subject_pos.max())
+    shift = split - b.subject_pos  # [rows] left padding of each row
+    lengths = b.mask.sum(1)
+    n_rows, width = b.ids.shape[0], int((shift + lengths).max())
+    target_pos = b.target_pos + shift[b.target_rows] - split
+    if bool((target_pos < 0).any()):
+        raise ValueError("a target is scored before its subject token")
+    ids = torch.full((n_rows, width), pad_id(lm.tokenizer), dtype=torch.long)
+    mask = torch.zeros((n_rows, width), dtype=torch.long)
+    for i, (s, n) in enumerate(zip(shift.tolist(), lengths.tolist(), strict=True)):
+        ids[i, s : s + n] = b.ids[i, :n]
+        mask[i, s : s + n] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    first = torch.zeros(n_rows, dtype=torch.long, device=device)
+    with Hooks() as h:  # the last capture is the suffix forward's, at the subject column
+        h.capture("site", module, which="output", positions=first)
+        runner = PrefixRunner(
+            lm, layer, ids.to(device), mask.to(device), position_ids.to(device), split
+        )
+        site_values = h["site"]
+    log.debug("value optimisation: cached prefix of %d of %d columns", split, width)
+    return _Plan(runner, site_values, first, target_pos.to(device), "prefix")
+
+
+def _plan(lm: Any, b: _Batch, module: torch.nn.Module, layer: int, path: ValuePath) -> _Plan:
+    if path != "full":
+        try:
+            plan = _prefix_plan(lm, b, module, layer)
+        except Exception as exc:
+            if path == "prefix":
+                raise
+            log.debug("value optimisation: full rows (prefix cache unavailable: %s)", exc)
+        else:
+            return plan
+    log.debug("value optimisation: full rows")
+    return _full_plan(lm, b, module, layer)
 
 
 def _optimise_group(
@@ -168,20 +257,19 @@ def _optimise_group(
     site: Site,
     hp: ValueHparams,
     position: Position,
+    path: ValuePath,
 ) -> ValueResult:
     device = lm.device
     b = _build(lm, requests, contexts, hp.kl_prompts, position)
-    ids, mask = b.ids.to(device), b.mask.to(device)
-    subject_pos, owner = b.subject_pos.to(device), b.owner.to(device)
+    owner = b.owner.to(device)
     module = injection_module(lm, layer, site)
-    with Hooks() as h:  # the runner's one full forward also gives the "before" values
-        h.capture("site", module, which="output", positions=subject_pos)
-        runner = UpperRunner(lm, layer, ids, mask)
-        site_values = h["site"]
-    rows = torch.arange(ids.shape[0], device=device)
+    plan = _plan(lm, b, module, layer, path)
+    runner, site_values, subject_pos = plan.runner, plan.site_values, plan.inject_pos
+    n_prompts = b.ids.shape[0]
+    rows = torch.arange(n_prompts, device=device)
     n = len(requests)
 
-    t_rows, t_pos = b.target_rows.to(device), b.target_pos.to(device)
+    t_rows, t_pos = b.target_rows.to(device), plan.target_pos
     t_ids, t_prompt = b.target_ids.to(device), b.target_prompt.to(device)
     kl_rows = b.kl_rows.to(device)
     kl_owner = owner[kl_rows]
@@ -210,9 +298,9 @@ def _optimise_group(
     opt = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * init.norm(dim=1)  # [n]
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    n_prompts = ids.shape[0]
     prob = torch.zeros(n, device=device)
     used = [hp.steps] * n
+    losses: list[list[float]] = [[] for _ in range(n)]
     for step in range(hp.steps):
         opt.zero_grad()
         target_lp, kl_lp = forward(delta)
@@ -238,6 +326,9 @@ def _optimise_group(
                 for i in torch.nonzero(~torch.isfinite(loss_each)).flatten().tolist()
             ]
             raise EditError(f"value optimisation diverged (NaN/inf) for {bad} at step {step}")
+        for i, (value, stopped) in enumerate(zip(loss_each.tolist(), done.tolist(), strict=True)):
+            if not stopped:
+                losses[i].append(value)
         newly = (prob.detach() >= hp.stop_prob) & ~done
         for i in torch.nonzero(newly).flatten().tolist():
             used[i] = step
@@ -257,7 +348,7 @@ def _optimise_group(
     final = [float(p) for p in prob.detach().cpu()]
     if any(math.isnan(p) for p in final):
         raise EditError("value optimisation produced NaN probabilities")
-    return ValueResult(init.detach().cpu(), delta.detach().cpu(), final, used)
+    return ValueResult(init.detach().cpu(), delta.detach().cpu(), final, used, losses)
 
 
 def current_values(

@@ -9,6 +9,7 @@ replays just those layers, which keeps it architecture-agnostic.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +21,16 @@ from repedit.models.hooks import Hooks, StopForward
 class UpperRunner:
     """Replays decoder layers ``start..N-1`` on a (modified) input hidden state."""
 
-    def __init__(self, lm: Any, start: int, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(
+        self,
+        lm: Any,
+        start: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        **forward_kwargs: Any,
+    ):
         self.lm, self.start = lm, start
+        forward_kwargs.setdefault("use_cache", False)
         layers = lm.arch.layers()
         self.calls: list[tuple[tuple, dict]] = []
         handles = []
@@ -36,7 +45,7 @@ class UpperRunner:
                 h.capture("final", layers[-1], which="output")
                 h.stop_after(layers[-1])
                 with contextlib.suppress(StopForward):
-                    lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    lm.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -50,12 +59,16 @@ class UpperRunner:
     def run(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Final-layer hidden states [batch, seq, d_model] from layer ``start``'s input."""
         h = self.hidden_in if hidden is None else hidden
+        self._before_run()
         for layer, (args, kwargs) in zip(
             list(self.lm.arch.layers())[self.start :], self.calls, strict=True
         ):
             out = layer(h, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": h})
             h = out[0] if isinstance(out, tuple) else out
         return h
+
+    def _before_run(self) -> None:
+        """Hook for subclasses that must reset state the replayed layers mutate."""
 
 
 @contextlib.contextmanager
@@ -73,3 +86,85 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword for a KV cache: ``cache`` in recent transformers, else the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class PrefixRunner(UpperRunner):
+    """``UpperRunner`` over columns ``split..T-1``, with columns ``< split`` as a fixed KV cache.
+
+    Value optimisation changes one hidden state per row; when every row has it at column
+    ``split``, no earlier column ever changes, in any layer (causal attention). Their keys and
+    values are computed once and each replay runs the upper layers on the suffix only. The
+    replayed layers append to the cache, so its per-layer state is restored before every run.
+    """
+
+    def __init__(
+        self,
+        lm: Any,
+        start: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        split: int,
+    ):
+        from transformers import DynamicCache
+
+        if not 0 < split < input_ids.shape[1]:
+            raise ValueError(f"PrefixRunner: split {split} leaves no prefix or no suffix")
+        layers = lm.arch.layers()
+        cache = DynamicCache(config=lm.model.config)
+        key = cache_keyword(lm.model)
+        with torch.no_grad(), Hooks() as h:
+            h.stop_after(layers[-1])
+            h.run(
+                lm.model,
+                input_ids=input_ids[:, :split],
+                attention_mask=attention_mask[:, :split],
+                position_ids=position_ids[:, :split],
+                use_cache=True,
+                **{key: cache},
+            )
+        cached = getattr(cache, "layers", None)
+        if cached is None or len(cached) != len(layers):
+            raise RuntimeError("PrefixRunner: the cache has no per-layer state to restore")
+        for i, layer_cache in enumerate(cached):
+            if (
+                getattr(layer_cache, "is_sliding", False)
+                and getattr(layer_cache, "sliding_window", 0) <= input_ids.shape[1]
+            ):
+                raise RuntimeError(f"PrefixRunner: layer {i}'s sliding window is shorter than T")
+            if layer_cache.get_seq_length() != split:
+                raise RuntimeError(f"PrefixRunner: layer {i} did not cache the prefix")
+            if not all(torch.isfinite(t).all() for t in (layer_cache.keys, layer_cache.values)):
+                raise RuntimeError(f"PrefixRunner: non-finite prefix keys/values at layer {i}")
+        self.cache, self.split = cache, split
+        self._state = [dict(vars(c)) for c in cached]
+        self._versions = [
+            (t, t._version) for state in self._state for t in state.values() if torch.is_tensor(t)
+        ]
+        super().__init__(
+            lm,
+            start,
+            input_ids[:, split:],
+            attention_mask,
+            position_ids=position_ids[:, split:],
+            use_cache=True,
+            **{key: cache},
+        )
+        if not torch.isfinite(self.final_hidden).all():
+            raise RuntimeError("PrefixRunner: non-finite hidden states on the suffix")
+
+    def _before_run(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Put the cache back to the prefix (the last run appended the suffix to it)."""
+        if any(t._version != v for t, v in self._versions):
+            raise RuntimeError("PrefixRunner: the cached prefix was modified in place")
+        for layer_cache, state in zip(self.cache.layers, self._state, strict=True):
+            layer_cache.__dict__.clear()
+            layer_cache.__dict__.update(state)
