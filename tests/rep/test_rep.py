@@ -26,6 +26,7 @@ from repedit.rep import (
     heldout_examples,
     load_adapters,
     read_keys,
+    released_config,
     rep_applied,
     rep_items,
     save_adapters,
@@ -364,6 +365,29 @@ def test_training_aligns_variant_keys_and_keeps_the_prompt_key(
     assert drift < 0.05
     assert rep.seconds > 0 and rep.info["pool"]["long"] == cfg.n_long
     assert rep.summary()[str(layer)]["open_pos"][1] == ga["positive"]["open"]
+
+
+def test_match_loss_pulls_variant_keys_onto_k_star(lm, edited, corpus, tmp_path: Path) -> None:
+    """``agg="match"``: the surface forms' adapted keys end nearer k* and β̃ nearer 1 than with
+    no training; the paper's direction loss at its lr barely moves them."""
+    editor, result = edited
+    hp = editor.resolved(lm)
+    (layer,) = editor.layers(lm, hp)
+    stats = second_moments(lm, [layer], str(corpus), 2000, cache=tmp_path, progress=False)
+    kw = {"layers": [layer], "stats": stats, "contexts": editor.contexts(lm, hp)}
+    match = train_rep(lm, result, CASE, cfg=tiny_cfg(corpus, steps=30), **kw)
+    b, a = match.alignment_before[layer]["positive"], match.alignment_after[layer]["positive"]
+    assert abs(a["beta"] - 1.0) < abs(b["beta"] - 1.0)
+    assert a["cos"] > b["cos"]
+    losses = [step["agg"] for step in match.losses]
+    assert losses[-1] < losses[0]  # the relative distance to k* falls
+    paper = train_rep(lm, result, CASE, cfg=released_config(long_context=False), **kw)
+    moved = paper.alignment_after[layer]["positive"]["beta"]
+    assert abs(moved - paper.alignment_before[layer]["positive"]["beta"]) < abs(
+        a["beta"] - b["beta"]
+    )
+    with pytest.raises(InvalidRequestError, match="agg"):
+        RepConfig(agg="cosine")
 
 
 def test_gate_rates_on_heldout_examples(lm, corpus) -> None:

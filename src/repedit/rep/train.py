@@ -186,6 +186,7 @@ class _Targets:
     t: dict[int, torch.Tensor]  # [n, d] the loss target per layer
     u: dict[int, torch.Tensor]  # [n, d] whitened unit direction (reports)
     w: dict[int, torch.Tensor]  # [n, d] C⁻¹k*/(k*ᵀC⁻¹k*): β̃(k) = k·w (reports)
+    k: dict[int, torch.Tensor]  # [n, d] k* itself (the ``match`` loss)
     source: dict[int, str]
 
 
@@ -221,7 +222,7 @@ def edit_targets(
     if mode == "released":
         method = str(getattr(edit_result, "method", "")).lower()
         mode = "whitened" if method in ("rome", "r-rome") else "raw"
-    out = _Targets({}, {}, {}, {})
+    out = _Targets({}, {}, {}, {}, {})
     for layer in layers:
         if layer not in stats:
             raise InvalidRequestError(f"REP needs C for layer {layer} (stats has {sorted(stats)})")
@@ -244,6 +245,7 @@ def edit_targets(
         dev = lm.device
         out.u[layer] = u.float().to(dev)
         out.w[layer] = w.float().to(dev)
+        out.k[layer] = k_star.float().to(dev)
         out.t[layer] = (u if mode == "whitened" else k_star).float().to(dev)
     return out
 
@@ -454,11 +456,15 @@ def _losses(
         req = torch.tensor([request_map[ex.request] for _, ex in pos_ex], device=dev)
         t = targets.t[layer][req]  # [P, d]
         k_hat = adapter(pos_k)
-        unit = F.normalize(k_hat, dim=-1) if cfg.use_norm else k_hat
-        agg = (unit * t).sum(-1)
-        if cfg.abs_agg:
-            agg = agg.abs()
-        if cfg.agg_beta_cap is not None:
+        if cfg.agg == "match":
+            k_star = targets.k[layer][req]
+            agg = -((k_hat - k_star) ** 2).sum(-1) / (k_star**2).sum(-1)
+        else:
+            unit = F.normalize(k_hat, dim=-1) if cfg.use_norm else k_hat
+            agg = (unit * t).sum(-1)
+            if cfg.abs_agg:
+                agg = agg.abs()
+        if cfg.agg_beta_cap is not None and cfg.agg == "direction":
             with torch.no_grad():
                 beta = (k_hat * targets.w[layer][req]).sum(-1)
             agg = torch.where(beta < cfg.agg_beta_cap, agg, agg.detach())
