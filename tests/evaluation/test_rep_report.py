@@ -200,3 +200,16 @@ def test_cli_report_expands_a_sweep_and_labels_runs(tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)
     assert sorted(got["labels"].values()) == ["rome+rep τ=0.5", "rome+rep τ=0.9"]
     assert (parent / "report.html").exists()
+
+
+def test_idle_ablations_are_named() -> None:
+    """Ablations that change nothing under the resolved config are reported, not silent."""
+    from repedit.rep.ablations import idle_ablations
+
+    match = RepConfig().replace(**ablation_overrides("no-norm,no-consistency,no-gate"))
+    idle = idle_ablations("no-norm,no-consistency,no-gate", match)
+    assert [m.split(":")[0] for m in idle] == ["no-norm", "no-consistency"]
+    direction = RepConfig(agg="direction").replace(**ablation_overrides("no-consistency"))
+    assert idle_ablations("no-consistency", direction) == []
+    assert RepConfig(agg="direction").consistency == 50000.0 and direction.consistency == 0.0
+    assert RepConfig().consistency == 0.0

@@ -168,7 +168,7 @@ def add_rep_options(parser: argparse.ArgumentParser, *, sweep: bool) -> argparse
 def rep_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
     """RepConfig overrides from --rep-config, --rep-ablation, --rep-set (in that order), or
     None when no REP option was given. Validated (names and types) before any model loads."""
-    from repedit.rep.ablations import ablation_overrides
+    from repedit.rep.ablations import ablation_overrides, idle_ablations
     from repedit.rep.adapter import RepConfig
 
     wanted = (
@@ -191,6 +191,8 @@ def rep_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
     overrides.update(ablation_overrides(args.rep_ablations))
     overrides.update(parse_overrides(args.rep_overrides, "--rep-set", "steps=20"))
     resolved = RepConfig().replace(**overrides)  # unknown fields / bad values fail here
+    for msg in idle_ablations(args.rep_ablations, resolved):
+        warnings.warn(f"REP ablation changes nothing: {msg}", stacklevel=2)
     return {k: getattr(resolved, k) for k in sorted(overrides)}
 
 

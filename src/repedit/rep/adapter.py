@@ -41,8 +41,8 @@ aligning with it inflates ``β``. repedit's default ``agg="match"`` pulls each s
 key onto the edit's own key, ``‖k̂ − k*‖²/‖k*‖²``, which brings β̃ to ≈ 1 (0.95 on cases 0–10)
 and keeps ``W k̂`` near ``W k*`` too; lr 1e-2, 20 steps. Its consistency weight is 0: the bare
 prompt is itself pulled onto ``k*`` (where the weight edit expects it), so anchoring it to its
-own key would contradict the loss; ``agg="direction"`` with ``consistency_weight=50000`` is
-the paper's setting.
+own key would contradict the loss. With ``agg="direction"`` the weight defaults to the paper's
+50000.
 
 :func:`released_config` turns all of this off (and the β̃ cap of ``L_agg``, see
 :class:`RepConfig`) to reproduce the released code's gate. Training reports the open rates on
@@ -115,7 +115,8 @@ class RepConfig(Hparams):
     lr: float = 1e-2
     batch: int = 15
     agg_weight: float = 1.0
-    consistency_weight: float = 0.0
+    #: None: 0 for ``agg="match"`` (see the module doc), the paper's 50000 for ``"direction"``
+    consistency_weight: float | None = None
     use_gate: bool = True
     use_norm: bool = True
     abs_agg: bool = False
@@ -202,6 +203,13 @@ class RepConfig(Hparams):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidRequestError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def consistency(self) -> float:
+        """The consistency weight in effect (``consistency_weight`` or its per-loss default)."""
+        if self.consistency_weight is not None:
+            return float(self.consistency_weight)
+        return 0.0 if self.agg == "match" else 50000.0
 
     def gate_hidden(self, d_mlp: int) -> int:
         return max(self.gate_hidden_min, math.floor(self.gate_hidden_fraction * d_mlp))

@@ -473,10 +473,10 @@ def _losses(
         l_agg = -agg.mean() if agg.numel() else agg.sum()
         loss = cfg.agg_weight * l_agg
         parts["agg"] += float(l_agg.detach())
-        if prompt_ex and cfg.consistency_weight:
+        if prompt_ex and cfg.consistency:
             k_o = torch.stack([ks[i][ex.position] for i, ex in prompt_ex])
             l_cons = F.mse_loss(adapter(k_o), k_o)
-            loss = loss + cfg.consistency_weight * l_cons
+            loss = loss + cfg.consistency * l_cons
             parts["cons"] += float(l_cons.detach())
         # gate negatives, in two groups weighted alike: "near" = the subject's earlier tokens
         # and the few tokens after the subject token (hard: their keys resemble the positive
