@@ -167,6 +167,14 @@ def test_stop_after_skips_later_modules(arch: Arch) -> None:
         assert h["k"].shape == (3, 9, D_MLP)
         assert calls == {"down0": 1, "down1": 1}
         calls.clear()
+        # stop_before: the capture (registered first) still sees the input; the module never runs
+        with Hooks() as h, torch.no_grad():
+            h.capture("k2", arch.down_proj(stop_layer))
+            h.stop_before(arch.down_proj(stop_layer))
+            assert h.run(arch.model, **inputs, use_cache=False) is None
+        assert h["k2"].shape == (3, 9, D_MLP)
+        assert calls == {"down0": 1}
+        calls.clear()
         _logits(arch.model, inputs)  # and a normal forward afterwards runs everything
         assert calls == dict.fromkeys(watched, 1)
     finally:

@@ -121,6 +121,15 @@ class Hooks:
 
         self._handles.append(module.register_forward_hook(stop))
 
+    def stop_before(self, module: nn.Module) -> None:
+        """Abort the forward as ``module`` is about to run (after earlier pre-hooks on it, such as
+        an input capture): the module itself is never computed."""
+
+        def stop(m: nn.Module, args: tuple) -> None:
+            raise StopForward
+
+        self._handles.append(module.register_forward_pre_hook(stop))
+
     def run(self, model: nn.Module, **inputs: Any) -> Any:
         """Call ``model(**inputs)``; returns its output, or None if a hook stopped it."""
         try:

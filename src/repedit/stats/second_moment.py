@@ -1,9 +1,9 @@
 """The key second moment ``C = E[k kᵀ]`` per layer: computed once, cached, solved against.
 
 Keys are the inputs of each layer's MLP down-projection at every non-pad token. The forward
-pass stops after the deepest requested layer, outer products are summed per batch with a
-float32 GEMM and accumulated across batches in float64, and partial sums are checkpointed so
-an interrupted run resumes where it stopped.
+pass stops at the deepest requested down-projection's input (that projection never runs),
+outer products are summed per batch with a float32 GEMM and accumulated across batches in
+float64, and partial sums are checkpointed so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def _compute(
             with torch.inference_mode(), Hooks() as hooks:
                 for layer, module in modules.items():
                     hooks.capture(str(layer), module)
-                hooks.stop_after(deepest)
+                hooks.stop_before(deepest)  # its input is all we need
                 hooks.run(
                     lm.model,
                     input_ids=ids.to(device),
