@@ -16,6 +16,7 @@ greedy continuation starts with the new target) is measured after the timer stop
 Prints one JSON object, then a table. Never asserts: the numbers are for reading.
 
     python benchmarks/edit_speed.py --batches 10 --repeats 2 --threads 1
+    python benchmarks/edit_speed.py --batches "" --repeats 3 --value-path full,prefix
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ PHASES: dict[str, list[tuple[str, str]]] = {
     "residual": [("repedit.editors.memit", "current_values")],
 }
 TIMED = tuple(PHASES)
+VALUE_PATHS = ("auto", "prefix", "full")
 
 
 def default_data_dir() -> Path:
@@ -81,7 +83,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--cache", default=None, help="repedit cache (default: $REPEDIT_CACHE)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--value-path",
+        default="auto",
+        help="value optimisation path(s), comma-separated: auto, prefix, full "
+        "(several: each edit timed once per path, back to back)",
+    )
+    args = p.parse_args(argv)
+    args.value_paths = [v.strip() for v in args.value_path.split(",") if v.strip()]
+    bad = [v for v in args.value_paths if v not in VALUE_PATHS]
+    if bad or not args.value_paths or len(set(args.value_paths)) != len(args.value_paths):
+        p.error(f"--value-path: distinct values from {', '.join(VALUE_PATHS)}, not {bad}")
+    return args
+
+
+@contextlib.contextmanager
+def value_path(path: str) -> Iterator[None]:
+    """Force ``repedit.editors.values.VALUE_PATH`` for one timed edit."""
+    import repedit.editors.values as values
+
+    old = values.VALUE_PATH
+    values.VALUE_PATH = path  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        values.VALUE_PATH = old
 
 
 # --------------------------------------------------------------------------- timing
@@ -272,25 +298,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warm[f"{name}_contexts_s"] = round(time.perf_counter() - t0, 2)
 
     timer = PhaseTimer(lm.device)
-    rome_runs = []
-    for req in rome_requests(args.repeats):
-        run = timed_edit(lm, editors["rome"], [req], timer)
-        rome_runs.append(run)
-        print(
-            f"rome {req.case_id}: {run['seconds']:.2f}s efficacy {run['efficacy']}", file=sys.stderr
-        )
+    paths = args.value_paths
+    rome_runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
+    for i, req in enumerate(rome_requests(args.repeats)):
+        for path in paths if i % 2 == 0 else paths[::-1]:
+            with value_path(path):
+                run = timed_edit(lm, editors["rome"], [req], timer)
+            rome_runs[path].append(run)
+            print(
+                f"rome {req.case_id} [{path}]: {run['seconds']:.2f}s efficacy {run['efficacy']}",
+                file=sys.stderr,
+            )
 
-    memit: dict[str, Any] = {}
-    for size in sizes:
+    memit_runs: dict[str, dict[str, Any]] = {path: {} for path in paths}
+    for i, size in enumerate(sizes):
         requests, source = batch_requests(lm, editors["memit"], size, args.data_dir)
-        run = timed_edit(lm, editors["memit"], requests, timer)
-        run["source"] = source
-        memit[f"batch_{size}"] = run
-        print(
-            f"memit batch {size}: {run['seconds']:.2f}s efficacy {run['efficacy']}", file=sys.stderr
-        )
+        for path in paths if i % 2 == 0 else paths[::-1]:
+            with value_path(path):
+                run = timed_edit(lm, editors["memit"], requests, timer)
+            run["source"] = source
+            memit_runs[path][f"batch_{size}"] = run
+            print(
+                f"memit batch {size} [{path}]: {run['seconds']:.2f}s efficacy {run['efficacy']}",
+                file=sys.stderr,
+            )
 
-    rome_mean = sum(r["seconds"] for r in rome_runs) / len(rome_runs) if rome_runs else None
+    rome_layers = editors["rome"].layers(lm, editors["rome"].resolved(lm))
+    memit_layers = editors["memit"].layers(lm, editors["memit"].resolved(lm))
+    by_path = {
+        path: {
+            "rome": _rome_summary(rome_layers, rome_runs[path]),
+            "memit": _memit_summary(memit_layers, memit_runs[path]),
+        }
+        for path in paths
+    }
     result = {
         "benchmark": "edit_speed",
         "model": args.model,
@@ -306,53 +347,93 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "corpus": args.corpus,
         "stats_tokens": args.stats_tokens,
         "warmup": warm,
-        "rome": {
-            "layers": editors["rome"].layers(lm, editors["rome"].resolved(lm)),
-            "seconds_per_edit": round(rome_mean, 4) if rome_mean is not None else None,
-            "efficacy": (
-                round(sum(r["efficacy"] for r in rome_runs) / len(rome_runs), 4)
-                if rome_runs
-                else None
-            ),
-            "shares": shares(rome_runs) if rome_runs else None,
-            "edits": rome_runs,
-        },
-        "memit": {
-            "layers": editors["memit"].layers(lm, editors["memit"].resolved(lm)),
-            **{
-                k: {**v, "seconds_per_request": round(v["seconds"] / v["n_requests"], 4)}
-                for k, v in memit.items()
-            },
-            "shares": {k: shares([v]) for k, v in memit.items()},
-        },
+        "value_paths": paths,
+        # the first path's numbers where a single-path run always had them
+        **by_path[paths[0]],
     }
+    if len(paths) > 1:
+        result["by_value_path"] = by_path
+    if "full" in by_path and "prefix" in by_path:
+        result["speedup_prefix_over_full"] = _speedup(by_path["full"], by_path["prefix"])
     print(json.dumps(result, indent=2))
     _table(result)
     return result
 
 
+def _rome_summary(layers: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    mean = sum(r["seconds"] for r in runs) / len(runs) if runs else None
+    return {
+        "layers": layers,
+        "seconds_per_edit": round(mean, 4) if mean is not None else None,
+        "efficacy": round(sum(r["efficacy"] for r in runs) / len(runs), 4) if runs else None,
+        "shares": shares(runs) if runs else None,
+        "edits": runs,
+    }
+
+
+def _memit_summary(layers: list[int], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "layers": layers,
+        **{
+            k: {**v, "seconds_per_request": round(v["seconds"] / v["n_requests"], 4)}
+            for k, v in runs.items()
+        },
+        "shares": {k: shares([v]) for k, v in runs.items()},
+    }
+
+
+def _speedup(full: dict[str, Any], prefix: dict[str, Any]) -> dict[str, float | None]:
+    """Full-path seconds over prefix-path seconds: per edit, and for the value phase alone."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    def values_s(runs: list[dict[str, Any]]) -> float:
+        return sum(r["phases"]["values"] for r in runs)
+
+    out: dict[str, float | None] = {}
+    if full["rome"]["edits"]:
+        out["rome_edit"] = ratio(
+            full["rome"]["seconds_per_edit"], prefix["rome"]["seconds_per_edit"]
+        )
+        out["rome_values"] = ratio(
+            values_s(full["rome"]["edits"]), values_s(prefix["rome"]["edits"])
+        )
+    for key, run in full["memit"].items():
+        if key.startswith("batch_"):
+            out[f"memit_{key}"] = ratio(run["seconds"], prefix["memit"][key]["seconds"])
+    return out
+
+
 def _table(r: dict[str, Any]) -> None:
     parts = (*TIMED, "other")
     rows: list[tuple[str, int, float, float, dict[str, float]]] = []
-    rome = r["rome"]
-    if rome["edits"]:
-        name = f"ROME x{len(rome['edits'])} (mean)"
-        rows.append((name, 1, rome["seconds_per_edit"], rome["efficacy"], rome["shares"]))
-    for key, run in r["memit"].items():
-        if key.startswith("batch_"):
-            name = f"MEMIT {key.replace('_', ' ')}"
-            share = r["memit"]["shares"][key]
-            rows.append((name, run["n_requests"], run["seconds"], run["efficacy"], share))
+    sections = r.get("by_value_path") or {r["value_paths"][0]: r}
+    for path, section in sections.items():
+        tag = f" [{path}]" if len(sections) > 1 else ""
+        rome = section["rome"]
+        if rome["edits"]:
+            name = f"ROME x{len(rome['edits'])} (mean){tag}"
+            rows.append((name, 1, rome["seconds_per_edit"], rome["efficacy"], rome["shares"]))
+        for key, run in section["memit"].items():
+            if key.startswith("batch_"):
+                name = f"MEMIT {key.replace('_', ' ')}{tag}"
+                share = section["memit"]["shares"][key]
+                rows.append((name, run["n_requests"], run["seconds"], run["efficacy"], share))
     print()
     print(
         f"edit speed, {r['model']} ({r['device']} {r['dtype']}, {r['threads']} threads, "
-        f"torch {r['torch']}); phases as shares of each edit's wall time"
+        f"torch {r['torch']}, value path {','.join(r['value_paths'])}); "
+        "phases as shares of each edit's wall time"
     )
-    header = f"{'edit':<22}{'requests':>9}{'seconds':>10}{'efficacy':>9}"
+    header = f"{'edit':<32}{'requests':>9}{'seconds':>10}{'efficacy':>9}"
     print(header + "".join(f"{p:>10}" for p in parts))
     for name, n, secs, eff, share in rows:
-        line = f"{name:<22}{n:>9}{secs:>10.2f}{eff:>9.2f}"
+        line = f"{name:<32}{n:>9}{secs:>10.2f}{eff:>9.2f}"
         print(line + "".join(f"{share[p]:>10.1%}" for p in parts))
+    speedup = r.get("speedup_prefix_over_full")
+    if speedup:
+        print("speed-up, full / prefix: " + ", ".join(f"{k} {v}x" for k, v in speedup.items()))
 
 
 if __name__ == "__main__":

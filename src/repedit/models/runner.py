@@ -3,7 +3,9 @@
 Value optimisation changes one hidden state at layer ``l`` and asks how the output moves;
 the layers below ``l`` never change, so they are run once. ``UpperRunner`` records each upper
 decoder layer's call arguments (masks, rotary embeddings, ...) during that one forward and then
-replays just those layers, which keeps it architecture-agnostic.
+replays just those layers, which keeps it architecture-agnostic. ``PrefixRunner`` also leaves
+out the columns before the changed one, which no layer changes either: their keys and values
+sit in a KV cache that is reset before every replay.
 """
 
 from __future__ import annotations
