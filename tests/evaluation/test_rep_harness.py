@@ -13,7 +13,14 @@ import torch
 
 from repedit.editors import StatsConfig, make_editor
 from repedit.errors import InvalidRequestError, RepeditError
-from repedit.evaluation.harness import RESULTS, RunConfig, read_jsonl, run_eval, sweep_dirs
+from repedit.evaluation.harness import (
+    RESULTS,
+    RunConfig,
+    RunDir,
+    read_jsonl,
+    run_eval,
+    sweep_dirs,
+)
 from repedit.models.tiny import tiny_loaded
 
 torch.set_num_threads(1)
@@ -310,3 +317,16 @@ def test_rep_config_validation():
     # round trip through config.json
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.comparable() == cfg.comparable()
+
+
+def test_resume_refuses_when_rep_defaults_changed(tmp_path: Path) -> None:
+    """A run stores its resolved REP config; a resume under other defaults is refused."""
+    cfg = RunConfig(out=str(tmp_path / "run"), rep={})
+    meta = {"model_fingerprint": "f", "data_sha256": "d", "hparams_resolved": {"a": 1}}
+    meta["rep_resolved"] = cfg.rep_config().to_dict()
+    run = RunDir(cfg.out)
+    run.prepare(cfg, meta)
+    run._check_same(run.config(), cfg, meta)  # same: fine
+    changed = {**meta, "rep_resolved": {**meta["rep_resolved"], "lr": 0.5}}
+    with pytest.raises(RepeditError, match="rep_resolved"):
+        run._check_same(run.config(), cfg, changed)

@@ -208,8 +208,8 @@ def test_idle_ablations_are_named() -> None:
 
     match = RepConfig().replace(**ablation_overrides("no-norm,no-consistency,no-gate"))
     idle = idle_ablations("no-norm,no-consistency,no-gate", match)
-    assert [m.split(":")[0] for m in idle] == ["no-norm", "no-consistency"]
+    assert [m.split(":")[0] for m in idle] == ["no-norm"]
     direction = RepConfig(agg="direction").replace(**ablation_overrides("no-consistency"))
     assert idle_ablations("no-consistency", direction) == []
     assert RepConfig(agg="direction").consistency == 50000.0 and direction.consistency == 0.0
-    assert RepConfig().consistency == 0.0
+    assert RepConfig().consistency == 10.0

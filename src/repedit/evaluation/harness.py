@@ -433,6 +433,10 @@ class RunDir:
         for key in ("model_fingerprint", "data_sha256"):
             if meta is not None and old.get(key) != meta.get(key):
                 diffs.append(f"{key}: {old.get(key)!r} -> {meta.get(key)!r}")
+        # resolved settings: a default that changed between versions must not mix into a run
+        for key in ("hparams_resolved", "rep_resolved"):
+            if meta is not None and key in old and old.get(key) != meta.get(key):
+                diffs.append(f"{key} (defaults changed since the run began)")
         if diffs:
             raise RepeditError(
                 f"{self.path} already holds a run with a different configuration "
@@ -1201,6 +1205,7 @@ def run_eval(
         "data_sha256": loaded.sha256,
         "data_format": loaded.format,
         "hparams_resolved": hparams_resolved,
+        "rep_resolved": _plain(cfg.rep_config().to_dict()) if cfg.rep is not None else None,
         "edit_layers": edit_layers,
         "suite": cfg.suite().to_dict(),
         "versions": _versions(),

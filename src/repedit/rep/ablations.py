@@ -51,15 +51,13 @@ def ablation_overrides(names: str | Iterable[str]) -> dict[str, Any]:
 def idle_ablations(names: str | Iterable[str], cfg: Any) -> list[str]:
     """The named ablations that change nothing under ``cfg`` (a resolved RepConfig), with why.
 
-    ``no-norm`` and ``no-consistency`` act on the paper's direction loss: under repedit's
-    default ``agg="match"`` the norm is not used and the consistency weight is already 0.
+    ``no-norm`` acts on the paper's direction loss: repedit's default ``agg="match"`` does not
+    normalise k̂. ``no-negatives`` only differs from a run with ``negatives=true``.
     """
     out = []
     for name in _names(names):
         if name == "no-norm" and cfg.agg == "match":
             out.append(f"{name}: agg='match' does not normalise k̂ (use --rep-set agg=direction)")
-        elif name == "no-consistency" and cfg.agg == "match":
-            out.append(f"{name}: agg='match' has no consistency term (use --rep-set agg=direction)")
         elif name == "no-negatives" and not type(cfg)().negatives:
             out.append(
                 f"{name}: negatives are off by default (compare with --rep-set negatives=true)"

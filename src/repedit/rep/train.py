@@ -470,12 +470,17 @@ def _losses(
             agg = torch.where(beta < cfg.agg_beta_cap, agg, agg.detach())
         if cfg.consistency_on == "original":
             agg = agg[~anchored.to(dev)]
+        elif cfg.agg == "match":  # the bare prompt is anchored to its own key instead
+            agg = agg[torch.tensor([ex.kind != "prompt" for _, ex in pos_ex], device=dev)]
         l_agg = -agg.mean() if agg.numel() else agg.sum()
         loss = cfg.agg_weight * l_agg
         parts["agg"] += float(l_agg.detach())
         if prompt_ex and cfg.consistency:
             k_o = torch.stack([ks[i][ex.position] for i, ex in prompt_ex])
-            l_cons = F.mse_loss(adapter(k_o), k_o)
+            if cfg.agg == "match":  # relative, on the scale of the match loss
+                l_cons = (((adapter(k_o) - k_o) ** 2).sum(-1) / (k_o**2).sum(-1)).mean()
+            else:
+                l_cons = F.mse_loss(adapter(k_o), k_o)
             loss = loss + cfg.consistency * l_cons
             parts["cons"] += float(l_cons.detach())
         # gate negatives, in two groups weighted alike: "near" = the subject's earlier tokens
