@@ -450,6 +450,23 @@ def test_two_layers_both_adapters_train(lm, corpus, stats_cfg) -> None:
         result.revert(lm)
 
 
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_two_layers_layerwise_or_joint(lm, corpus, stats_cfg, layerwise: bool) -> None:
+    """Layer-wise training (default) reads the keys once per layer, the joint mode every step;
+    both bring the lower layer's surface-form keys nearer k*."""
+    editor = make_editor("memit", {**FAST, "layers": (1, 2)}, stats_cfg)
+    result, rep = train_rep_for_editor(
+        lm, editor, [CASE], tiny_cfg(corpus, steps=20, layerwise=layerwise)
+    )
+    try:
+        assert len(rep.losses) == 20
+        b, a = rep.alignment_before[1]["positive"], rep.alignment_after[1]["positive"]
+        assert a["cos"] > b["cos"]
+        assert rep.losses[-1]["agg"] < rep.losses[0]["agg"]
+    finally:
+        result.revert(lm)
+
+
 def test_batch_edits_get_own_or_shared_adapters(lm, corpus, stats_cfg) -> None:
     editor = make_editor("memit", {**FAST, "layers": (2,)}, stats_cfg)
     result = editor.edit(lm, [CASE.request, OTHER.request], apply=False)

@@ -168,6 +168,9 @@ class RepConfig(Hparams):
     #: (pull each surface form's key onto the edit's key, so the edit fires once, not β̃ times)
     agg: str = "match"
     shared: bool = False
+    #: several layers (MEMIT): train them one at a time, lowest first, each on keys read once
+    #: through the trained adapters below it (False: all together, keys re-read every step)
+    layerwise: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

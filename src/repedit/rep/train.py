@@ -555,32 +555,48 @@ def _train_group(
         everything = list(range(len(examples)))
         keys = cache.get(everything, adapters)
         before = _measure(adapters, examples, keys, targets, request_map)
-    proj = [p for a in adapters.values() for p in a.projection_parameters()]
-    gate = [p for a in adapters.values() for p in a.gate_parameters()]
-    opt = torch.optim.Adam(
-        [{"params": proj, "lr": cfg.lr}, {"params": gate, "lr": cfg.gate_lr or cfg.lr}],
-        weight_decay=0.0,
-    )
     rng = random.Random(f"rep:{cfg.seed}:{seed_offset}")
-    pos_batches = NoRepeatBatches(len(pos_index), cfg.batch, rng)
-    neg_batches = NoRepeatBatches(len(neg_index), cfg.negative_batch, rng)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + seed_offset)
-    losses = []
-    for a in adapters.values():
-        a.train()
-    for _ in range(cfg.steps):
-        chosen = list(range(n_prompts)) + [pos_index[i] for i in next(pos_batches)]
-        if cfg.negatives and neg_index:
-            chosen += [neg_index[i] for i in next(neg_batches)]
-        keys = cache.get(chosen, adapters)
-        batch = [examples[i] for i in chosen]
-        loss, parts = _losses(adapters, batch, keys, targets, request_map, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(parts)
-    for a in adapters.values():
-        a.eval()
+
+    def fit(trained: dict[int, RepAdapter], keys_from: _KeyCache) -> list[dict[str, float]]:
+        proj = [p for a in trained.values() for p in a.projection_parameters()]
+        gate = [p for a in trained.values() for p in a.gate_parameters()]
+        opt = torch.optim.Adam(
+            [{"params": proj, "lr": cfg.lr}, {"params": gate, "lr": cfg.gate_lr or cfg.lr}],
+            weight_decay=0.0,
+        )
+        pos_batches = NoRepeatBatches(len(pos_index), cfg.batch, rng)
+        neg_batches = NoRepeatBatches(len(neg_index), cfg.negative_batch, rng)
+        out = []
+        for a in trained.values():
+            a.train()
+        for _ in range(cfg.steps):
+            chosen = list(range(n_prompts)) + [pos_index[i] for i in next(pos_batches)]
+            if cfg.negatives and neg_index:
+                chosen += [neg_index[i] for i in next(neg_batches)]
+            keys = keys_from.get(chosen, adapters)
+            batch = [examples[i] for i in chosen]
+            loss, parts = _losses(trained, batch, keys, targets, request_map, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            out.append(parts)
+        for a in trained.values():
+            a.eval()
+        return out
+
+    if len(layers) == 1 or not cfg.layerwise:
+        losses = fit(adapters, cache)
+    else:
+        # lowest layer first, each on keys read once with the (trained, frozen) adapters below
+        # it, as at test time: a forward per layer instead of one per step, and no layer
+        # chases keys that move while the adapters under it learn
+        losses = []
+        for layer in layers:
+            own = _KeyCache(lm, [layer], examples, cacheable=True)
+            steps = fit({layer: adapters[layer]}, own)
+            cache.forward_seconds += own.forward_seconds
+            losses = steps if not losses else _sum_losses([losses, steps])
     if report:
         keys = cache.get(list(range(len(examples))), adapters)
         after = _measure(adapters, examples, keys, targets, request_map)
