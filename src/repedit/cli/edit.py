@@ -344,7 +344,7 @@ def apply_rep(
     overrides: dict[str, Any],
 ) -> tuple[dict[int, Any], dict[str, Any]]:
     """Train (or ``--rep-load``) the adapters; ``(adapters, info for the output)``."""
-    from repedit.rep import RepConfig, load_adapters, read_adapter_metadata, train_rep
+    from repedit.rep import RepConfig, load_adapters, read_adapter_metadata, train_rep_after
     from repedit.rep.ablations import set_tau
 
     if args.rep_load:
@@ -367,22 +367,12 @@ def apply_rep(
         values["tau"] = args.rep_tau
     cfg = RepConfig().replace(**values)
     assert editor is not None
-    hp = editor.resolved(lm)
     layers = result.layers
     common.status(
         f"training REP adapters at layer{'s' if len(layers) > 1 else ''} "
         f"{', '.join(map(str, layers))} ({cfg.steps} steps)…"
     )
-    rep = train_rep(
-        lm,
-        result,
-        items,
-        layers=layers,
-        stats=editor.second_moment(lm, layers),
-        contexts=editor.contexts(lm, hp),
-        cfg=cfg,
-        position=hp.position,
-    )
+    rep = train_rep_after(lm, editor, result, items, cfg=cfg, layers=layers)
     saved = str(rep.save(args.rep_save, fingerprint=lm.fingerprint)) if args.rep_save else None
     info = {
         "trained": True,

@@ -675,22 +675,10 @@ def _score_edited(
 
 def _train_rep(ctx: _Ctx, result: Any, cases: list[EditCase], keys: list[str]) -> Any:
     """Train REP adapters for the (applied) edit ``result`` of ``cases``."""
-    from repedit.rep.train import train_rep
+    from repedit.rep.train import train_rep_after
 
-    lm, editor = ctx.lm, ctx.editor
-    hp = editor.resolved(lm)
-    layers = list(editor.layers(lm, hp))
-    return train_rep(
-        lm,
-        result,
-        cases,
-        layers=layers,
-        stats=editor.second_moment(lm, layers),
-        contexts=editor.contexts(lm, hp),
-        cfg=ctx.rep_cfg,
-        position=hp.position,
-        keys=keys,
-        sampler=ctx.rep_sampler,
+    return train_rep_after(
+        ctx.lm, ctx.editor, result, cases, cfg=ctx.rep_cfg, keys=keys, sampler=ctx.rep_sampler
     )
 
 

@@ -28,6 +28,7 @@ from repedit.rep.train import (
     gate_rates,
     read_keys,
     train_rep,
+    train_rep_after,
     train_rep_for_editor,
 )
 from repedit.rep.variants import (
@@ -64,5 +65,6 @@ __all__ = [
     "rep_items",
     "save_adapters",
     "train_rep",
+    "train_rep_after",
     "train_rep_for_editor",
 ]

@@ -758,24 +758,39 @@ def train_rep_for_editor(
     items = rep_items(cases, kwargs.pop("keys", None))
     result = editor.edit(lm, [it.request for it in items])
     try:
-        hp = editor.resolved(lm)
-        layers = kwargs.pop("layers", None) or editor.layers(lm, hp)
-        rep = train_rep(
-            lm,
-            result,
-            items,
-            layers=layers,
-            stats=editor.second_moment(lm, layers),
-            contexts=editor.contexts(lm, hp),
-            cfg=cfg,
-            position=hp.position,
-            **kwargs,
-        )
+        rep = train_rep_after(lm, editor, result, items, cfg=cfg, **kwargs)
     except BaseException:
         if result.applied:
             result.revert(lm)
         raise
     return result, rep
+
+
+def train_rep_after(
+    lm: Any,
+    editor: Any,
+    edit_result: Any,
+    cases: Sequence[EditCase | EditRequest | RepItem] | EditCase | EditRequest,
+    *,
+    cfg: RepConfig | None = None,
+    layers: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> RepTrainResult:
+    """:func:`train_rep` for an edit made by ``editor``: its layers (unless given), its ``C``,
+    context templates and key position, so every caller wires an editor to REP the same way."""
+    hp = editor.resolved(lm)
+    layers = list(layers or editor.layers(lm, hp))
+    return train_rep(
+        lm,
+        edit_result,
+        cases,
+        layers=layers,
+        stats=editor.second_moment(lm, layers),
+        contexts=editor.contexts(lm, hp),
+        cfg=cfg,
+        position=hp.position,
+        **kwargs,
+    )
 
 
 def check_no_model_grads(lm: Any) -> None:
