@@ -31,6 +31,7 @@ from repedit.rep import (
     rep_items,
     save_adapters,
     train_rep,
+    train_rep_after,
     train_rep_for_editor,
 )
 from repedit.rep.inject import attach
@@ -490,13 +491,12 @@ def test_released_config_gate_never_opens(lm, edited, corpus) -> None:
 
     editor, result = edited
     (layer,) = result.layers
-    rep = train_rep(
+    rep = train_rep_after(
         lm,
+        editor,
         result,
         CASE,
         layers=[layer],
-        stats=editor.second_moment(lm, [layer]),
-        contexts=editor.contexts(lm, editor.resolved(lm)),
         cfg=released_config(long_context_corpus=str(corpus), long_context_length=30),
     )
     assert rep.gate_after[layer]["positive"]["open"] == 0.0
@@ -518,13 +518,12 @@ def test_released_config_gate_never_opens(lm, edited, corpus) -> None:
 def test_config_variants_train(lm, edited, corpus, overrides: dict) -> None:
     editor, result = edited
     (layer,) = result.layers
-    rep = train_rep(
+    rep = train_rep_after(
         lm,
+        editor,
         result,
         CASE,
         layers=[layer],
-        stats=editor.second_moment(lm, [layer]),
-        contexts=editor.contexts(lm, editor.resolved(lm)),
         cfg=tiny_cfg(corpus, steps=3, **overrides),
         negative_subjects=["Rome", "Japan"],
     )
