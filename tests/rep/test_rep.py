@@ -330,6 +330,33 @@ def test_read_keys_matches_editor_keys(lm) -> None:
     assert torch.allclose(got, ref.float(), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_layerwise_reader_matches_read_keys_with_adapters_upstream(family: str, corpus) -> None:
+    """The layer-by-layer replay gives the keys a fresh forward with the lower adapters in place
+    gives (non-adjacent layers, padded chunks of unequal lengths, open gates)."""
+    from repedit.rep.train import _LayerwiseReader
+
+    lm = tiny_loaded(family)
+    layers = [0, 2]
+    cfg = tiny_cfg(corpus)
+    pool = build_pool(lm, rep_items(CASE), ["{}", "Hello there. {}"], cfg)
+    examples = pool.all_examples()
+    assert len({len(ex.ids) for ex in examples}) > 2
+    reader = _LayerwiseReader(lm, layers, examples)
+    plain = read_keys(lm, layers, examples)
+    for layer in layers:
+        for got, want in zip(reader.before[layer], plain[layer], strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
+    adapter = _open_adapter(lm.arch.d_mlp).eval()
+    got = reader.advance(2, {0: adapter})
+    want = read_keys(lm, [2], examples, upstream={0: adapter})[2]
+    moved = 0.0
+    for g, w, p in zip(got, want, plain[2], strict=True):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
+        moved = max(moved, float((w - p).abs().max()))
+    assert moved > 1e-3  # the upstream adapter did change the deeper keys
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -63,6 +63,7 @@ class Hooks:
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.captured: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, tuple[tuple, dict]] = {}
 
     def __enter__(self) -> Hooks:
         return self
@@ -112,6 +113,16 @@ class Hooks:
                 return _with_main_tensor(out, fn(_main_tensor(out)))
 
             self._handles.append(module.register_forward_hook(post))
+
+    def record_call(self, name: str, module: nn.Module) -> None:
+        """Keep the ``(args, kwargs)`` ``module`` is called with under ``self.calls[name]`` so it
+        can be re-run later on another hidden state (:func:`repedit.models.runner.replay`):
+        masks, rotary embeddings and the like are architecture-specific and simply reused."""
+
+        def keep(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.calls[name] = (args, kwargs)
+
+        self._handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
 
     def stop_after(self, module: nn.Module) -> None:
         """Abort the forward once ``module`` has run: later layers are never computed."""

@@ -17,7 +17,24 @@ from typing import Any
 
 import torch
 
-from repedit.models.hooks import Hooks, StopForward
+from repedit.models.hooks import Hooks
+
+
+def call_hidden(call: tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden-state input of a recorded decoder-layer call (``Hooks.record_call``)."""
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def replay(layer: torch.nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
+    """Run a decoder layer as it was called in ``call`` (``Hooks.record_call``), on ``hidden``;
+    returns its output hidden state. Hooks on its submodules fire as in the full forward."""
+    args, kwargs = call
+    if args:
+        out = layer(hidden, *args[1:], **kwargs)
+    else:
+        out = layer(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, tuple) else out
 
 
 class UpperRunner:
@@ -34,27 +51,16 @@ class UpperRunner:
         self.lm, self.start = lm, start
         forward_kwargs.setdefault("use_cache", False)
         layers = lm.arch.layers()
-        self.calls: list[tuple[tuple, dict]] = []
-        handles = []
-
-        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            self.calls.append((args, kwargs))
-
-        for layer in list(layers)[start:]:
-            handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
-        try:
-            with torch.no_grad(), Hooks() as h:
-                h.capture("final", layers[-1], which="output")
-                h.stop_after(layers[-1])
-                with contextlib.suppress(StopForward):
-                    lm.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(self.calls) != len(layers) - start:
+        with torch.no_grad(), Hooks() as h:
+            for j in range(start, len(layers)):
+                h.record_call(str(j), layers[j])
+            h.capture("final", layers[-1], which="output")
+            h.stop_after(layers[-1])
+            h.run(lm.model, input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+        if len(h.calls) != len(layers) - start:
             raise RuntimeError("UpperRunner: decoder layers were not all called once")
-        first_args, first_kwargs = self.calls[0]
-        self.hidden_in = (first_args[0] if first_args else first_kwargs["hidden_states"]).detach()
+        self.calls = [h.calls[str(j)] for j in range(start, len(layers))]
+        self.hidden_in = call_hidden(self.calls[0]).detach()
         #: final-layer hidden states of the unmodified forward [batch, seq, d_model]
         self.final_hidden = h["final"]
 
@@ -62,11 +68,8 @@ class UpperRunner:
         """Final-layer hidden states [batch, seq, d_model] from layer ``start``'s input."""
         h = self.hidden_in if hidden is None else hidden
         self._before_run()
-        for layer, (args, kwargs) in zip(
-            list(self.lm.arch.layers())[self.start :], self.calls, strict=True
-        ):
-            out = layer(h, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": h})
-            h = out[0] if isinstance(out, tuple) else out
+        for layer, call in zip(list(self.lm.arch.layers())[self.start :], self.calls, strict=True):
+            h = replay(layer, call, h)
         return h
 
     def _before_run(self) -> None:

@@ -38,6 +38,7 @@ alignment of the adapted keys (cos to ``u`` and ``β̃ = k̂ᵀC⁻¹k*/(k*ᵀC�
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -54,7 +55,8 @@ from repedit.data.case import EditCase, EditRequest
 from repedit.data.variants import PassageSampler
 from repedit.editors.keys import compute_keys
 from repedit.errors import InvalidRequestError, RepeditError
-from repedit.models.hooks import Hooks
+from repedit.models.hooks import Hooks, StopForward
+from repedit.models.runner import call_hidden, replay
 from repedit.models.tokens import Position, pad_id, pad_right
 from repedit.rep.adapter import (
     Adapter,
@@ -89,13 +91,16 @@ _AUTO: Any = object()
 
 
 def _chunks(examples: Sequence[RepExample]) -> list[list[int]]:
-    """Indices grouped by length so a forward pass carries little padding."""
+    """Indices grouped by length so a forward pass carries little padding: a chunk holds at
+    most ``CHUNK_TOKENS`` padded tokens and no row shorter than half its width (a 450-token
+    passage must not pad fifteen 20-token prompts to its length)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     out: list[list[int]] = []
     cur: list[int] = []
     for i in order:
         width = len(examples[i].ids)
-        if cur and width * (len(cur) + 1) > CHUNK_TOKENS:
+        shortest = len(examples[cur[0]].ids) if cur else width
+        if cur and (width * (len(cur) + 1) > CHUNK_TOKENS or width > 2 * shortest + 8):
             out.append(cur)
             cur = []
         cur.append(i)
@@ -149,6 +154,94 @@ def read_keys(
         for k, a in ups.items():
             a.train(modes[k])
     return out  # type: ignore[return-value]
+
+
+class _LayerwiseReader:
+    """Keys for training adapters one layer at a time, lowest first, without re-running the
+    network from the embeddings for every layer.
+
+    One forward per chunk up to the deepest layer reads the keys of the unadapted model at
+    every layer (the "before" keys) and records how each adapted layer's decoder block was
+    called. :meth:`advance` then runs only the blocks between the last layer and the next, with
+    the trained adapters (eval mode, as at test time) rewriting their down-projection inputs,
+    and reads the next layer's raw key before its own down-projection runs. These are exactly
+    the keys :func:`read_keys` gives with those adapters upstream, at a fraction of the cost.
+    """
+
+    def __init__(self, lm: Any, layers: list[int], examples: Sequence[RepExample]):
+        self.lm, self.layers, self.examples = lm, layers, examples
+        self.blocks = lm.arch.layers()
+        lo, deepest = layers[0], layers[-1]
+        pid = pad_id(lm.tokenizer)
+        self.chunks = _chunks(examples)
+        self.calls: list[dict[int, tuple[tuple, dict]]] = []
+        self.hidden: list[torch.Tensor] = []  # input of block ``self.at`` per chunk
+        self.before: dict[int, list[torch.Tensor | None]] = {
+            layer: [None] * len(examples) for layer in layers
+        }
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for idx in self.chunks:
+                ids, mask = pad_right([examples[i].ids for i in idx], pid)
+                with Hooks() as h:
+                    for j in range(lo, deepest + 1):
+                        h.record_call(str(j), self.blocks[j])
+                    for layer in layers:
+                        h.capture(str(layer), lm.arch.down_proj(layer))
+                    h.stop_after(lm.arch.down_proj(deepest))
+                    h.run(
+                        lm.model,
+                        input_ids=ids.to(lm.device),
+                        attention_mask=mask.to(lm.device),
+                        use_cache=False,
+                    )
+                self.calls.append({j: h.calls[str(j)] for j in range(lo, deepest + 1)})
+                self.hidden.append(call_hidden(self.calls[-1][lo]).detach())
+                for layer in layers:
+                    self._scatter(self.before[layer], idx, h[str(layer)])
+        self.at = lo
+        self.current = self.before[lo]
+        self.forward_seconds = time.perf_counter() - t0
+
+    def _scatter(self, out: list, idx: list[int], keys: torch.Tensor) -> None:
+        for row, i in enumerate(idx):
+            out[i] = keys[row, : len(self.examples[i].ids)].float()
+
+    def advance(self, layer: int, adapters: Mapping[int, Adapter]) -> list[torch.Tensor]:
+        """Raw keys at ``layer`` with ``adapters`` (all below it, trained) in place."""
+        t0 = time.perf_counter()
+        arch = self.lm.arch
+        out: list[torch.Tensor | None] = [None] * len(self.examples)
+        modes = {k: a.training for k, a in adapters.items()}
+        try:
+            for a in adapters.values():
+                a.eval()
+            with torch.no_grad():
+                for c, idx in enumerate(self.chunks):
+                    h = self.hidden[c]
+                    with Hooks() as hooks:
+                        for j, adapter in adapters.items():
+                            hooks.rewrite(arch.down_proj(j), adapter)
+                        for j in range(self.at, layer):
+                            h = replay(self.blocks[j], self.calls[c][j], h)
+                        hooks.capture("key", arch.down_proj(layer))
+                        hooks.stop_before(arch.down_proj(layer))
+                        with contextlib.suppress(StopForward):
+                            replay(self.blocks[layer], self.calls[c][layer], h)
+                    self.hidden[c] = h
+                    self._scatter(out, idx, hooks["key"])
+        finally:
+            for k, a in adapters.items():
+                a.train(modes[k])
+        self.at, self.current = layer, out
+        self.forward_seconds += time.perf_counter() - t0
+        return out  # type: ignore[return-value]
+
+    def cache(self, layer: int) -> _KeyCache:
+        """The current layer's keys as a filled :class:`_KeyCache` for :func:`fit`."""
+        kc = _KeyCache(self.lm, [layer], list(self.examples), cacheable=True)
+        kc.store = {i: {layer: k} for i, k in enumerate(self.current)}  # type: ignore[misc]
+        return kc
 
 
 class _KeyCache:
@@ -551,7 +644,7 @@ def _train_group(
     neg_index = list(range(n_prompts + n_pos, len(examples)))
     cache = _KeyCache(lm, layers, examples, cacheable=len(layers) == 1)
     before = after = _Tally()
-    if report:
+    if report and (len(layers) == 1 or not cfg.layerwise):
         everything = list(range(len(examples)))
         keys = cache.get(everything, adapters)
         before = _measure(adapters, examples, keys, targets, request_map)
@@ -587,20 +680,25 @@ def _train_group(
 
     if len(layers) == 1 or not cfg.layerwise:
         losses = fit(adapters, cache)
-    else:
-        # lowest layer first, each on keys read once with the (trained, frozen) adapters below
-        # it, as at test time: a forward per layer instead of one per step, and no layer
-        # chases keys that move while the adapters under it learn
-        losses = []
-        for layer in layers:
-            own = _KeyCache(lm, [layer], examples, cacheable=True)
-            steps = fit({layer: adapters[layer]}, own)
-            cache.forward_seconds += own.forward_seconds
-            losses = steps if not losses else _sum_losses([losses, steps])
+        if report:
+            keys = cache.get(list(range(len(examples))), adapters)
+            after = _measure(adapters, examples, keys, targets, request_map)
+        return losses, before, after, cache.forward_seconds
+    # lowest layer first, each on keys read once with the (trained, frozen) adapters below it,
+    # as at test time: no layer chases keys that move while the adapters under it learn
+    reader = _LayerwiseReader(lm, layers, examples)
     if report:
-        keys = cache.get(list(range(len(examples))), adapters)
-        after = _measure(adapters, examples, keys, targets, request_map)
-    return losses, before, after, cache.forward_seconds
+        before = _measure(adapters, examples, reader.before, targets, request_map)
+    losses = []
+    after_keys: dict[int, list[torch.Tensor]] = {}
+    for layer in layers:
+        below = {j: adapters[j] for j in layers if j < layer}
+        after_keys[layer] = reader.advance(layer, below) if below else reader.current
+        steps = fit({layer: adapters[layer]}, reader.cache(layer))
+        losses = steps if not losses else _sum_losses([losses, steps])
+    if report:  # a layer's own adapter does not change its key: these are the adapted model's
+        after = _measure(adapters, examples, after_keys, targets, request_map)
+    return losses, before, after, reader.forward_seconds
 
 
 def _sum_losses(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
