@@ -14,84 +14,15 @@ from typing import Any
 
 import pytest
 import torch
+from harness_cases import FAST_ROME, run_config, stats_config, write_files
 
-from repedit.editors import StatsConfig, make_editor
+from repedit.editors import make_editor
 from repedit.errors import EditError, RepeditError
-from repedit.evaluation.harness import RESULTS, RunConfig, read_jsonl, run_eval
+from repedit.evaluation.harness import RESULTS, read_jsonl, run_eval
 from repedit.evaluation.probes import TESTS
 from repedit.models.tiny import tiny_loaded
 
 torch.set_num_threads(1)
-
-CORPUS = "".join(
-    f"Line {i}: the capital of France is Paris, Toyota was founded in Japan and "
-    f"Slovenia is located in Europe; item {i * 7} is Microsoft.\n"
-    for i in range(150)
-)
-
-
-def _case(case_id: int, prompt: str, subject: str, new: str, true: str, **kw: Any) -> dict:
-    return {
-        "case_id": case_id,
-        "prompt": prompt,
-        "subject": subject,
-        "target_new": new,
-        "target_true": true,
-        "rephrase_prompt": kw.get("rephrase", []),
-        "rephrase_target": new,
-        "locality_prompt": kw.get("locality", []),
-        "locality_ground_truth": true,
-        "subject_rephrase": kw.get("paraphrases", []),
-    }
-
-
-CASES = [
-    _case(
-        1,
-        "Slovenia is located in the continent of",
-        "Slovenia",
-        "Asia",
-        "Europe",
-        rephrase=["Slovenia lies on the continent of", "Slovenia is located in the continent of"],
-        locality=["Austria is located in the continent of", "Italy is located in"],
-        paraphrases=[
-            "the Republic of Slovenia",
-            "Slovenija",
-            "the Slovene state",
-            "the country of Slovenia",
-            "the nation of Slovenia",
-            "the land of the Slovenes",
-        ],
-    ),
-    _case(
-        2,
-        "Toyota was founded in",
-        "Toyota",
-        "France",
-        "Japan",
-        locality=["Apple was founded in"],
-        paraphrases=["the Toyota company", "Toyota Motor"],
-    ),
-    _case(
-        3,
-        "The mother tongue of Danielle Darrieux is",
-        "Danielle Darrieux",
-        "English",
-        "French",
-        rephrase=["Danielle Darrieux grew up speaking"],
-        locality=["The mother tongue of Michel Rocard is"],
-        paraphrases=["the actress Danielle Darrieux", "Darrieux"],
-    ),
-    _case(
-        4,
-        "Microsoft was founded in the country of",
-        "Microsoft",  # one token in the tiny tokenizer: no scramble
-        "Japan",
-        "America",
-        locality=["Apple was founded in the country of"],
-        paraphrases=["Microsoft Corporation"],
-    ),
-]
 
 
 @pytest.fixture(scope="module")
@@ -101,36 +32,14 @@ def lm():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("harness")
-    data = root / "cases.json"
-    data.write_text(json.dumps(CASES))
-    corpus = root / "corpus.txt"
-    corpus.write_text(CORPUS)
-    return {"data": data, "corpus": corpus, "cache": root / "cache"}
+    return write_files(tmp_path_factory.mktemp("harness"))
 
 
 def _editor(files: dict[str, Path]) -> Any:
-    stats = StatsConfig(
-        corpus=str(files["corpus"]), n_tokens=2000, cache=str(files["cache"]), progress=False
-    )
-    return make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 5}}, stats)
+    return make_editor("rome", FAST_ROME, stats_config(files))
 
 
-def _cfg(files: dict[str, Path], out: Path, **kw: Any) -> RunConfig:
-    base = {
-        "model": "tiny-llama",
-        "method": "rome",
-        "hparams": {"contexts": [[3, 2]], "value.steps": 5},
-        "data": str(files["data"]),
-        "out": str(out),
-        "long_context_corpus": str(files["corpus"]),
-        "long_context_length": 48,
-        "fluency_tokens": 8,
-        "stats_corpus": str(files["corpus"]),
-        "stats_tokens": 2000,
-    }
-    base.update(kw)
-    return RunConfig(**base)
+_cfg = run_config
 
 
 class Spy:

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from harness_cases import CASES, FAST_ROME, run_config, stats_config, write_files
 
-from repedit.editors import StatsConfig, make_editor
+from repedit.editors import make_editor
 from repedit.errors import InvalidRequestError, RepeditError
 from repedit.evaluation.harness import (
     RESULTS,
@@ -24,58 +25,6 @@ from repedit.evaluation.harness import (
 from repedit.models.tiny import tiny_loaded
 
 torch.set_num_threads(1)
-
-CORPUS = "".join(
-    f"Line {i}: the capital of France is Paris, Toyota was founded in Japan and "
-    f"Slovenia is located in Europe; item {i * 7} is Microsoft.\n"
-    for i in range(150)
-)
-
-
-def _case(case_id: int, prompt: str, subject: str, new: str, true: str, **kw: Any) -> dict:
-    return {
-        "case_id": case_id,
-        "prompt": prompt,
-        "subject": subject,
-        "target_new": new,
-        "target_true": true,
-        "rephrase_prompt": [],
-        "rephrase_target": new,
-        "locality_prompt": kw.get("locality", []),
-        "locality_ground_truth": true,
-        "subject_rephrase": kw.get("paraphrases", []),
-    }
-
-
-CASES = [
-    _case(
-        1,
-        "Slovenia is located in the continent of",
-        "Slovenia",
-        "Asia",
-        "Europe",
-        locality=["Austria is located in the continent of"],
-        paraphrases=["the Republic of Slovenia", "Slovenija", "the Slovene state"],
-    ),
-    _case(
-        2,
-        "Toyota was founded in",
-        "Toyota",
-        "France",
-        "Japan",
-        locality=["Apple was founded in"],
-        paraphrases=["the Toyota company", "Toyota Motor"],
-    ),
-    _case(
-        3,
-        "The mother tongue of Danielle Darrieux is",
-        "Danielle Darrieux",
-        "English",
-        "French",
-        locality=["The mother tongue of Michel Rocard is"],
-        paraphrases=["the actress Danielle Darrieux", "Darrieux"],
-    ),
-]
 
 #: no fluency: the token count of an evaluation does not depend on the adapters
 TESTS = "efficacy,subject_paraphrase,scrambled_subject,long_context,neighbourhood"
@@ -90,12 +39,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("rep-harness")
-    data = root / "cases.json"
-    data.write_text(json.dumps(CASES))
-    corpus = root / "corpus.txt"
-    corpus.write_text(CORPUS)
-    return {"data": data, "corpus": corpus, "cache": root / "cache"}
+    return write_files(tmp_path_factory.mktemp("rep-harness"), CASES[:3])
 
 
 class Spy:
@@ -114,27 +58,11 @@ class Spy:
 
 
 def _editor(files: dict[str, Path]) -> Spy:
-    stats = StatsConfig(
-        corpus=str(files["corpus"]), n_tokens=2000, cache=str(files["cache"]), progress=False
-    )
-    return Spy(make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 5}}, stats))
+    return Spy(make_editor("rome", FAST_ROME, stats_config(files)))
 
 
 def _cfg(files: dict[str, Path], out: Path, **kw: Any) -> RunConfig:
-    base = {
-        "model": "tiny-llama",
-        "method": "rome",
-        "hparams": {"contexts": [[3, 2]], "value.steps": 5},
-        "data": str(files["data"]),
-        "out": str(out),
-        "tests": TESTS,
-        "long_context_corpus": str(files["corpus"]),
-        "long_context_length": 48,
-        "stats_corpus": str(files["corpus"]),
-        "stats_tokens": 2000,
-    }
-    base.update(kw)
-    return RunConfig(**base)
+    return run_config(files, out, **{"tests": TESTS, **kw})
 
 
 def _weights(lm: Any) -> dict[str, torch.Tensor]:
