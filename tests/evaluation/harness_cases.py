@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from repedit.editors import StatsConfig
 from repedit.evaluation.harness import RunConfig
 
@@ -118,3 +120,12 @@ def run_config(files: dict[str, Path], out: Path, **kw: Any) -> RunConfig:
     }
     base.update(kw)
     return RunConfig(**base)
+
+
+def weights(lm: Any) -> dict[str, torch.Tensor]:
+    """A copy of every weight, to check that a run leaves the model as it found it."""
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def same_weights(lm: Any, saved: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, saved[k]) for k, v in lm.model.state_dict().items())

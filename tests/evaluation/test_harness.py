@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness_cases import FAST_ROME, run_config, stats_config, write_files
+from harness_cases import FAST_ROME, run_config, same_weights, stats_config, weights, write_files
 
 from repedit.editors import make_editor
 from repedit.errors import EditError, RepeditError
@@ -75,14 +75,6 @@ class ZeroEdit(Spy):
         return result.apply(lm) if apply else result
 
 
-def _weights(lm: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def _same(lm: Any, saved: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, saved[k]) for k, v in lm.model.state_dict().items())
-
-
 def _records(out: Path) -> list[dict]:
     return read_jsonl(out / RESULTS)
 
@@ -91,9 +83,9 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_single_end_to_end(lm, files, tmp_path):
-    before = _weights(lm)
+    before = weights(lm)
     out = run_eval(_cfg(files, tmp_path / "run"), lm=lm, editor=_editor(files), progress=False)
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     for name in ("config.json", "results.jsonl", "reference.jsonl", "summary.json", "summary.md"):
         assert (out / name).exists(), name
     html = (out / "report.html").read_text()
@@ -195,11 +187,11 @@ def test_changed_config_is_refused(lm, files, tmp_path):
 
 @pytest.mark.parametrize("exc", [EditError, RuntimeError])
 def test_failing_case_is_recorded_and_weights_restored(lm, files, tmp_path, exc):
-    before = _weights(lm)
+    before = weights(lm)
     spy = Spy(_editor(files), fail_on={"2"}, exc=exc)
     cfg = _cfg(files, tmp_path / "run", tests="efficacy,neighbourhood")
     out = run_eval(cfg, lm=lm, editor=spy, progress=False, report=False)
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     recs = {r["case_id"]: r for r in _records(out)}
     assert set(recs) == {"1", "2", "3", "4"}
     assert recs["2"]["error"]["type"] == exc.__name__
@@ -225,11 +217,11 @@ def test_failing_case_is_recorded_and_weights_restored(lm, files, tmp_path, exc)
 
 
 def test_batch_mode(lm, files, tmp_path):
-    before = _weights(lm)
+    before = weights(lm)
     spy = Spy(_editor(files))
     cfg = _cfg(files, tmp_path / "run", mode="batch", batch_size=3, n=4, tests="efficacy")
     out = run_eval(cfg, lm=lm, editor=spy, progress=False)
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     assert spy.calls == [["1", "2", "3"], ["4"]]
     recs = _records(out)
     assert [r["chunk"] for r in recs] == [0, 0, 0, 1]
@@ -238,12 +230,12 @@ def test_batch_mode(lm, files, tmp_path):
 
 
 def test_sequential_mode_and_resume(lm, files, tmp_path):
-    before = _weights(lm)
+    before = weights(lm)
     tests = "efficacy,subject_paraphrase,neighbourhood"
     full = _cfg(files, tmp_path / "full", mode="sequential", eval_every=2, tests=tests)
     spy = Spy(_editor(files))
     out = run_eval(full, lm=lm, editor=spy, progress=False)
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     assert len(spy.calls) == 4
     points = read_jsonl(out / "sequential.jsonl")
     assert [p["n_edits"] for p in points] == [2, 4]
@@ -259,11 +251,11 @@ def test_sequential_mode_and_resume(lm, files, tmp_path):
     part = tmp_path / "part"
     kw = {"mode": "sequential", "eval_every": 2, "tests": tests}
     run_eval(_cfg(files, part, n=2, **kw), lm=lm, editor=_editor(files), progress=False)
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     spy = Spy(_editor(files))
     run_eval(_cfg(files, part, n=4, **kw), lm=lm, editor=spy, progress=False, report=False)
     assert spy.calls == [["3"], ["4"]]
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     straight = {r["case_id"]: r["tests"] for r in _records(out)}
     resumed = {r["case_id"]: r["tests"] for r in _records(part)}
     assert resumed == straight

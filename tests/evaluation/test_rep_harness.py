@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 import torch
-from harness_cases import CASES, FAST_ROME, run_config, stats_config, write_files
+from harness_cases import (
+    CASES,
+    FAST_ROME,
+    run_config,
+    same_weights,
+    stats_config,
+    weights,
+    write_files,
+)
 
 from repedit.editors import make_editor
 from repedit.errors import InvalidRequestError, RepeditError
@@ -65,23 +73,15 @@ def _cfg(files: dict[str, Path], out: Path, **kw: Any) -> RunConfig:
     return run_config(files, out, **{"tests": TESTS, **kw})
 
 
-def _weights(lm: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def _same(lm: Any, saved: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, saved[k]) for k, v in lm.model.state_dict().items())
-
-
 def _logprobs(rec: dict) -> list[float]:
     return [p["logprob"] for t in rec["tests"].values() for p in t.get("probes", [])]
 
 
 def test_single_mode_with_rep_records_timing_and_summary(lm, files, tmp_path):
-    before = _weights(lm)
+    before = weights(lm)
     cfg = _cfg(files, tmp_path / "run", n=2, rep=REP)
     out = run_eval(cfg, lm=lm, editor=_editor(files), progress=False)
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     recs = read_jsonl(out / RESULTS)
     assert [r["case_id"] for r in recs] == ["1", "2"]
     for rec in recs:
@@ -124,7 +124,7 @@ def test_adapters_are_on_while_scoring(lm, files, tmp_path):
 
 
 def test_batch_mode_shares_one_adapter_set_unless_told(lm, files, tmp_path):
-    before = _weights(lm)
+    before = weights(lm)
     kw = {"mode": "batch", "batch_size": 2, "n": 2}
     shared = run_eval(
         _cfg(files, tmp_path / "shared", rep=REP, **kw),
@@ -140,7 +140,7 @@ def test_batch_mode_shares_one_adapter_set_unless_told(lm, files, tmp_path):
         progress=False,
         report=False,
     )
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     for out, groups in ((shared, 1), (own, 2)):
         recs = read_jsonl(out / RESULTS)
         assert len(recs) == 2
@@ -151,12 +151,12 @@ def test_batch_mode_shares_one_adapter_set_unless_told(lm, files, tmp_path):
 
 
 def test_tau_sweep_one_subrun_per_tau_and_resume(lm, files, tmp_path):
-    before = _weights(lm)
+    before = weights(lm)
     out = tmp_path / "sweep"
     spy = _editor(files)
     cfg = _cfg(files, out, n=2, rep=REP, rep_taus=(0.5, 0.9))
     assert run_eval(cfg, lm=lm, editor=spy, progress=False) == out
-    assert _same(lm, before)
+    assert same_weights(lm, before)
     assert spy.calls == [["1"], ["2"]]  # trained once per case, whatever the number of τ
     subs = sweep_dirs(out)
     assert subs == [out / "tau-0.5", out / "tau-0.9"]
@@ -206,6 +206,40 @@ def test_tau_sweep_one_subrun_per_tau_and_resume(lm, files, tmp_path):
         )
 
 
+def test_sequential_rep_stacks_adapters_and_resumes(lm, files, tmp_path):
+    """Each sequential edit gets its own adapters; all of them act in later evaluations; a
+    resumed run reloads them and matches the straight run; a lost adapter file is refused."""
+    before = weights(lm)
+    rep = {**REP, "use_gate": False}  # always on: every adapter set shows in the scores
+    kw = {"mode": "sequential", "eval_every": 1, "tests": "efficacy,subject_paraphrase"}
+    straight = tmp_path / "straight"
+    spy = _editor(files)
+    run_eval(_cfg(files, straight, n=3, rep=rep, **kw), lm=lm, editor=spy, progress=False)
+    assert same_weights(lm, before) and len(spy.calls) == 3
+    recs = read_jsonl(straight / RESULTS)
+    assert all("rep_seconds" in r and "rep" in r and "rep_eval_gate" in r for r in recs)
+    assert len(list((straight / "sequential_rep").glob("*.safetensors"))) == 3
+    plain = tmp_path / "plain"
+    run_eval(_cfg(files, plain, n=3, **kw), lm=lm, editor=_editor(files), progress=False)
+    plain_recs = read_jsonl(plain / RESULTS)
+    assert [_logprobs(r) for r in recs] != [_logprobs(r) for r in plain_recs]
+    # stopped after two edits, then resumed: the third edit is scored with all three adapter
+    # sets, the checkpoints re-score the earlier cases with theirs
+    part = tmp_path / "part"
+    run_eval(_cfg(files, part, n=2, rep=rep, **kw), lm=lm, editor=_editor(files), progress=False)
+    spy = _editor(files)
+    run_eval(_cfg(files, part, n=3, rep=rep, **kw), lm=lm, editor=spy, progress=False)
+    assert spy.calls == [["3"]] and same_weights(lm, before)
+    assert [r["tests"] for r in read_jsonl(part / RESULTS)] == [r["tests"] for r in recs]
+    assert [p["means"] for p in read_jsonl(part / "sequential.jsonl")] == [
+        p["means"] for p in read_jsonl(straight / "sequential.jsonl")
+    ]
+    next(iter((part / "sequential_rep").glob("*.safetensors"))).unlink()
+    with pytest.raises(RepeditError, match=r"REP adapters .* are missing"):
+        run_eval(_cfg(files, part, n=4, rep=rep, **kw), lm=lm, editor=_editor(files))
+    assert same_weights(lm, before)
+
+
 def test_resumed_run_needs_the_same_rep_config(lm, files, tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(files, out, n=1, tests="efficacy", rep=REP)
@@ -221,8 +255,9 @@ def test_resumed_run_needs_the_same_rep_config(lm, files, tmp_path):
 
 
 def test_rep_config_validation():
-    with pytest.raises(InvalidRequestError, match="sequential mode is not supported"):
-        RunConfig(mode="sequential", rep={})
+    with pytest.raises(InvalidRequestError, match="cannot run in sequential mode"):
+        RunConfig(mode="sequential", rep_taus="0.5,0.9")
+    assert RunConfig(mode="sequential", rep={}).rep_config() is not None
     with pytest.raises(InvalidRequestError, match="unknown rep hyper-parameter"):
         RunConfig(rep={"bogus": 1})
     with pytest.raises(InvalidRequestError, match="tau must be in"):

@@ -26,7 +26,9 @@ REP: --rep trains REP adapters after every edit (batch mode: one shared set per 
 --rep-set shared=false) and scores with them attached; records gain rep_seconds (apart from
 edit_seconds), the training summary (gate open rates, losses) and the gate's open rate while
 scoring. --rep-tau 0.5,0.7,0.9 trains once and scores once per τ, into OUT/tau-0.5/, ... (one
-plain run directory each; OUT/report.html compares them). Sequential mode with REP is refused.
+plain run directory each; OUT/report.html compares them). In sequential mode every edit
+gets its own adapters and all of them stay on for later edits (OUT/sequential_rep/); a τ sweep
+needs single or batch mode.
 
 examples:
   repedit eval --method rome --data rep-counterfact --n 100 --out runs/rome-cf

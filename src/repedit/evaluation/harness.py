@@ -7,6 +7,7 @@ A run lives in one directory (``RunConfig.out``)::
     reference.jsonl    the unedited model's predictions on each case's neighbourhood probes
     sequential.jsonl   sequential mode: means over edited-so-far cases every ``eval_every`` edits
     sequential_state.safetensors   sequential mode: the edited weights, for resuming
+    sequential_rep/    sequential mode with REP: each edited case's adapters (one file per case)
     sessions.json      wall time of every session that worked on the run
     summary.json / summary.md / report.html   written at the end (see ``summary``, ``report``)
 
@@ -34,11 +35,13 @@ adapters are trained on the edited model (:func:`repedit.rep.train_rep`, in batc
 batch, one shared adapter set unless ``rep["shared"]`` is False) and the case is evaluated with
 them attached. Records gain ``rep_seconds`` (apart from ``edit_seconds``), ``rep`` (the training
 summary: gate open rates, alignment, losses, pool) and ``rep_eval_gate`` (open rates while
-evaluating). Sequential mode with REP is refused. A τ sweep (``rep_taus`` with several values)
-trains once per case and evaluates once per τ; ``OUT`` then holds ``config.json``,
-``reference.jsonl``, ``sessions.json``, a ``report.html`` comparing the τ values, and one plain
-run directory per τ, ``OUT/tau-0.5/``, ``OUT/tau-0.9/``, ... (its config has ``rep.tau`` set, its
-records ``rep_tau``); a case is done once every sub-run holds it.
+evaluating). In sequential mode each edit gets its own adapters, trained on the model
+with every earlier edit in place (earlier adapters detached), and all adapters so far act
+together (a ``RepStack`` per layer) in every later evaluation and checkpoint. A τ sweep
+(``rep_taus`` with several values) trains once per case and evaluates once per τ; ``OUT`` then
+holds ``config.json``, ``reference.jsonl``, ``sessions.json``, a ``report.html`` comparing the τ
+values, and one plain run directory per τ, ``OUT/tau-0.5/``, ``OUT/tau-0.9/``, ... (its config
+has ``rep.tau`` set, its records ``rep_tau``); a case is done once every sub-run holds it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +89,7 @@ RESULTS = "results.jsonl"
 REFERENCE = "reference.jsonl"
 SEQUENTIAL = "sequential.jsonl"
 SEQ_STATE = "sequential_state.safetensors"
+SEQ_REP_DIR = "sequential_rep"
 SESSIONS = "sessions.json"
 RUN_FILES = (
     CONFIG,
@@ -195,10 +200,10 @@ class RunConfig:
 
         resolved = RepConfig().replace(**self.rep)  # unknown fields and bad values fail here
         self.rep = {k: getattr(resolved, k) for k in sorted(self.rep)}
-        if self.mode == "sequential":
+        if self.mode == "sequential" and self.rep_taus:
             raise InvalidRequestError(
-                "REP with sequential mode is not supported yet (the adapters of earlier edits "
-                "would have to be stacked on the accumulated edits); use --mode single or batch"
+                "a τ sweep cannot run in sequential mode (each τ changes every later edit's "
+                "evaluation); run one τ per run, e.g. --rep-set tau=0.7"
             )
 
     def rep_config(self) -> Any:
@@ -390,6 +395,7 @@ class RunDir:
             for name in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     (self / name).unlink()
+            shutil.rmtree(self / SEQ_REP_DIR, ignore_errors=True)
         elif cfg_path.exists():
             try:
                 old = json.loads(cfg_path.read_text())
@@ -493,6 +499,8 @@ class _Ctx:
     #: τ sweep: sub-run per τ, and the cases each already holds
     subruns: dict[float, RunDir] = field(default_factory=dict)
     sub_done: dict[float, set[str]] = field(default_factory=dict)
+    #: sequential mode with REP: each layer's adapters, one per edited case, in edit order
+    seq_adapters: dict[int, list[Any]] = field(default_factory=dict)
 
 
 def _neighbour_sig(probes: Sequence[Probe]) -> str:
@@ -954,6 +962,28 @@ def _run_batch(
                 result.revert(ctx.lm)
 
 
+def _seq_rep_path(ctx: _Ctx, key: str) -> Path:
+    name = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return ctx.run / SEQ_REP_DIR / f"{name}.safetensors"
+
+
+def _seq_stack(ctx: _Ctx) -> dict[int, Any] | None:
+    """Every sequential edit's adapters so far, one module per layer (None without REP)."""
+    if ctx.rep_cfg is None or not ctx.seq_adapters:
+        return None
+    from repedit.rep.adapter import RepStack
+
+    return {
+        layer: ads[0] if len(ads) == 1 else RepStack(ads).eval()
+        for layer, ads in ctx.seq_adapters.items()
+    }
+
+
+def _add_seq_adapters(ctx: _Ctx, adapters: dict[int, Any]) -> None:
+    for layer, adapter in adapters.items():
+        ctx.seq_adapters.setdefault(layer, []).append(adapter)
+
+
 def _apply_delta(lm: Any, result: Any) -> None:
     result.check_model(lm)
     with torch.no_grad():
@@ -982,7 +1012,20 @@ def _load_seq_state(ctx: _Ctx) -> tuple[list[str], dict[str, Any] | None]:
                 ctx.snapshot[name] = _snapshot(ctx.lm, [name])[name]
             param = _param(ctx.lm, name)
             param.copy_(tensor.to(param.device, param.dtype))
-    return list(meta.get("edited", [])), meta.get("pending")
+    edited = list(meta.get("edited", []))
+    if ctx.rep_cfg is not None:
+        from repedit.rep.adapter import load_adapters
+
+        ctx.seq_adapters = {}
+        for key in edited:
+            file = _seq_rep_path(ctx, key)
+            if not file.exists():
+                raise RepeditError(
+                    f"{path} lists case {key} as edited but its REP adapters ({file}) are "
+                    "missing; pass --overwrite to start over"
+                )
+            _add_seq_adapters(ctx, load_adapters(file, ctx.lm))
+    return edited, meta.get("pending")
 
 
 def _checkpoint_order(keys: Sequence[str], seed: int) -> list[str]:
@@ -1003,9 +1046,16 @@ def _sequential_checkpoint(
     t0 = time.perf_counter()
     sums: dict[str, list[float]] = {}
     failed = 0
+    adapters = _seq_stack(ctx)
     for key in picked:
         try:
-            ev = _evaluate(ctx, by_key[key], key, fluency=False)
+            if adapters is None:
+                ev = _evaluate(ctx, by_key[key], key, fluency=False)
+            else:
+                from repedit.rep.inject import rep_applied
+
+                with rep_applied(ctx.lm, adapters):
+                    ev = _evaluate(ctx, by_key[key], key, fluency=False)
         except CASE_ERRORS as exc:
             log.warning("sequential checkpoint: case %s failed: %s", key, exc)
             failed += 1
@@ -1094,26 +1144,37 @@ def _run_sequential(
             continue
         rec = _base_record(case, key, index, "sequential")
         t0 = time.perf_counter()
+        edit_seconds = None
         try:
             result = ctx.editor.edit(ctx.lm, [case.request], apply=False)
             _check_finite(result)
+            edit_seconds = time.perf_counter() - t0
             for name in result.deltas:
                 if name not in ctx.snapshot:
                     ctx.snapshot.update(_snapshot(ctx.lm, [name]))
+            if ctx.rep_cfg is not None:
+                # train_rep applies the (unapplied) edit on top of the earlier ones and
+                # reverts it exactly; the adapters are on disk before the state lists the case
+                t1 = time.perf_counter()
+                rep = _train_rep(ctx, result, [case], [key])
+                rep.save(_seq_rep_path(ctx, key), ctx.lm.fingerprint)
+                rec["rep_seconds"] = time.perf_counter() - t1
+                rec["rep"] = _rep_record(rep)
             _apply_delta(ctx.lm, result)
         except CASE_ERRORS as exc:
-            _write(ctx, _failed_case(ctx, rec, exc, time.perf_counter() - t0), progress, done)
+            spent = edit_seconds if edit_seconds is not None else time.perf_counter() - t0
+            _write(ctx, _failed_case(ctx, rec, exc, spent), progress, done)
             if edited:  # the failure restored the snapshot: put the accumulated edits back
                 _load_seq_state(ctx)
             continue
-        rec["edit_seconds"] = time.perf_counter() - t0
+        if ctx.rep_cfg is not None:
+            _add_seq_adapters(ctx, rep.adapters)
+        rec["edit_seconds"] = edit_seconds
         rec["info"] = _info(result)
         edited.append(key)
         rec["n_edits"] = len(edited)
         try:
-            t0 = time.perf_counter()
-            rec.update(_evaluate(ctx, case, key))
-            rec["eval_seconds"] = time.perf_counter() - t0
+            rec.update(_score_edited(ctx, case, key, _seq_stack(ctx)))
         except CASE_ERRORS as exc:
             rec["error"] = _error(exc)
         if len(edited) % ctx.cfg.eval_every == 0 and len(edited) not in checkpoints:
