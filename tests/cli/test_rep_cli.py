@@ -259,10 +259,22 @@ def test_edit_rep_on_a_loaded_edit_trains(
     assert got["rep"]["trained"] is True and got["rep"]["layers"] == [1]
 
 
+def test_edit_rep_export_writes_weights_adapters_and_loader(
+    opts: list[str], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "export"
+    argv = ["edit", *opts, *SUBJECT, *FAST, *REP_FAST, "--export", str(out), "--json"]
+    assert _run_json(capsys, argv)["exported"] == str(out)
+    files = ("config.json", "model.safetensors", "rep_adapters.safetensors", "load_with_rep.py")
+    for name in files:
+        assert (out / name).exists(), name
+    text = (out / "load_with_rep.py").read_text()
+    assert "import repedit" not in text and "from repedit" not in text
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--rep", "--export", "DIR"], "--export"),
         (["--rep-load", "x.safetensors", "--rep-set", "steps=3"], "--rep-load"),
         (["--rep-ablation", "bogus"], "no-gate"),
         (["--rep-tau", "1.5"], "tau must be in (0, 1)"),

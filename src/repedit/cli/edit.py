@@ -39,7 +39,9 @@ subject, its in-domain paraphrases other than those probed) and adds an "after+R
 Long-context passages come from RepConfig.long_context_corpus, else
 $REPEDIT_DATA/wikitext/wiki.test.raw, else the --corpus file. --rep-save writes the adapters,
 --rep-load applies saved ones instead of training (refused by another base model). Adapters act
-through hooks, so --export (plain Hugging Face weights) cannot carry them and is refused with REP.
+through hooks and cannot be baked into weights: with REP, --export DIR writes the edited weights
+plus DIR/rep_adapters.safetensors and DIR/load_with_rep.py, a loader that needs no repedit
+(import load_with_rep; model, tokenizer = load_with_rep.load("DIR")).
 
   repedit edit --subject Slovenia --prompt "{} is located in the continent of" \\
       --target Antarctica --rep --rep-set steps=20 --save e.safetensors --rep-save e.rep.safetensors
@@ -269,12 +271,6 @@ def rep_request(args: argparse.Namespace) -> dict[str, Any] | None:
     overrides = common.rep_overrides(args)
     if overrides is None and not (args.rep_load or args.rep_save):
         return None
-    if args.export:
-        raise InvalidRequestError(
-            "--export writes plain Hugging Face weights, which cannot hold REP adapters (they "
-            "act through hooks on the key path); export without REP, and keep the adapters "
-            "with --rep-save"
-        )
     if args.rep_load and (args.rep_config or args.rep_overrides or args.rep_ablations):
         raise InvalidRequestError(
             "--rep-load applies saved adapters with the configuration they were trained with; "
@@ -415,10 +411,12 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     after = measure(lm, specs, args.new_tokens)
     saved = str(result.save(args.save)) if args.save else None
-    exported = str(result.export(lm, args.export)) if args.export else None
+    exported = None
+    if args.export and rep_overrides is None:
+        exported = str(result.export(lm, args.export))
     after_rep, rep = None, None
     if rep_overrides is not None:
-        from repedit.rep import rep_applied, save_adapters
+        from repedit.rep import export_with_rep, rep_applied, save_adapters
 
         rep_editor = editor
         if rep_editor is None and not args.rep_load:
@@ -428,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
         adapters, rep = apply_rep(args, lm, rep_editor, result, items, rep_overrides)
         if args.rep_load and args.rep_save:
             rep["saved"] = str(save_adapters(args.rep_save, adapters, fingerprint=lm.fingerprint))
+        if args.export:
+            exported = str(export_with_rep(lm, result, adapters, args.export))
         with rep_applied(lm, adapters, count=True) as inj:
             after_rep = measure(lm, specs, args.new_tokens)
         rep["gate"] = {str(k): v for k, v in inj.gate_rates().items()}

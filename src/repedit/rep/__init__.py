@@ -3,7 +3,8 @@
 ``k̂ = k + g(k)·P(k)`` on the input of each edited down-projection, trained after the edit so
 that the keys of paraphrased, scrambled and long-context versions of the subject align with
 the edit's key (:mod:`repedit.rep.train`), attached through hooks only
-(:mod:`repedit.rep.inject`), and saved next to the edit (``save_adapters``/``load_adapters``)::
+(:mod:`repedit.rep.inject`), saved next to the edit (``save_adapters``/``load_adapters``) or
+exported with the edited weights and a loader that needs no repedit (``export_with_rep``)::
 
     result, rep = train_rep_for_editor(lm, editor, [case], RepConfig())
     with rep_applied(lm, rep.adapters, count=True) as inj:
@@ -21,6 +22,7 @@ from repedit.rep.adapter import (
     released_config,
     save_adapters,
 )
+from repedit.rep.export import export_with_rep
 from repedit.rep.inject import RepInjection, attach, rep_applied
 from repedit.rep.train import (
     RepTrainResult,
@@ -53,6 +55,7 @@ __all__ = [
     "attach",
     "build_pool",
     "edit_targets",
+    "export_with_rep",
     "gate_rates",
     "heldout_examples",
     "load_adapters",

@@ -1,0 +1,84 @@
+"""Load a model exported by ``repedit edit ... --rep --export DIR`` with its REP adapters.
+
+``repedit`` copies this file into the export as ``DIR/load_with_rep.py``; it needs torch,
+transformers and safetensors only::
+
+    import sys; sys.path.insert(0, "DIR")
+    import load_with_rep
+    model, tokenizer = load_with_rep.load("DIR")       # the edited model, adapters attached
+    for handle in model.rep_handles: handle.remove()    # the edited model without them
+
+The weight edit is already in the exported weights. An adapter cannot be: it rewrites the input
+``k`` of one MLP down-projection, per token, ``k̂ = k + Σᵢ 𝟙[gᵢ(k) > τᵢ]·Pᵢ(k)`` with
+``P(k) = B·A·k·α/r`` and ``g(k) = σ(W₂·gelu(W₁·k̃) + b₂)`` (``k̃ = k/rms(k)`` when the gate
+normalises its input), which is what :class:`repedit.rep.adapter.RepAdapter` computes in eval
+mode; ``tests/rep/test_export.py`` checks that both give the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+ADAPTER_FILE = "rep_adapters.safetensors"
+
+
+def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(directory / ADAPTER_FILE), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("repedit", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+
+
+def _member(tensors: dict[str, torch.Tensor], prefix: str, cfg: dict[str, Any]) -> Any:
+    """The eval-mode change ``k̂ − k`` (float32) of one adapter."""
+    t = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    scale = float(cfg["alpha"]) / int(cfg["rank"])
+    tau, gated, norm = float(cfg["tau"]), bool(cfg["use_gate"]), bool(cfg["gate_input_norm"])
+
+    def delta(x: torch.Tensor) -> torch.Tensor:
+        p = F.linear(F.linear(x, t["A.weight"].to(x.device)), t["B.weight"].to(x.device)) * scale
+        if not gated:
+            return p
+        xg = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) if norm else x
+        h = F.gelu(F.linear(xg, t["gate_in.weight"].to(x.device), t["gate_in.bias"].to(x.device)))
+        logit = F.linear(h, t["gate_out.weight"].to(x.device), t["gate_out.bias"].to(x.device))
+        return torch.where(torch.sigmoid(logit) > tau, p, torch.zeros_like(p))
+
+    return delta
+
+
+def attach(model: torch.nn.Module, directory: str | Path) -> list[Any]:
+    """Put the adapters of ``directory`` on ``model``'s down-projections (forward pre-hooks);
+    returns the hook handles (``.remove()`` takes an adapter off)."""
+    tensors, meta = _read(Path(directory))
+    handles = []
+    for layer, spec in sorted(meta["layers"].items(), key=lambda kv: int(kv[0])):
+        configs = meta.get("member_configs", {}).get(layer) or [meta["config"]] * spec["n"]
+        deltas = [_member(tensors, f"layer.{layer}.{i}.", configs[i]) for i in range(spec["n"])]
+        module = model.get_submodule(meta["info"]["modules"][layer])
+
+        def rewrite(m: torch.nn.Module, args: tuple, deltas: list = deltas) -> tuple:
+            k = args[0]
+            x = k.float()
+            out = x
+            for delta in deltas:
+                out = out + delta(x)
+            return (out.to(k.dtype), *args[1:])
+
+        handles.append(module.register_forward_pre_hook(rewrite))
+    return handles
+
+
+def load(directory: str | Path, **from_pretrained: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from ``directory`` with the adapters attached (eval mode); the hook
+    handles are in ``model.rep_handles``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, **from_pretrained).eval()
+    model.rep_handles = attach(model, directory)
+    return model, AutoTokenizer.from_pretrained(directory)

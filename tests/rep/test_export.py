@@ -1,0 +1,84 @@
+"""Exporting an edit with REP adapters: the directory loads with transformers and the copied
+standalone loader alone, and gives the logits repedit gives (edit applied, adapters attached)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from repedit.data.case import EditRequest
+from repedit.editors import make_editor
+from repedit.models.loading import load_model
+from repedit.models.tiny import tiny_loaded
+from repedit.rep import RepAdapter, RepConfig, RepStack, export_with_rep, load_adapters, rep_applied
+
+TEXTS = ["The Eiffel Tower is in Paris and Rome", "Toyota was founded in Japan, Microsoft in"]
+
+
+def _half_open(d: int, seed: int, **cfg: object) -> RepAdapter:
+    """An adapter with a moved projection and a gate open on some tokens, shut on others."""
+    torch.manual_seed(seed)
+    adapter = RepAdapter(d, RepConfig(tau=0.5, **cfg))  # type: ignore[arg-type]
+    with torch.no_grad():
+        adapter.B.weight.normal_(0, 0.5)
+        adapter.gate_out.weight.mul_(40.0)
+        adapter.gate_out.bias.zero_()
+    return adapter.eval()
+
+
+def _logits(model: torch.nn.Module, tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _import_loader(directory: Path):
+    spec = importlib.util.spec_from_file_location("load_with_rep", directory / "load_with_rep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path: Path) -> None:
+    lm = tiny_loaded(family)
+    d = lm.arch.d_mlp
+    result = make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 4}}).edit(
+        lm, [EditRequest("The Eiffel Tower is in {}", "Paris", "Italy")], apply=False
+    )
+    adapters = {
+        1: _half_open(d, 0),
+        2: RepStack([_half_open(d, 1), _half_open(d, 2, gate_input_norm=False)]).eval(),
+    }
+    out = export_with_rep(lm, result, adapters, tmp_path / "export")
+    assert not result.applied  # the export applied the edit only while writing
+    result.apply(lm)
+    try:
+        plain = {t: _logits(lm.model, lm.tokenizer, t) for t in TEXTS}
+        with rep_applied(lm, adapters, count=True) as inj:
+            want = {t: _logits(lm.model, lm.tokenizer, t) for t in TEXTS}
+        rates = inj.gate_rates()
+        assert all(0 < r["open"] < r["tokens"] for r in rates.values())  # gates do both
+    finally:
+        result.revert(lm)
+
+    loader = _import_loader(out)
+    model, tokenizer = loader.load(out)
+    for t in TEXTS:
+        got = _logits(model, tokenizer, t)
+        assert torch.allclose(got, want[t], atol=1e-5), t
+        assert not torch.allclose(got, plain[t], atol=1e-3)
+    for handle in model.rep_handles:
+        handle.remove()
+    for t in TEXTS:  # without the adapters: the edited weights alone
+        assert torch.allclose(_logits(model, tokenizer, t), plain[t], atol=1e-5)
+
+    # repedit itself loads the export and its adapters (the file carries the edited model's
+    # fingerprint), and refuses them on the unedited model
+    exported = load_model(str(out), device="cpu")
+    assert sorted(load_adapters(out / "rep_adapters.safetensors", exported)) == [1, 2]
+    with pytest.raises(Exception, match="fingerprint"):
+        load_adapters(out / "rep_adapters.safetensors", lm)
