@@ -14,6 +14,7 @@ from repedit.editors import make_editor
 from repedit.models.loading import load_model
 from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepAdapter, RepConfig, RepStack, export_with_rep, load_adapters, rep_applied
+from repedit.rep.ablations import set_tau
 
 TEXTS = ["The Eiffel Tower is in Paris and Rome", "Toyota was founded in Japan, Microsoft in"]
 
@@ -53,6 +54,7 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
         1: _half_open(d, 0),
         2: RepStack([_half_open(d, 1), _half_open(d, 2, gate_input_norm=False)]).eval(),
     }
+    set_tau(adapters, 0.55)  # a τ set after training is the one exported
     out = export_with_rep(lm, result, adapters, tmp_path / "export")
     assert not result.applied  # the export applied the edit only while writing
     result.apply(lm)
@@ -79,6 +81,8 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
     # repedit itself loads the export and its adapters (the file carries the edited model's
     # fingerprint), and refuses them on the unedited model
     exported = load_model(str(out), device="cpu")
-    assert sorted(load_adapters(out / "rep_adapters.safetensors", exported)) == [1, 2]
+    loaded = load_adapters(out / "rep_adapters.safetensors", exported)
+    assert sorted(loaded) == [1, 2]
+    assert loaded[1].tau == 0.55 and [a.tau for a in loaded[2].adapters] == [0.55, 0.55]
     with pytest.raises(Exception, match="fingerprint"):
         load_adapters(out / "rep_adapters.safetensors", lm)

@@ -37,7 +37,8 @@ them attached. Records gain ``rep_seconds`` (apart from ``edit_seconds``), ``rep
 summary: gate open rates, alignment, losses, pool) and ``rep_eval_gate`` (open rates while
 evaluating). In sequential mode each edit gets its own adapters, trained on the model
 with every earlier edit in place (earlier adapters detached), and all adapters so far act
-together (a ``RepStack`` per layer) in every later evaluation and checkpoint. A τ sweep
+together (a ``RepStack`` per layer; memory and gate compute grow with the number of edits) in
+every later evaluation and checkpoint. A τ sweep
 (``rep_taus`` with several values) trains once per case and evaluates once per τ; ``OUT`` then
 holds ``config.json``, ``reference.jsonl``, ``sessions.json``, a ``report.html`` comparing the τ
 values, and one plain run directory per τ, ``OUT/tau-0.5/``, ``OUT/tau-0.9/``, ... (its config
@@ -682,7 +683,8 @@ def _score_edited(
 
 
 def _train_rep(ctx: _Ctx, result: Any, cases: list[EditCase], keys: list[str]) -> Any:
-    """Train REP adapters for the (applied) edit ``result`` of ``cases``."""
+    """Train REP adapters for the edit ``result`` of ``cases`` (an unapplied edit is applied
+    for the training and reverted exactly)."""
     from repedit.rep.train import train_rep_after
 
     return train_rep_after(

@@ -120,6 +120,8 @@ class Hooks:
         masks, rotary embeddings and the like are architecture-specific and simply reused."""
 
         def keep(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name in self.calls:
+                raise RuntimeError(f"record_call: {name!r} was called twice in one forward")
             self.calls[name] = (args, kwargs)
 
         self._handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))

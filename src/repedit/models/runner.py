@@ -26,6 +26,15 @@ def call_hidden(call: tuple[tuple, dict]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def without_hidden(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """``call`` with its hidden-state input dropped (``replay`` supplies one): what to keep of
+    many recorded calls without holding every layer's activations."""
+    args, kwargs = call
+    if args:
+        return (None, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": None}
+
+
 def replay(layer: torch.nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
     """Run a decoder layer as it was called in ``call`` (``Hooks.record_call``), on ``hidden``;
     returns its output hidden state. Hooks on its submodules fire as in the full forward."""
@@ -59,8 +68,8 @@ class UpperRunner:
             h.run(lm.model, input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         if len(h.calls) != len(layers) - start:
             raise RuntimeError("UpperRunner: decoder layers were not all called once")
-        self.calls = [h.calls[str(j)] for j in range(start, len(layers))]
-        self.hidden_in = call_hidden(self.calls[0]).detach()
+        self.hidden_in = call_hidden(h.calls[str(start)]).detach()
+        self.calls = [without_hidden(h.calls[str(j)]) for j in range(start, len(layers))]
         #: final-layer hidden states of the unmodified forward [batch, seq, d_model]
         self.final_hidden = h["final"]
 

@@ -259,7 +259,6 @@ class RepAdapter(nn.Module):
         self.cfg = cfg or RepConfig()
         self.d_mlp = d_mlp
         self.scale = self.cfg.alpha / self.cfg.rank
-        self.tau = self.cfg.tau
         self.dropout = nn.Dropout(self.cfg.dropout)
         self.A = nn.Linear(d_mlp, self.cfg.rank, bias=False)
         self.B = nn.Linear(self.cfg.rank, d_mlp, bias=False)
@@ -277,6 +276,16 @@ class RepAdapter(nn.Module):
         if self.cfg.gate_bias_init is not None:
             with torch.no_grad():
                 self.gate_out.bias.fill_(self.cfg.gate_bias_init)
+
+    @property
+    def tau(self) -> float:
+        """The hard-gate threshold, ``cfg.tau``; setting it updates the config, so a saved or
+        exported adapter gates as it did here."""
+        return self.cfg.tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.cfg = self.cfg.replace(tau=float(value))
 
     # -- parts -----------------------------------------------------------------------------
     def projection_parameters(self) -> list[nn.Parameter]:
@@ -342,7 +351,14 @@ class RepStack(nn.Module):
         self.adapters = nn.ModuleList(adapters)
         self.cfg = adapters[0].cfg
         self.d_mlp = adapters[0].d_mlp
-        self.tau = self.cfg.tau
+
+    @property
+    def tau(self) -> float:
+        return self.cfg.tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.cfg = self.cfg.replace(tau=float(value))
 
     def __len__(self) -> int:
         return len(self.adapters)

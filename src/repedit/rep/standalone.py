@@ -34,33 +34,39 @@ def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
 
 
-def _member(tensors: dict[str, torch.Tensor], prefix: str, cfg: dict[str, Any]) -> Any:
-    """The eval-mode change ``k̂ − k`` (float32) of one adapter."""
-    t = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+def _member(
+    tensors: dict[str, torch.Tensor], prefix: str, cfg: dict[str, Any], device: torch.device
+) -> Any:
+    """The eval-mode change ``k̂ − k`` (float32) of one adapter, its weights on ``device``."""
+    t = {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
     scale = float(cfg["alpha"]) / int(cfg["rank"])
     tau, gated, norm = float(cfg["tau"]), bool(cfg["use_gate"]), bool(cfg["gate_input_norm"])
 
     def delta(x: torch.Tensor) -> torch.Tensor:
-        p = F.linear(F.linear(x, t["A.weight"].to(x.device)), t["B.weight"].to(x.device)) * scale
+        p = F.linear(F.linear(x, t["A.weight"]), t["B.weight"]) * scale
         if not gated:
             return p
         xg = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) if norm else x
-        h = F.gelu(F.linear(xg, t["gate_in.weight"].to(x.device), t["gate_in.bias"].to(x.device)))
-        logit = F.linear(h, t["gate_out.weight"].to(x.device), t["gate_out.bias"].to(x.device))
+        h = F.gelu(F.linear(xg, t["gate_in.weight"], t["gate_in.bias"]))
+        logit = F.linear(h, t["gate_out.weight"], t["gate_out.bias"])
         return torch.where(torch.sigmoid(logit) > tau, p, torch.zeros_like(p))
 
     return delta
 
 
 def attach(model: torch.nn.Module, directory: str | Path) -> list[Any]:
-    """Put the adapters of ``directory`` on ``model``'s down-projections (forward pre-hooks);
-    returns the hook handles (``.remove()`` takes an adapter off)."""
+    """Put the adapters of ``directory`` on ``model``'s down-projections (forward pre-hooks),
+    on each module's device (attach after moving the model); returns the hook handles
+    (``.remove()`` takes an adapter off)."""
     tensors, meta = _read(Path(directory))
     handles = []
     for layer, spec in sorted(meta["layers"].items(), key=lambda kv: int(kv[0])):
         configs = meta.get("member_configs", {}).get(layer) or [meta["config"]] * spec["n"]
-        deltas = [_member(tensors, f"layer.{layer}.{i}.", configs[i]) for i in range(spec["n"])]
         module = model.get_submodule(meta["info"]["modules"][layer])
+        device = next(module.parameters()).device
+        deltas = [
+            _member(tensors, f"layer.{layer}.{i}.", configs[i], device) for i in range(spec["n"])
+        ]
 
         def rewrite(m: torch.nn.Module, args: tuple, deltas: list = deltas) -> tuple:
             k = args[0]

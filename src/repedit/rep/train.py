@@ -56,7 +56,7 @@ from repedit.data.variants import PassageSampler
 from repedit.editors.keys import compute_keys
 from repedit.errors import InvalidRequestError, RepeditError
 from repedit.models.hooks import Hooks, StopForward
-from repedit.models.runner import call_hidden, replay
+from repedit.models.runner import call_hidden, replay, without_hidden
 from repedit.models.tokens import Position, pad_id, pad_right
 from repedit.rep.adapter import (
     Adapter,
@@ -92,8 +92,8 @@ _AUTO: Any = object()
 
 def _chunks(examples: Sequence[RepExample]) -> list[list[int]]:
     """Indices grouped by length so a forward pass carries little padding: a chunk holds at
-    most ``CHUNK_TOKENS`` padded tokens and no row shorter than half its width (a 450-token
-    passage must not pad fifteen 20-token prompts to its length)."""
+    most ``CHUNK_TOKENS`` padded tokens and its width is at most twice its shortest row plus 8
+    (a 450-token passage must not pad fifteen 20-token prompts to its length)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     out: list[list[int]] = []
     cur: list[int] = []
@@ -168,16 +168,19 @@ class _LayerwiseReader:
     the keys :func:`read_keys` gives with those adapters upstream, at a fraction of the cost.
     """
 
-    def __init__(self, lm: Any, layers: list[int], examples: Sequence[RepExample]):
+    def __init__(
+        self, lm: Any, layers: list[int], examples: Sequence[RepExample], *, before: bool = True
+    ):
         self.lm, self.layers, self.examples = lm, layers, examples
         self.blocks = lm.arch.layers()
         lo, deepest = layers[0], layers[-1]
         pid = pad_id(lm.tokenizer)
         self.chunks = _chunks(examples)
-        self.calls: list[dict[int, tuple[tuple, dict]]] = []
+        self.calls: list[dict[int, tuple[tuple, dict]]] = []  # without their hidden states
         self.hidden: list[torch.Tensor] = []  # input of block ``self.at`` per chunk
+        read = layers if before else [lo]  # the other layers' keys only feed the report
         self.before: dict[int, list[torch.Tensor | None]] = {
-            layer: [None] * len(examples) for layer in layers
+            layer: [None] * len(examples) for layer in read
         }
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -186,7 +189,7 @@ class _LayerwiseReader:
                 with Hooks() as h:
                     for j in range(lo, deepest + 1):
                         h.record_call(str(j), self.blocks[j])
-                    for layer in layers:
+                    for layer in read:
                         h.capture(str(layer), lm.arch.down_proj(layer))
                     h.stop_after(lm.arch.down_proj(deepest))
                     h.run(
@@ -195,9 +198,11 @@ class _LayerwiseReader:
                         attention_mask=mask.to(lm.device),
                         use_cache=False,
                     )
-                self.calls.append({j: h.calls[str(j)] for j in range(lo, deepest + 1)})
-                self.hidden.append(call_hidden(self.calls[-1][lo]).detach())
-                for layer in layers:
+                self.hidden.append(call_hidden(h.calls[str(lo)]).detach())
+                self.calls.append(
+                    {j: without_hidden(h.calls[str(j)]) for j in range(lo, deepest + 1)}
+                )
+                for layer in read:
                     self._scatter(self.before[layer], idx, h[str(layer)])
         self.at = lo
         self.current = self.before[lo]
@@ -686,9 +691,10 @@ def _train_group(
         return losses, before, after, cache.forward_seconds
     # lowest layer first, each on keys read once with the (trained, frozen) adapters below it,
     # as at test time: no layer chases keys that move while the adapters under it learn
-    reader = _LayerwiseReader(lm, layers, examples)
+    reader = _LayerwiseReader(lm, layers, examples, before=report)
     if report:
         before = _measure(adapters, examples, reader.before, targets, request_map)
+    reader.before = {}  # the lowest layer's keys live on as ``reader.current``
     losses = []
     after_keys: dict[int, list[torch.Tensor]] = {}
     for layer in layers:
