@@ -122,7 +122,7 @@ def test_eval_rep_config_file(tmp_path: Path) -> None:
         (["--rep-set", "bogus=1"], "unknown rep hyper-parameter"),
         (["--rep-set", "steps"], "--rep-set expects key=value"),
         (["--rep-tau", "0.5,1.5"], "τ must be in (0, 1)"),
-        (["--rep", "--mode", "sequential"], "sequential mode is not supported"),
+        (["--rep-tau", "0.5,0.9", "--mode", "sequential"], "cannot run in sequential mode"),
     ],
 )
 def test_eval_bad_rep_options(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
