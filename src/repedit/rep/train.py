@@ -404,35 +404,49 @@ def _measure(
     targets: _Targets | None,
     request_map: Sequence[int] | None = None,
 ) -> _Tally:
-    """Gate (eval semantics: hard-open share and soft mean) and alignment of adapted keys."""
+    """Gate (eval semantics: hard-open share and soft mean) and alignment of adapted keys.
+
+    Each layer's gate runs once over every token of every example, and the adapter once over
+    all subject-token keys; the tallies are then split per example."""
     tally = _Tally()
+    if not examples:
+        return tally
     with torch.no_grad():
         for layer, adapter in adapters.items():
             modes = adapter.training
             adapter.eval()
             try:
-                for ex, k in zip(examples, keys[layer], strict=True):
-                    g = adapter.gate(k) if adapter.cfg.use_gate else torch.ones(k.shape[0])
-                    if ex.position is not None:
-                        pos = ex.position
-                        mask = torch.ones(k.shape[0], dtype=torch.bool)
-                        mask[pos] = False
-                        for cat in ("positive", f"pos:{ex.kind}"):
-                            tally.add_gate(layer, cat, g[pos : pos + 1].cpu(), adapter.tau)
-                        neg = g[mask.to(g.device)]
-                        if neg.numel():
-                            tally.add_gate(layer, "negative", neg.cpu(), adapter.tau)
-                            tally.add_gate(layer, "neg:context", neg.cpu(), adapter.tau)
-                        if targets is not None:
-                            r = ex.request if request_map is None else request_map[ex.request]
-                            kh = adapter(k[pos : pos + 1])
-                            cos = F.cosine_similarity(kh, targets.u[layer][r : r + 1], dim=-1)
-                            beta = kh @ targets.w[layer][r]
-                            for cat in ("positive", f"pos:{ex.kind}"):
-                                tally.add_align(layer, cat, cos.cpu(), beta.cpu())
-                    else:
+                ks = list(keys[layer])
+                flat = torch.cat(ks)
+                if adapter.cfg.use_gate:
+                    g_all = adapter.gate(flat).cpu()
+                else:
+                    g_all = torch.ones(flat.shape[0])
+                gates = torch.split(g_all, [k.shape[0] for k in ks])
+                pos_rows = [i for i, ex in enumerate(examples) if ex.position is not None]
+                for ex, g in zip(examples, gates, strict=True):
+                    if ex.position is None:
                         for cat in ("negative", f"neg:{ex.kind}"):
-                            tally.add_gate(layer, cat, g.cpu(), adapter.tau)
+                            tally.add_gate(layer, cat, g, adapter.tau)
+                        continue
+                    pos = ex.position
+                    for cat in ("positive", f"pos:{ex.kind}"):
+                        tally.add_gate(layer, cat, g[pos : pos + 1], adapter.tau)
+                    neg = torch.cat([g[:pos], g[pos + 1 :]])
+                    if neg.numel():
+                        tally.add_gate(layer, "negative", neg, adapter.tau)
+                        tally.add_gate(layer, "neg:context", neg, adapter.tau)
+                if targets is None or not pos_rows:
+                    continue
+                rows = [examples[i].request for i in pos_rows]
+                if request_map is not None:
+                    rows = [request_map[r] for r in rows]
+                kh = adapter(torch.stack([ks[i][examples[i].position] for i in pos_rows]))
+                cos = F.cosine_similarity(kh, targets.u[layer][rows], dim=-1).cpu()
+                beta = (kh * targets.w[layer][rows]).sum(-1).cpu()
+                for j, i in enumerate(pos_rows):
+                    for cat in ("positive", f"pos:{examples[i].kind}"):
+                        tally.add_align(layer, cat, cos[j : j + 1], beta[j : j + 1])
             finally:
                 adapter.train(modes)
     return tally
