@@ -973,12 +973,18 @@ def _seq_stack(ctx: _Ctx) -> dict[int, Any] | None:
     """Every sequential edit's adapters so far, one module per layer (None without REP)."""
     if ctx.rep_cfg is None or not ctx.seq_adapters:
         return None
-    from repedit.rep.adapter import RepStack
+    from repedit.rep.adapter import stack_adapters
 
-    return {
-        layer: ads[0] if len(ads) == 1 else RepStack(ads).eval()
-        for layer, ads in ctx.seq_adapters.items()
-    }
+    return {layer: stack_adapters(ads) for layer, ads in ctx.seq_adapters.items()}
+
+
+def _attached(ctx: _Ctx, adapters: dict[int, Any] | None) -> contextlib.AbstractContextManager:
+    """The adapters on the model for a ``with`` block (nothing to do without them)."""
+    if adapters is None:
+        return contextlib.nullcontext()
+    from repedit.rep.inject import rep_applied
+
+    return rep_applied(ctx.lm, adapters)
 
 
 def _add_seq_adapters(ctx: _Ctx, adapters: dict[int, Any]) -> None:
@@ -1051,13 +1057,8 @@ def _sequential_checkpoint(
     adapters = _seq_stack(ctx)
     for key in picked:
         try:
-            if adapters is None:
+            with _attached(ctx, adapters):
                 ev = _evaluate(ctx, by_key[key], key, fluency=False)
-            else:
-                from repedit.rep.inject import rep_applied
-
-                with rep_applied(ctx.lm, adapters):
-                    ev = _evaluate(ctx, by_key[key], key, fluency=False)
         except CASE_ERRORS as exc:
             log.warning("sequential checkpoint: case %s failed: %s", key, exc)
             failed += 1

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -388,6 +388,12 @@ class RepStack(nn.Module):
 Adapter = RepAdapter | RepStack
 
 
+def stack_adapters(members: Sequence[RepAdapter]) -> Adapter:
+    """One layer's adapter from its members (one per edit): the adapter itself when alone,
+    else a :class:`RepStack` in eval mode."""
+    return members[0] if len(members) == 1 else RepStack(list(members)).eval()
+
+
 def make_adapters(
     d_mlp: int, layers: list[int], cfg: RepConfig, *, device: Any = None, seed_offset: int = 0
 ) -> dict[int, RepAdapter]:
@@ -496,7 +502,7 @@ def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             adapter.load_state_dict(state)
             members.append(adapter.to(device=device, dtype=torch.float32).eval())
-        out[layer] = members[0] if len(members) == 1 else RepStack(members).eval()
+        out[layer] = stack_adapters(members)
     return out
 
 

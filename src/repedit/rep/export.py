@@ -33,11 +33,11 @@ def export_with_rep(
     directory = Path(directory)
     names = {id(module): name for name, module in lm.model.named_modules()}
     modules = {str(layer): names[id(lm.arch.down_proj(layer))] for layer in adapters}
-    result.export(lm, directory)
     was_applied = result.applied
     if not was_applied:
         result.apply(lm)
     try:
+        result.export(lm, directory)  # applied: written as it is
         edited = model_fingerprint(lm.model)
     finally:
         if not was_applied:

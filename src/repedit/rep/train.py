@@ -43,7 +43,7 @@ import logging
 import random
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,9 @@ from repedit.rep.adapter import (
     Adapter,
     RepAdapter,
     RepConfig,
-    RepStack,
     make_adapters,
     save_adapters,
+    stack_adapters,
 )
 from repedit.rep.variants import (
     NoRepeatBatches,
@@ -109,6 +109,52 @@ def _chunks(examples: Sequence[RepExample]) -> list[list[int]]:
     return out
 
 
+def _chunk_forwards(
+    lm: Any,
+    examples: Sequence[RepExample],
+    capture: Sequence[int],
+    until: int,
+    *,
+    upstream: Mapping[int, Adapter] | None = None,
+    record: Sequence[int] = (),
+) -> Iterator[tuple[list[int], Hooks]]:
+    """One forward per chunk of ``examples`` (right-padded, no graph), stopped after layer
+    ``until``'s down-projection; yields ``(example indices, hooks)`` with the down-projection
+    inputs of ``capture`` (``hooks[str(layer)]``, [chunk, seq, d_mlp]) and the calls of the
+    ``record`` decoder blocks (``hooks.calls[str(block)]``). ``upstream`` adapters rewrite their
+    layers' down-projection inputs (the caller sets their mode)."""
+    pid = pad_id(lm.tokenizer)
+    blocks = lm.arch.layers()
+    for idx in _chunks(examples):
+        ids, mask = pad_right([examples[i].ids for i in idx], pid)
+        with torch.no_grad(), Hooks() as h:
+            for block in record:
+                h.record_call(str(block), blocks[block])
+            for layer in capture:
+                h.capture(str(layer), lm.arch.down_proj(layer))
+            for layer, adapter in sorted((upstream or {}).items()):
+                h.rewrite(lm.arch.down_proj(layer), adapter)
+            h.stop_after(lm.arch.down_proj(until))
+            h.run(
+                lm.model,
+                input_ids=ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                use_cache=False,
+            )
+        yield idx, h
+
+
+def _scatter(
+    out: list[torch.Tensor | None],
+    examples: Sequence[RepExample],
+    idx: list[int],
+    keys: torch.Tensor,
+) -> None:
+    """Rows of a padded chunk's keys [chunk, seq, d] back to their examples, unpadded, float32."""
+    for row, i in enumerate(idx):
+        out[i] = keys[row, : len(examples[i].ids)].float()
+
+
 def read_keys(
     lm: Any,
     layers: Sequence[int],
@@ -122,34 +168,16 @@ def read_keys(
     at a layer is always the raw one, before that layer's own adapter.
     """
     layers = sorted(layers)
-    modules = {layer: lm.arch.down_proj(layer) for layer in layers}
     deepest = max(layers)
     out: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(examples) for layer in layers}
-    pid = pad_id(lm.tokenizer)
     ups = {k: a for k, a in (upstream or {}).items() if k < deepest}
     modes = {k: a.training for k, a in ups.items()}
     try:
         for a in ups.values():
             a.eval()
-        with torch.no_grad():
-            for idx in _chunks(examples):
-                ids, mask = pad_right([examples[i].ids for i in idx], pid)
-                with Hooks() as h:
-                    for layer, module in modules.items():
-                        h.capture(str(layer), module)
-                    for layer, adapter in sorted(ups.items()):
-                        h.rewrite(lm.arch.down_proj(layer), adapter)
-                    h.stop_after(modules[deepest])
-                    h.run(
-                        lm.model,
-                        input_ids=ids.to(lm.device),
-                        attention_mask=mask.to(lm.device),
-                        use_cache=False,
-                    )
-                    for layer in layers:
-                        keys = h[str(layer)]  # [chunk, seq, d_mlp]
-                        for row, i in enumerate(idx):
-                            out[layer][i] = keys[row, : len(examples[i].ids)].float()
+        for idx, h in _chunk_forwards(lm, examples, layers, deepest, upstream=ups):
+            for layer in layers:
+                _scatter(out[layer], examples, idx, h[str(layer)])
     finally:
         for k, a in ups.items():
             a.train(modes[k])
@@ -174,8 +202,7 @@ class _LayerwiseReader:
         self.lm, self.layers, self.examples = lm, layers, examples
         self.blocks = lm.arch.layers()
         lo, deepest = layers[0], layers[-1]
-        pid = pad_id(lm.tokenizer)
-        self.chunks = _chunks(examples)
+        self.chunks: list[list[int]] = []
         self.calls: list[dict[int, tuple[tuple, dict]]] = []  # without their hidden states
         self.hidden: list[torch.Tensor] = []  # input of block ``self.at`` per chunk
         read = layers if before else [lo]  # the other layers' keys only feed the report
@@ -183,34 +210,16 @@ class _LayerwiseReader:
             layer: [None] * len(examples) for layer in read
         }
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for idx in self.chunks:
-                ids, mask = pad_right([examples[i].ids for i in idx], pid)
-                with Hooks() as h:
-                    for j in range(lo, deepest + 1):
-                        h.record_call(str(j), self.blocks[j])
-                    for layer in read:
-                        h.capture(str(layer), lm.arch.down_proj(layer))
-                    h.stop_after(lm.arch.down_proj(deepest))
-                    h.run(
-                        lm.model,
-                        input_ids=ids.to(lm.device),
-                        attention_mask=mask.to(lm.device),
-                        use_cache=False,
-                    )
-                self.hidden.append(call_hidden(h.calls[str(lo)]).detach())
-                self.calls.append(
-                    {j: without_hidden(h.calls[str(j)]) for j in range(lo, deepest + 1)}
-                )
-                for layer in read:
-                    self._scatter(self.before[layer], idx, h[str(layer)])
+        blocks = range(lo, deepest + 1)
+        for idx, h in _chunk_forwards(lm, examples, read, deepest, record=blocks):
+            self.chunks.append(idx)
+            self.hidden.append(call_hidden(h.calls[str(lo)]).detach())
+            self.calls.append({j: without_hidden(h.calls[str(j)]) for j in blocks})
+            for layer in read:
+                _scatter(self.before[layer], examples, idx, h[str(layer)])
         self.at = lo
         self.current = self.before[lo]
         self.forward_seconds = time.perf_counter() - t0
-
-    def _scatter(self, out: list, idx: list[int], keys: torch.Tensor) -> None:
-        for row, i in enumerate(idx):
-            out[i] = keys[row, : len(self.examples[i].ids)].float()
 
     def advance(self, layer: int, adapters: Mapping[int, Adapter]) -> list[torch.Tensor]:
         """Raw keys at ``layer`` with ``adapters`` (all below it, trained) in place."""
@@ -234,7 +243,7 @@ class _LayerwiseReader:
                         with contextlib.suppress(StopForward):
                             replay(self.blocks[layer], self.calls[c][layer], h)
                     self.hidden[c] = h
-                    self._scatter(out, idx, hooks["key"])
+                    _scatter(out, self.examples, idx, hooks["key"])
         finally:
             for k, a in adapters.items():
                 a.train(modes[k])
@@ -835,9 +844,7 @@ def _train(
         forward_seconds += fs
         for layer in layers:
             per_layer[layer].append(adapters[layer])
-    final: dict[int, Adapter] = {
-        layer: ads[0] if len(ads) == 1 else RepStack(ads).eval() for layer, ads in per_layer.items()
-    }
+    final: dict[int, Adapter] = {layer: stack_adapters(ads) for layer, ads in per_layer.items()}
     info = {
         "layers": layers,
         "target": cfg.target,
