@@ -55,6 +55,9 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
         2: RepStack([_half_open(d, 1), _half_open(d, 2, gate_input_norm=False)]).eval(),
     }
     set_tau(adapters, 0.55)  # a τ set after training is the one exported
+    torch.manual_seed(3)
+    adapters[1].set_guard(torch.randn(2, d) / d**0.5)  # keeps roughly a quarter of the tokens
+    adapters[1].beta_guard = 0.0
     out = export_with_rep(lm, result, adapters, tmp_path / "export")
     assert not result.applied  # the export applied the edit only while writing
     result.apply(lm)
@@ -64,6 +67,11 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
             want = {t: _logits(lm.model, lm.tokenizer, t) for t in TEXTS}
         rates = inj.gate_rates()
         assert all(0 < r["open"] < r["tokens"] for r in rates.values())  # gates do both
+        adapters[1].beta_guard = None
+        with rep_applied(lm, adapters):
+            unguarded = {t: _logits(lm.model, lm.tokenizer, t) for t in TEXTS}
+        adapters[1].beta_guard = 0.0
+        assert any(not torch.allclose(unguarded[t], want[t], atol=1e-3) for t in TEXTS)
     finally:
         result.revert(lm)
 
@@ -83,6 +91,7 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
     exported = load_model(str(out), device="cpu")
     loaded = load_adapters(out / "rep_adapters.safetensors", exported)
     assert sorted(loaded) == [1, 2]
+    assert loaded[1].beta_guard == 0.0 and loaded[1].guard_w.shape == (2, d)
     assert loaded[1].tau == 0.55 and [a.tau for a in loaded[2].adapters] == [0.55, 0.55]
     with pytest.raises(Exception, match="fingerprint"):
         load_adapters(out / "rep_adapters.safetensors", lm)

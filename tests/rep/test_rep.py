@@ -16,6 +16,7 @@ import torch
 from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.editors import StatsConfig, make_editor
 from repedit.errors import FingerprintMismatchError, InvalidRequestError
+from repedit.io import read_safetensors, write_safetensors
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
 from repedit.rep import (
     RepAdapter,
@@ -213,6 +214,42 @@ def test_stack_sums_adapters() -> None:
     assert torch.allclose(stack(k), k + a.project(k) + b.project(k), atol=1e-5)
 
 
+def test_beta_guard_keeps_keys_that_already_retrieve_the_edit() -> None:
+    """With ``beta_guard``, an open gate leaves a key alone when β̃(k) = k·w ≥ the guard, for
+    any of the adapter's edits; in training, or with the guard off, nothing changes."""
+    adapter = _open_adapter(16).eval()
+    w = torch.zeros(2, 16)
+    w[0, 0], w[1, 1] = 1.0, 1.0  # β̃ = k[0] for edit 0, k[1] for edit 1
+    adapter.set_guard(w)
+    k = torch.randn(6, 16)
+    k[0, :2] = torch.tensor([0.9, 0.0])  # retrieves edit 0: kept
+    k[1, :2] = torch.tensor([0.0, 0.5])  # retrieves edit 1 at 0.5: kept (≥)
+    k[2:, :2] = torch.tensor([0.2, -3.0])  # retrieves neither: adapted
+    off = adapter(k)
+    assert not torch.equal(off[0], k[0])  # the guard is off by default (the paper)
+    adapter.beta_guard = 0.5
+    out = adapter(k)
+    assert torch.equal(out[:2], k[:2])
+    assert torch.allclose(out[2:], k[2:] + adapter.project(k[2:]), atol=1e-6)
+    assert torch.equal(adapter(k[:2]), k[:2])  # every token kept: the key itself
+    adapter.train()
+    adapter.dropout.p = 0.0
+    assert not torch.equal(adapter(k)[0], k[0])  # training ignores the guard
+    adapter.eval()
+    stack = RepStack([adapter, _open_adapter(16).eval()]).eval()
+    stack.adapters[1].set_guard(w)
+    stack.adapters[1].beta_guard = 0.5
+    assert torch.equal(stack(k[:2]), k[:2])
+    plain = RepAdapter(16, RepConfig(use_gate=False, beta_guard=0.5)).eval()
+    plain.set_guard(w)
+    with torch.no_grad():
+        plain.B.weight.fill_(0.1)
+    got = plain(k)
+    assert torch.equal(got[:2], k[:2]) and not torch.equal(got[2:], k[2:])
+    with pytest.raises(InvalidRequestError, match="beta_guard"):
+        RepConfig(beta_guard=float("nan"))
+
+
 # --------------------------------------------------------------------------- injection
 
 
@@ -246,15 +283,25 @@ def test_injection_of_fresh_adapters_is_exact(lm) -> None:
 
 def test_save_load_round_trip_and_fingerprint_refusal(lm, tmp_path: Path) -> None:
     adapters = {1: _open_adapter(lm.arch.d_mlp, rank=8), 2: RepStack([_open_adapter(128)] * 2)}
+    k = torch.randn(3, lm.arch.d_mlp)
+    adapters[1].set_guard(k[:1] / (k[0] @ k[0]))  # β̃(k[0]) = 1: the guard keeps k[0]
+    adapters[1].beta_guard = 0.5
     path = save_adapters(tmp_path / "edit.rep.safetensors", adapters, None, lm.fingerprint)
     loaded = load_adapters(path, lm)
     assert sorted(loaded) == [1, 2]
     assert isinstance(loaded[2], RepStack) and len(loaded[2]) == 2
     assert loaded[1].cfg.rank == 8 and not loaded[1].training
-    k = torch.randn(3, lm.arch.d_mlp)
+    assert loaded[1].beta_guard == 0.5 and torch.equal(loaded[1].guard_w, adapters[1].guard_w)
+    assert loaded[2].adapters[0].guard_w.shape == (0, 128)  # never set: no guard rows
     for layer in (1, 2):
         adapters[layer].eval()
         assert torch.equal(loaded[layer](k), adapters[layer](k))
+    assert torch.equal(loaded[1](k)[0], k[0]) and not torch.equal(loaded[1](k)[1], k[1])
+    # a file written before the guard existed (no guard_w tensor) still loads, guard empty
+    tensors, meta = read_safetensors(path)
+    old = {name: t for name, t in tensors.items() if not name.endswith("guard_w")}
+    write_safetensors(tmp_path / "old.rep.safetensors", old, meta)
+    assert load_adapters(tmp_path / "old.rep.safetensors", lm)[1].guard_w.shape[0] == 0
     other = tiny_loaded("llama", seed=1)
     assert other.fingerprint != lm.fingerprint
     with pytest.raises(FingerprintMismatchError):
@@ -409,6 +456,11 @@ def test_match_loss_pulls_variant_keys_onto_k_star(lm, edited, corpus, tmp_path:
     assert a["cos"] > b["cos"]
     losses = [step["agg"] for step in match.losses]
     assert losses[-1] < losses[0]  # the relative distance to k* falls
+    # training stores the edit's β̃ direction for the guard: β̃(k*) = 1
+    k_star = result.tensors[f"keys.{layer}"].float()
+    guard_w = match.adapters[layer].guard_w
+    assert guard_w.shape == (1, lm.arch.d_mlp)
+    assert torch.allclose(guard_w @ k_star.reshape(-1), torch.ones(1), atol=1e-3)
     paper = train_rep(lm, result, CASE, cfg=released_config(long_context=False), **kw)
     moved = paper.alignment_after[layer]["positive"]["beta"]
     assert abs(moved - paper.alignment_before[layer]["positive"]["beta"]) < abs(

@@ -149,6 +149,12 @@ class RepConfig(Hparams):
     #: this value retrieves the edit as k* does and leaves L_agg (no further push, which was
     #: measured to over-apply the edit on long-context prompts); None: the paper's L_agg
     agg_beta_cap: float | None = 1.0
+    #: inference only: a token whose key already retrieves the edit on its own,
+    #: β̃(k) = kᵀC⁻¹k*/(k*ᵀC⁻¹k*) ≥ ``beta_guard``, keeps its key even where the gate opens
+    #: (REP then moves only keys the plain edit misses; measured: on long-context prompts the
+    #: plain key often already fires the edit and the adapter's change there broke it).
+    #: None: off (the paper). Like ``tau`` it can be set after training.
+    beta_guard: float | None = None
     negatives: bool = False
     negative_weight: float = 1.0
     negative_sources: tuple[str, ...] = ("subjects", "text")
@@ -206,6 +212,8 @@ class RepConfig(Hparams):
             raise InvalidRequestError(
                 f"consistency_on must be 'prompt' or 'original', got {self.consistency_on!r}"
             )
+        if self.beta_guard is not None and not math.isfinite(self.beta_guard):
+            raise InvalidRequestError(f"beta_guard must be a finite number, got {self.beta_guard}")
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidRequestError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -266,6 +274,9 @@ class RepAdapter(nn.Module):
         self.gate_in = nn.Linear(d_mlp, hidden)
         self.gate_act = nn.GELU()
         self.gate_out = nn.Linear(hidden, 1)
+        # rows w = C⁻¹k*/(k*ᵀC⁻¹k*) of the edits this adapter serves (β̃(k) = k·w), for
+        # ``cfg.beta_guard``; set by training (:meth:`set_guard`), saved with the weights
+        self.register_buffer("guard_w", torch.zeros(0, d_mlp))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -286,6 +297,27 @@ class RepAdapter(nn.Module):
     @tau.setter
     def tau(self, value: float) -> None:
         self.cfg = self.cfg.replace(tau=float(value))
+
+    @property
+    def beta_guard(self) -> float | None:
+        """``cfg.beta_guard`` (settable after training, like :attr:`tau`)."""
+        return self.cfg.beta_guard
+
+    @beta_guard.setter
+    def beta_guard(self, value: float | None) -> None:
+        self.cfg = self.cfg.replace(beta_guard=None if value is None else float(value))
+
+    def set_guard(self, w: torch.Tensor) -> None:
+        """Store the edits' β̃ directions ``w`` (``[n, d_mlp]`` or ``[d_mlp]``) for the guard."""
+        w = w.detach().reshape(-1, self.d_mlp)
+        self.guard_w = w.to(device=self.A.weight.device, dtype=torch.float32).clone()
+
+    def guarded(self, k: torch.Tensor) -> torch.Tensor | None:
+        """Tokens the guard keeps as they are (bool ``[...]``), or None when it is off."""
+        if self.cfg.beta_guard is None or self.training or not self.guard_w.shape[0]:
+            return None
+        beta = k.float() @ self.guard_w.T  # [..., n]
+        return beta.amax(-1) >= self.cfg.beta_guard
 
     # -- parts -----------------------------------------------------------------------------
     def projection_parameters(self) -> list[nn.Parameter]:
@@ -310,15 +342,26 @@ class RepAdapter(nn.Module):
         """Soft gate values in (0, 1), ``[...]`` (one per token)."""
         return torch.sigmoid(self.gate_logit(k))
 
+    def open_mask(self, k: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor | None:
+        """Eval mode: where the change applies (bool ``[...]``: hard gate, less the guarded
+        tokens); None where it applies everywhere (no gate, no guard)."""
+        mask = (g > self.tau) if g is not None else None
+        kept = self.guarded(k)
+        if kept is not None:
+            mask = ~kept if mask is None else mask & ~kept
+        return mask
+
     def delta(self, k: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 change ``k̂ − k``: soft-gated in training, hard-gated in eval mode."""
         p = self.project(k)
-        if not self.cfg.use_gate:
-            return p
-        g = self.gate(k) if g is None else g
+        if self.cfg.use_gate and g is None:
+            g = self.gate(k)
         if self.training:
-            return g.unsqueeze(-1) * p
-        return torch.where((g > self.tau).unsqueeze(-1), p, torch.zeros_like(p))
+            return p if g is None else g.unsqueeze(-1) * p
+        mask = self.open_mask(k, g)
+        if mask is None:
+            return p
+        return torch.where(mask.unsqueeze(-1), p, torch.zeros_like(p))
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         return self.forward_with_gate(k)[0]
@@ -326,15 +369,17 @@ class RepAdapter(nn.Module):
     def forward_with_gate(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(k̂, soft gate values or None without a gate)``."""
         g = self.gate(k) if self.cfg.use_gate else None
-        if g is not None and not self.training and not bool((g > self.tau).any()):
-            return k, g  # every gate shut: the key itself, untouched
+        if not self.training:
+            mask = self.open_mask(k, g)
+            if mask is not None and not bool(mask.any()):
+                return k, g  # every token shut: the key itself, untouched
         return (k.float() + self.delta(k, g)).to(k.dtype), g
 
     def extra_repr(self) -> str:
         return (
             f"d_mlp={self.d_mlp}, rank={self.cfg.rank}, scale={self.scale:g}, "
             f"gate_hidden={self.gate_in.out_features}, tau={self.tau}, "
-            f"use_gate={self.cfg.use_gate}"
+            f"use_gate={self.cfg.use_gate}, beta_guard={self.cfg.beta_guard}"
         )
 
 
@@ -360,6 +405,14 @@ class RepStack(nn.Module):
     def tau(self, value: float) -> None:
         self.cfg = self.cfg.replace(tau=float(value))
 
+    @property
+    def beta_guard(self) -> float | None:
+        return self.cfg.beta_guard
+
+    @beta_guard.setter
+    def beta_guard(self, value: float | None) -> None:
+        self.cfg = self.cfg.replace(beta_guard=None if value is None else float(value))
+
     def __len__(self) -> int:
         return len(self.adapters)
 
@@ -373,12 +426,10 @@ class RepStack(nn.Module):
         gates = [a.gate(k) if a.cfg.use_gate else None for a in self.adapters]
         every = [g for g in gates if g is not None]
         top = torch.stack(every).amax(0) if every else None
-        if (
-            not self.training
-            and len(every) == len(gates)
-            and not any(bool((g > a.tau).any()) for a, g in zip(self.adapters, every, strict=True))
-        ):
-            return k, top
+        if not self.training:
+            masks = [a.open_mask(k, g) for a, g in zip(self.adapters, gates, strict=True)]
+            if all(m is not None and not bool(m.any()) for m in masks):
+                return k, top
         out = k.float()
         for a, g in zip(self.adapters, gates, strict=True):
             out = out + a.delta(k, g)
@@ -500,6 +551,8 @@ def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]
             adapter = RepAdapter(spec["d_mlp"], _config_from(configs[i]))
             prefix = f"layer.{layer}.{i}."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            adapter.set_guard(state.pop("guard_w", torch.zeros(0, spec["d_mlp"])))
+            state["guard_w"] = adapter.guard_w
             adapter.load_state_dict(state)
             members.append(adapter.to(device=device, dtype=torch.float32).eval())
         out[layer] = stack_adapters(members)

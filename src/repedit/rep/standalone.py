@@ -11,8 +11,10 @@ transformers and safetensors only::
 The weight edit is already in the exported weights. An adapter cannot be: it rewrites the input
 ``k`` of one MLP down-projection, per token, ``k̂ = k + Σᵢ 𝟙[gᵢ(k) > τᵢ]·Pᵢ(k)`` with
 ``P(k) = B·A·k·α/r`` and ``g(k) = σ(W₂·gelu(W₁·k̃) + b₂)`` (``k̃ = k/rms(k)`` when the gate
-normalises its input), which is what :class:`repedit.rep.adapter.RepAdapter` computes in eval
-mode; ``tests/rep/test_export.py`` checks that both give the same logits.
+normalises its input); with ``beta_guard`` set, a token whose key already retrieves the edit
+(``maxᵢ k·wᵢ ≥ beta_guard``, ``wᵢ`` the saved ``guard_w`` rows) keeps its key. That is what
+:class:`repedit.rep.adapter.RepAdapter` computes in eval mode;
+``tests/rep/test_export.py`` checks that both give the same logits.
 """
 
 from __future__ import annotations
@@ -41,15 +43,19 @@ def _member(
     t = {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
     scale = float(cfg["alpha"]) / int(cfg["rank"])
     tau, gated, norm = float(cfg["tau"]), bool(cfg["use_gate"]), bool(cfg["gate_input_norm"])
+    guard, guard_w = cfg.get("beta_guard"), t.get("guard_w")
 
     def delta(x: torch.Tensor) -> torch.Tensor:
         p = F.linear(F.linear(x, t["A.weight"]), t["B.weight"]) * scale
-        if not gated:
-            return p
-        xg = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) if norm else x
-        h = F.gelu(F.linear(xg, t["gate_in.weight"], t["gate_in.bias"]))
-        logit = F.linear(h, t["gate_out.weight"], t["gate_out.bias"])
-        return torch.where(torch.sigmoid(logit) > tau, p, torch.zeros_like(p))
+        open_ = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        if gated:
+            xg = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) if norm else x
+            h = F.gelu(F.linear(xg, t["gate_in.weight"], t["gate_in.bias"]))
+            logit = F.linear(h, t["gate_out.weight"], t["gate_out.bias"]).squeeze(-1)
+            open_ = torch.sigmoid(logit) > tau
+        if guard is not None and guard_w is not None and guard_w.shape[0]:
+            open_ = open_ & ((x @ guard_w.T).amax(-1) < float(guard))
+        return torch.where(open_.unsqueeze(-1), p, torch.zeros_like(p))
 
     return delta
 

@@ -836,6 +836,8 @@ def _train(
         if wanted_long and not any(ex.kind == "long" for ex in pool.positives):
             warnings.warn("REP: no long-context example could be built", stacklevel=3)
         adapters = make_adapters(lm.arch.d_mlp, layers, cfg, device=lm.device, seed_offset=gi)
+        for layer in layers:  # for cfg.beta_guard (inference), now or set later
+            adapters[layer].set_guard(targets.w[layer][group])
         losses, b, a, fs = _train_group(lm, adapters, pool, targets, group, cfg, gi, report)
         runs.append(losses)
         pools.append(pool.counts())
