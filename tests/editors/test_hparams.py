@@ -176,6 +176,11 @@ def test_strings_for_optional_fields_are_coerced_to_the_declared_type() -> None:
     assert RomeHparams().replace(layer="3").layer == 3
     assert MemitHparams().replace(mom2_update_weight="1500").mom2_update_weight == 1500.0
     assert MemitHparams().replace(layers=[4, 5]).layers == (4, 5)
+    assert RomeHparams(layer=3).replace(layer="none").layer is None  # --set layer=none
+    assert (
+        MemitHparams(mom2_update_weight=1.0).replace(mom2_update_weight="null").mom2_update_weight
+        is None
+    )
 
 
 @pytest.mark.parametrize(("field", "text"), [("ratio", "fast"), ("count", "1.5"), ("count", "")])

@@ -28,7 +28,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 def _coerce(owner: type, name: str, value: Any) -> Any:
     """A JSON/YAML/CLI value converted to the field's *declared* type.
 
-    ``"3"`` → 3 for ``int | None``, ``[4, 5]`` → ``(4, 5)`` for tuples, ``"false"`` → False
+    ``"3"`` → 3 for ``int | None`` (``"none"``/``"null"`` → None), ``[4, 5]`` → ``(4, 5)`` for tuples, ``"false"`` → False
     (never ``bool("False")``, defect D7 of the released REP code); a value that cannot be
     converted is an error naming the field.
     """
@@ -42,7 +42,9 @@ def _coerce(owner: type, name: str, value: Any) -> Any:
 def _to_type(hint: Any, value: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        ):
             return None
         options = [a for a in args if a is not type(None)]
         return _to_type(options[0], value) if len(options) == 1 else value
