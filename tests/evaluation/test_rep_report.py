@@ -114,7 +114,7 @@ def _record(key: str, robust: bool, rep: bool) -> dict:
     if rep:
         rec["rep_seconds"] = 0.5
         rec["rep"] = {"layers": [5], "5": {"open_pos": [0.0, 0.75], "open_neg": [0.0, 0.25]}}
-        rec["rep_eval_gate"] = {"5": {"tokens": 100, "open": 10, "rate": 0.1}}
+        rec["rep_eval_gate"] = {"5": {"tokens": 100, "open": 10, "rate": 0.1, "guarded": 4}}
     return rec
 
 
@@ -136,11 +136,13 @@ def test_rep_summary_rows_and_labels(tmp_path):
     assert extra["rep_seconds_mean"] == 0.5 and extra["edit_seconds_mean"] == 2.0
     assert extra["rep_open_pos"] == 0.75 and extra["rep_open_neg"] == 0.25
     assert extra["rep_eval_open_rate"] == 0.1
+    assert extra["rep_eval_guarded"] == 0.4  # 8 of the 20 open tokens kept by the β̃ guard
     assert not any("rep_seconds" in r[0] for r in table_rows(plain))
     rows = {r[0]: r for r in table_rows(rep)}
     assert rows["rep_seconds (mean, s)"][1] == "0.500"
     assert rows["edit_seconds (mean, s)"][1] == "2.000"
     assert rows["REP gate open: train positives"][1] == "75.0"
+    assert rows["REP open tokens the β̃ guard kept"][1] == "40.0"
     compared = {r[0]: r[1:] for r in comparison_rows([plain, rep])}
     assert compared["rep_seconds (mean, s)"] == ["—", "0.500"]
     # robustness: subject paraphrase 2/2 and scrambled 1/1 for the REP run

@@ -262,7 +262,17 @@ def test_injection_changes_output_and_removal_restores_bit_for_bit(lm) -> None:
         rates = inj.gate_rates()
     assert not torch.equal(before, during)
     assert rates[1]["tokens"] > 0 and rates[1]["rate"] == 1.0
+    assert rates[1]["guarded"] == 0  # no guard: no open token kept
     assert torch.equal(_logits(lm), before)
+    torch.manual_seed(0)
+    adapters[1].set_guard(torch.randn(1, lm.arch.d_mlp))
+    adapters[1].beta_guard = 0.0  # keeps the keys with k·w ≥ 0: some, not all
+    with rep_applied(lm, adapters, count=True) as inj:
+        guarded = _logits(lm)
+        rates = inj.gate_rates()
+    assert 0 < rates[1]["guarded"] < rates[1]["open"] == rates[1]["tokens"]
+    assert not torch.equal(guarded, during)
+    adapters[1].beta_guard = None
     _assert_unchanged(lm, before_state)
     assert not any(k.endswith(("A.weight", "B.weight")) for k in lm.model.state_dict())
     handle = attach(lm, adapters)

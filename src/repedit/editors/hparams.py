@@ -28,9 +28,9 @@ FAMILY_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 def _coerce(owner: type, name: str, value: Any) -> Any:
     """A JSON/YAML/CLI value converted to the field's *declared* type.
 
-    ``"3"`` → 3 for ``int | None`` (``"none"``/``"null"`` → None), ``[4, 5]`` → ``(4, 5)`` for tuples, ``"false"`` → False
-    (never ``bool("False")``, defect D7 of the released REP code); a value that cannot be
-    converted is an error naming the field.
+    ``"3"`` → 3 for ``int | None`` (``"none"``/``"null"`` → None), ``[4, 5]`` → ``(4, 5)``
+    for tuples, ``"false"`` → False (never ``bool("False")``, defect D7 of the released REP
+    code); a value that cannot be converted is an error naming the field.
     """
     hint = typing.get_type_hints(owner).get(name)
     try:

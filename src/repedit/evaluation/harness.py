@@ -675,7 +675,9 @@ def _score_edited(
             out = _evaluate(ctx, case, key, fluency=fluency)
         out["eval_seconds"] = time.perf_counter() - t0
         out["rep_eval_gate"] = {
-            str(layer): {k: v for k, v in rates.items() if k in ("tokens", "open", "rate")}
+            str(layer): {
+                k: v for k, v in rates.items() if k in ("tokens", "open", "rate", "guarded")
+            }
             for layer, rates in inj.gate_rates().items()
         }
         per[tau] = out

@@ -16,9 +16,9 @@ bootstrap over *cases* (1000 resamples, seeded): a case's variants stay together
 ``<test>_beats_alt`` variant (ROME's P(new) > P(true)) of every success test, the scrambled
 in-domain / held-out halves, counts, throughput and timing; for a REP run also
 ``edit_seconds_mean``, ``rep_seconds_mean`` and the gate open rates ``rep_open_pos`` /
-``rep_open_neg`` (training pool, after training) and ``rep_eval_open_rate`` (every evaluated
-token). ``config.label`` names the run (``rome``, ``rome+rep(no-gate) τ=0.7``, see
-:func:`run_label`).
+``rep_open_neg`` (training pool, after training), ``rep_eval_open_rate`` (every evaluated
+token) and ``rep_eval_guarded`` (the share of open evaluated tokens the β̃ guard kept).
+``config.label`` names the run (``rome``, ``rome+rep(no-gate) τ=0.7``, see :func:`run_label`).
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None
     """Means over cases (and adapted layers) of REP's hard-gate open rates: on the training
     positives / negatives after training, and over every token of the evaluation."""
     pos, neg, ev = [], [], []
+    opened = guarded = 0
+    counted = False
     for r in records:
         if r.get("error"):
             continue
@@ -147,10 +149,14 @@ def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None
         for stats in (r.get("rep_eval_gate") or {}).values():
             if stats.get("rate") is not None:
                 ev.append(float(stats["rate"]))
+            opened += int(stats.get("open") or 0)
+            guarded += int(stats.get("guarded") or 0)
+            counted = counted or "guarded" in stats
     return {
         "rep_open_pos": sum(pos) / len(pos) if pos else None,
         "rep_open_neg": sum(neg) / len(neg) if neg else None,
         "rep_eval_open_rate": sum(ev) / len(ev) if ev else None,
+        "rep_eval_guarded": guarded / opened if counted and opened else None,
     }
 
 
@@ -278,6 +284,7 @@ REP_ROWS: tuple[tuple[str, str, Any], ...] = (
     ("REP gate open: train positives", "rep_open_pos", _pct),
     ("REP gate open: train negatives", "rep_open_neg", _pct),
     ("REP gate open: eval tokens", "rep_eval_open_rate", _pct),
+    ("REP open tokens the β̃ guard kept", "rep_eval_guarded", _pct),
 )
 
 

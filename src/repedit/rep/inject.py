@@ -93,6 +93,7 @@ class RepInjection:
                     c = self.counts[layer]
                     c["tokens"] += g.numel()
                     c["open"] += int((g > adapter.tau).sum())
+                    c["guarded"] += _guarded_open(adapter, k)
                     c["soft_sum"] += float(g.float().sum())
                     c["max"] = max(c["max"], float(g.max())) if g.numel() else c["max"]
                 if self.record:
@@ -103,23 +104,38 @@ class RepInjection:
 
     def reset_counts(self) -> None:
         self.counts = {
-            layer: {"tokens": 0, "open": 0, "soft_sum": 0.0, "max": 0.0} for layer in self.adapters
+            layer: {"tokens": 0, "open": 0, "guarded": 0, "soft_sum": 0.0, "max": 0.0}
+            for layer in self.adapters
         }
         self.last_gate = {}
 
     def gate_rates(self) -> dict[int, dict[str, float | None]]:
-        """Per layer: tokens seen, open count, open ``rate``, mean soft gate, max gate."""
+        """Per layer: tokens seen, open count, open ``rate``, mean soft gate, max gate, and
+        ``guarded``: open tokens the β̃ guard kept as they were (``RepConfig.beta_guard``)."""
         out: dict[int, dict[str, float | None]] = {}
         for layer, c in self.counts.items():
             n = c["tokens"]
             out[layer] = {
                 "tokens": n,
                 "open": c["open"],
+                "guarded": c["guarded"],
                 "rate": c["open"] / n if n else None,
                 "soft_mean": c["soft_sum"] / n if n else None,
                 "max": c["max"] if n else None,
             }
         return out
+
+
+def _guarded_open(adapter: Adapter, k: torch.Tensor) -> int:
+    """How many tokens of ``k`` have an open gate that the β̃ guard overrode (any member)."""
+    kept = None
+    for member in getattr(adapter, "adapters", [adapter]):
+        guarded = member.guarded(k)
+        if guarded is None or not member.cfg.use_gate:
+            continue
+        hit = guarded & (member.gate(k) > member.tau)
+        kept = hit if kept is None else kept | hit
+    return int(kept.sum()) if kept is not None else 0
 
 
 def attach(lm: Any, adapters: Mapping[int, Adapter], **kwargs: Any) -> RepInjection:
