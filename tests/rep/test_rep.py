@@ -225,8 +225,10 @@ def test_beta_guard_keeps_keys_that_already_retrieve_the_edit() -> None:
     k[0, :2] = torch.tensor([0.9, 0.0])  # retrieves edit 0: kept
     k[1, :2] = torch.tensor([0.0, 0.5])  # retrieves edit 1 at 0.5: kept (≥)
     k[2:, :2] = torch.tensor([0.2, -3.0])  # retrieves neither: adapted
+    assert adapter.beta_guard == 0.5  # on by default (the paper has no guard)
+    adapter.beta_guard = None
     off = adapter(k)
-    assert not torch.equal(off[0], k[0])  # the guard is off by default (the paper)
+    assert not torch.equal(off[0], k[0])
     adapter.beta_guard = 0.5
     out = adapter(k)
     assert torch.equal(out[:2], k[:2])

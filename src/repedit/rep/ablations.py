@@ -21,6 +21,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-norm": {"use_norm": False},
     "no-negatives": {"negatives": False},
     "no-long-context": {"long_context": False},
+    "no-guard": {"beta_guard": None},
+    "coupled-gate": {"decouple_gate": False},
 }
 
 

@@ -112,7 +112,7 @@ class RepConfig(Hparams):
     gate_hidden_fraction: float = 0.1
     gate_hidden_min: int = 8
     tau: float = 0.9
-    steps: int = 20
+    steps: int = 40
     lr: float = 1e-2
     batch: int = 15
     agg_weight: float = 1.0
@@ -141,6 +141,14 @@ class RepConfig(Hparams):
     #: weighs near negatives (these and the subject's earlier tokens, whose keys resemble the
     #: positive one) as much as all the other ("far") negatives together
     gate_near_after: int = 3
+    #: far negatives drawn (at random) into one step's gate loss: they are easy, and the gate
+    #: on them is most of a step's cost (measured: ~2/3 of it at 4096)
+    gate_far_tokens: int = 512
+    #: the aggregation and consistency losses see ``k + P(k)``, which is what the hard gate
+    #: applies at inference where it opens, and the gate learns from its BCE alone; False:
+    #: the paper's soft ``k + g·P(k)``, where ``P`` learns to make up for a half-open gate
+    #: (``P ≈ (k* − k)/g``) and then overshoots once the hard gate opens fully
+    decouple_gate: bool = True
     #: which keys the consistency loss anchors: "prompt" (the paper: the bare prompt's k_o) or
     #: "original" (every key of the original subject: bare prompt, contexts, long passages;
     #: they then leave L_agg, which acts on paraphrases and scrambles only)
@@ -154,7 +162,7 @@ class RepConfig(Hparams):
     #: (REP then moves only keys the plain edit misses; measured: on long-context prompts the
     #: plain key often already fires the edit and the adapter's change there broke it).
     #: None: off (the paper). Like ``tau`` it can be set after training.
-    beta_guard: float | None = None
+    beta_guard: float | None = 0.5
     negatives: bool = False
     negative_weight: float = 1.0
     negative_sources: tuple[str, ...] = ("subjects", "text")
@@ -198,7 +206,7 @@ class RepConfig(Hparams):
                 f"unknown negative source(s) {sorted(unknown)}; "
                 "choose from subjects, neighbourhood, text"
             )
-        for name in ("rank", "steps", "batch", "gate_hidden_min"):
+        for name in ("rank", "steps", "batch", "gate_hidden_min", "gate_far_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.tau < 1.0:
@@ -241,6 +249,7 @@ def released_config(**overrides: Any) -> RepConfig:
     """
     base = {
         "gate_loss_weight": 0.0,
+        "decouple_gate": False,
         "gate_lr": None,
         "context_negatives": False,
         "gate_input_norm": False,
@@ -250,6 +259,7 @@ def released_config(**overrides: Any) -> RepConfig:
         "agg": "direction",
         "steps": 10,
         "lr": 5e-4,
+        "beta_guard": None,
         "consistency_weight": 50000.0,
     }
     return RepConfig().replace(**{**base, **overrides})

@@ -554,6 +554,11 @@ class RepTrainResult:
         return save_adapters(path, self.adapters, self.cfg, fingerprint, info=self.summary())
 
 
+def _open_gate(adapter: RepAdapter) -> Any:
+    """``k ↦ k + P(k)``: the adapter as the hard gate applies it where it opens."""
+    return lambda k: k.float() + adapter.project(k)
+
+
 def _losses(
     adapters: Mapping[int, RepAdapter],
     batch: Sequence[RepExample],
@@ -576,7 +581,10 @@ def _losses(
         pos_k = torch.stack([ks[i][ex.position] for i, ex in pos_ex])  # [P, d]
         req = torch.tensor([request_map[ex.request] for _, ex in pos_ex], device=dev)
         t = targets.t[layer][req]  # [P, d]
-        k_hat = adapter(pos_k)
+        # decoupled: P learns what the hard gate will apply where it opens (k + P(k)), the
+        # gate only from its BCE; coupled (the paper): both through the soft k + g·P(k)
+        adapt = _open_gate(adapter) if cfg.decouple_gate and cfg.use_gate else adapter
+        k_hat = adapt(pos_k)
         if cfg.agg == "match":
             k_star = targets.k[layer][req]
             agg = -((k_hat - k_star) ** 2).sum(-1) / (k_star**2).sum(-1)
@@ -599,9 +607,9 @@ def _losses(
         if prompt_ex and cfg.consistency:
             k_o = torch.stack([ks[i][ex.position] for i, ex in prompt_ex])
             if cfg.agg == "match":  # relative, on the scale of the match loss
-                l_cons = (((adapter(k_o) - k_o) ** 2).sum(-1) / (k_o**2).sum(-1)).mean()
+                l_cons = (((adapt(k_o) - k_o) ** 2).sum(-1) / (k_o**2).sum(-1)).mean()
             else:
-                l_cons = F.mse_loss(adapter(k_o), k_o)
+                l_cons = F.mse_loss(adapt(k_o), k_o)
             loss = loss + cfg.consistency * l_cons
             parts["cons"] += float(l_cons.detach())
         # gate negatives, in two groups weighted alike: "near" = the subject's earlier tokens
@@ -624,10 +632,10 @@ def _losses(
         if cfg.use_gate and cfg.gate_loss_weight:
             lp = adapter.gate_logit(pos_k)
             l_gate = F.binary_cross_entropy_with_logits(lp, torch.ones_like(lp))
-            for group in (near, far):
+            for group, cap in ((near, MAX_NEGATIVE_TOKENS), (far, cfg.gate_far_tokens)):
                 kg = torch.cat(group) if group else pos_k[:0]
-                if kg.shape[0] > MAX_NEGATIVE_TOKENS:
-                    pick = torch.randperm(kg.shape[0], generator=gen)[:MAX_NEGATIVE_TOKENS]
+                if kg.shape[0] > cap:
+                    pick = torch.randperm(kg.shape[0], generator=gen)[:cap]
                     kg = kg[pick.to(dev)]
                 if kg.shape[0]:
                     ln = adapter.gate_logit(kg)
