@@ -26,6 +26,7 @@ from repedit.rep import (
     gate_rates,
     heldout_examples,
     load_adapters,
+    make_adapters,
     read_keys,
     released_config,
     rep_applied,
@@ -596,6 +597,24 @@ def test_released_config_gate_never_opens(lm, edited, corpus) -> None:
     with rep_applied(lm, rep.adapters, count=True) as inj:
         assert torch.equal(_logits(lm), before)
     assert inj.gate_rates()[layer]["open"] == 0
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_decoupled_projection_loss_leaves_the_gate_to_its_bce(lm, edited, corpus, decouple) -> None:
+    """``decouple_gate``: L_agg and the consistency see ``k + P(k)``, so without the gate's
+    BCE the gate gets no gradient at all; coupled (the paper), L_agg moves the gate too."""
+    editor, result = edited
+    (layer,) = result.layers
+    cfg = tiny_cfg(corpus, gate_loss_weight=0.0, decouple_gate=decouple)
+    rep = train_rep_after(lm, editor, result, CASE, layers=[layer], cfg=cfg)
+    fresh = make_adapters(lm.arch.d_mlp, [layer], cfg)[layer]  # the same seeded start
+    trained = rep.adapters[layer]
+    assert not torch.equal(trained.B.weight, fresh.B.weight)  # P learned either way
+    same_gate = all(
+        torch.equal(a, b)
+        for a, b in zip(trained.gate_parameters(), fresh.gate_parameters(), strict=True)
+    )
+    assert same_gate == decouple
 
 
 @pytest.mark.parametrize(
