@@ -39,11 +39,29 @@ overshoots (β̃ 7.4: the key now fires the edit seven times over and paraphrase
 from 0.73 to 0.47), because the direction of ``C⁻¹k*`` is not the direction of ``k*`` and
 aligning with it inflates ``β``. repedit's default ``agg="match"`` pulls each surface form's
 key onto the edit's own key, ``‖k̂ − k*‖²/‖k*‖²``, which brings β̃ to ≈ 1 (0.95 on cases 0–10)
-and keeps ``W k̂`` near ``W k*`` too; lr 1e-2, 20 steps. The bare edit prompt is left out of
+and keeps ``W k̂`` near ``W k*`` too; lr 1e-2, 40 steps. The bare edit prompt is left out of
 the match loss and anchored to its own key by the consistency term, here relative
 (``‖f(k_o) − k_o‖²/‖k_o‖²``, weight 10): pulling it onto ``k*`` as well cost one of the first 12
 cases its efficacy (a long subject whose bare-prompt key is far from ``k*``). With
 ``agg="direction"`` the consistency is the paper's ``50000 · MSE``.
+
+Decoupled projection, β̃ guard (from a diagnostic of REP's long-context losses)
+------------------------------------------------------------------------------
+With the soft gate inside ``L_agg`` (the paper), ``P`` and ``g`` chase each other: where the
+gate sits at 0.5, ``P`` learns ``(k* − k)/0.5``, which the hard gate then applies in full.
+Measured on SmolLM2 (ROME, REP-CounterFact case 162): after the old 20 steps only 54 % of the
+training positives opened, at mean β̃ 0.42; more steps swung between 47 % and 95 % open. With
+``decouple_gate`` (default) ``L_agg`` and the consistency see ``k + P(k)``, which is exactly what
+an open hard gate applies, and the gate learns from its BCE alone: 96 % open at β̃ 0.79 after 20
+steps, 100 % at 0.88–0.96 after 40–60, monotone on the three cases tried; 40 is the default.
+
+On the long-context probes that REP lost (the plain edit right, REP wrong), the gate did open
+at the subject, and ``P`` there pointed *away* from the edit (cos(P(k), k* − k) ≈ −0.17,
+β̃ 0.69–0.82 → 0.09–0.11, log-probability of the new object −0.6…−1.2 → −8): those keys
+already retrieved the edit, and ``P``, fitted on short prompts, extrapolated badly to them.
+``beta_guard`` (default 0.5) leaves a key alone when ``β̃(k) = k·C⁻¹k*/(k*ᵀC⁻¹k*)`` already
+reaches the guard; replayed on three of those cases (151, 162, 181) it restored all three
+long-context probes and kept REP's paraphrase and scramble gains there. ``beta_guard=None`` is the paper (ablation ``no-guard``).
 
 :func:`released_config` turns all of this off (and the β̃ cap of ``L_agg``, see
 :class:`RepConfig`) to reproduce the released code's gate. Training reports the open rates on
