@@ -33,6 +33,10 @@ def test_ablation_overrides_map_onto_rep_config():
         "negatives": False,
     }
     assert ablation_overrides(["no-long-context"]) == {"long_context": False}
+    assert ablation_overrides("no-guard,coupled-gate") == {
+        "beta_guard": None,
+        "decouple_gate": False,
+    }
     assert ablation_overrides([]) == {}
     assert set(ABLATIONS) == {
         "no-gate",
@@ -40,11 +44,14 @@ def test_ablation_overrides_map_onto_rep_config():
         "no-norm",
         "no-negatives",
         "no-long-context",
+        "no-guard",
+        "coupled-gate",
     }
     every = ablation_overrides(list(ABLATIONS))
     cfg = RepConfig().replace(**every)  # every field exists and takes the value
     assert not cfg.use_gate and cfg.consistency_weight == 0 and not cfg.use_norm
     assert not cfg.negatives and not cfg.long_context
+    assert cfg.beta_guard is None and not cfg.decouple_gate
 
 
 def test_unknown_ablation_lists_the_valid_ones():
@@ -118,10 +125,16 @@ def _record(key: str, robust: bool, rep: bool) -> dict:
     return rec
 
 
-def _make_run(path: Path, rep: dict | None = None, taus: Any = (), robust: bool = False) -> Path:
+def _make_run(
+    path: Path,
+    rep: dict | None = None,
+    taus: Any = (),
+    robust: bool = False,
+    keys: tuple[str, ...] = ("a", "b"),
+) -> Path:
     cfg = RunConfig(model="tiny", data="demo", out=str(path), rep=rep, rep_taus=taus)
     RunDir(path).prepare(cfg, {"model_fingerprint": "abc", "data_sha256": None})
-    for key in ("a", "b"):
+    for key in keys:
         append_jsonl(path / "results.jsonl", _record(key, robust, rep is not None))
     return path
 
@@ -215,3 +228,27 @@ def test_idle_ablations_are_named() -> None:
     assert idle_ablations("no-consistency", direction) == []
     assert RepConfig(agg="direction").consistency == 50000.0 and direction.consistency == 0.0
     assert RepConfig().consistency == 10.0
+
+
+def test_report_common_scores_every_run_on_the_shared_cases(tmp_path, capsys):
+    """Runs of different lengths: ``--common`` restricts each to the cases all evaluated."""
+    from repedit.cli import main
+    from repedit.evaluation.summary import common_cases
+
+    long = _make_run(tmp_path / "long", keys=("a", "b", "c"))
+    append_jsonl(long / "results.jsonl", {**_record("d", False, False), "error": "boom"})
+    short = _make_run(tmp_path / "short", rep={}, robust=True, keys=("b", "c", "d"))
+    assert common_cases([long, short]) == ["b", "c"]  # d failed in the long run
+    full, sub = build_summary(long), build_summary(long, ["b", "c"])
+    assert full["extra"]["n_cases"] == 4 and sub["extra"]["n_cases"] == 2
+    assert main(["report", str(long), str(short), "--common", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["common_cases"] == ["b", "c"]
+    assert [r["extra"]["n_cases"] for r in got["runs"].values()] == [2, 2]
+    assert main(["report", str(long), str(short), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["common_cases"] is None
+    assert [r["extra"]["n_cases"] for r in got["runs"].values()] == [4, 3]
+    alone = _make_run(tmp_path / "other", keys=("x",))
+    assert main(["report", str(long), str(alone), "--common"]) != 0
+    assert "no evaluated case in common" in capsys.readouterr().err

@@ -18,12 +18,14 @@ Runs are labelled from their configuration (rome, rome+rep, rome+rep(no-gate), r
 the directory name is added where two runs share a label); REP runs add their mean edit / REP
 seconds and gate open rates, and the HTML has a robustness / specificity trade-off plot (one
 point per run). A τ-sweep directory (repedit eval --rep-tau 0.5,0.7,...) stands for its
-sub-runs OUT/tau-*.
+sub-runs OUT/tau-*. Runs of different lengths (--n 100 vs --n 50) compare fairly with
+--common: every run is then scored on the cases all of them evaluated.
 
 examples:
   repedit report runs/rome-cf
   repedit report runs/rome-cf runs/memit-cf --out compare.html
   repedit report runs/rome-cf runs/rome-rep-cf runs/rome-rep-sweep/tau-* --out rep.html
+  repedit report runs/rome-cf100 runs/rome-rep-cf50 --common
 """
 
 
@@ -40,6 +42,11 @@ def register(subparsers: Any) -> None:
         default=None,
         help="HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)",
     )
+    p.add_argument(
+        "--common",
+        action="store_true",
+        help="score every run only on the cases all the runs evaluated without error",
+    )
     common.add_json_option(p)
 
 
@@ -49,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from repedit.evaluation.summary import (
         TABLE_COLUMNS,
         build_summary,
+        common_cases,
         comparison_rows,
         load_summary,
         table_rows,
@@ -61,8 +69,19 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidRequestError(f"{d} is not a run directory (no config.json)")
         subs = [s for s in sweep_dirs(d) if (s / "config.json").exists()]
         dirs += subs or [d]  # a τ sweep stands for its sub-runs
+    cases = None
+    if args.common:
+        bare = [str(d) for d in dirs if not (d / "config.json").exists()]
+        if bare:
+            raise InvalidRequestError(
+                f"--common needs each run's records; {', '.join(bare)} only has a summary.json"
+            )
+        cases = common_cases(dirs)
+        if not cases:
+            raise InvalidRequestError("--common: the runs have no evaluated case in common")
+        common.log(f"comparing on the {len(cases)} cases all {len(dirs)} runs evaluated")
     summaries = [
-        build_summary(d) if (d / "config.json").exists() else load_summary(d) for d in dirs
+        build_summary(d, cases) if (d / "config.json").exists() else load_summary(d) for d in dirs
     ]
     names = run_labels(dirs, summaries)
     out = (
@@ -70,13 +89,14 @@ def run(args: argparse.Namespace) -> int:
         if args.out
         else (given[0] / "report.html" if len(given) == 1 else Path("report.html"))
     )
-    path = write_report(dirs, out)
+    path = write_report(dirs, out, cases)
     if args.json:
         common.print_json(
             {
                 "report": str(path),
                 "runs": dict(zip(run_names(dirs), summaries, strict=True)),
                 "labels": dict(zip(run_names(dirs), names, strict=True)),
+                "common_cases": cases,
             }
         )
         return 0

@@ -17,7 +17,7 @@ import base64
 import html
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -345,10 +345,13 @@ def _num(x: Any, digits: int) -> str:
     return "—" if x is None else f"{float(x):.{digits}f}"
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+def write_report(
+    run_dirs: Sequence[str | Path], out: str | Path, cases: Collection[str] | None = None
+) -> Path:
     """Write one self-contained ``report.html`` comparing ``run_dirs``; returns its path.
 
-    Summaries are recomputed from each run's records (nothing is written into the runs).
+    Summaries are recomputed from each run's records (nothing is written into the runs);
+    ``cases``: only these case ids (see :func:`~repedit.evaluation.summary.common_cases`).
     """
     from repedit.evaluation.harness import RunDir, readable
 
@@ -362,9 +365,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             raise RepeditError(f"{d} is not a run directory (no config.json or summary.json)")
     summaries = []
     for d in dirs:
-        summaries.append(build_summary(d) if (d / "config.json").exists() else load_summary(d))
+        summaries.append(
+            build_summary(d, cases) if (d / "config.json").exists() else load_summary(d)
+        )
     names = run_labels(dirs, summaries)
-    records = [read_records(d) for d in dirs]
+    records = [read_records(d, cases) for d in dirs]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>repedit report: {html.escape(', '.join(names))}</title>",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,26 @@ def metric_of(test: str) -> str:
     return {"neighbourhood": "agree", "fluency": "entropy"}.get(test, "exact")
 
 
-def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The case records of a run (first record per case id; unreadable lines skipped)."""
+def read_records(run_dir: str | Path, cases: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """The case records of a run (first record per case id; unreadable lines skipped), only
+    those of ``cases`` (case ids) when given."""
     from repedit.evaluation.harness import RunDir
 
-    return RunDir(run_dir).results()
+    records = RunDir(run_dir).results()
+    if cases is None:
+        return records
+    wanted = set(cases)
+    return [r for r in records if str(r.get("case_id")) in wanted]
+
+
+def common_cases(run_dirs: Sequence[str | Path]) -> list[str]:
+    """The case ids every run evaluated without error, in the first run's order (to compare
+    runs of different lengths on the same cases)."""
+    per_run = [[str(r["case_id"]) for r in read_records(d) if not r.get("error")] for d in run_dirs]
+    if not per_run:
+        return []
+    shared = set(per_run[0]).intersection(*per_run[1:])
+    return [c for c in per_run[0] if c in shared]
 
 
 def case_sums(
@@ -160,25 +175,26 @@ def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None
     }
 
 
-def _wall(run_dir: Path, records: Sequence[dict[str, Any]]) -> float:
+def _wall(run_dir: Path, records: Sequence[dict[str, Any]], subset: bool = False) -> float:
     from repedit.evaluation.harness import RunDir
 
-    sessions = RunDir(run_dir).sessions()
+    sessions = [] if subset else RunDir(run_dir).sessions()
     wall = sum(float(s.get("wall_seconds") or 0.0) for s in sessions)
-    if wall == 0.0:  # no session finished cleanly: fall back to the per-case times
+    if wall == 0.0:  # a subset, or no session finished cleanly: the per-case times
         keys = ("reference_seconds", "edit_seconds", "rep_seconds", "eval_seconds")
         wall = sum(float(r.get(k) or 0.0) for r in records for k in keys)
     return wall
 
 
-def build_summary(run_dir: str | Path) -> dict[str, Any]:
-    """The summary dict of a run directory (nothing written)."""
+def build_summary(run_dir: str | Path, cases: Collection[str] | None = None) -> dict[str, Any]:
+    """The summary dict of a run directory (nothing written); over ``cases`` (case ids) only
+    when given (``extra.n_cases`` then counts those, and the wall time is the per-case sum)."""
     from repedit.evaluation.harness import RunDir
 
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
     stored = run.config()
-    records = run.results()
+    records = read_records(run_dir, cases)
     rc = stored.get("run_config", {})
     selected = set(rc.get("tests") or TESTS)
     tests = {}
@@ -197,7 +213,7 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
     ok = [r for r in records if not r.get("error")]
     n_probes = sum(int(r.get("n_probes") or 0) for r in ok)
     score_s = sum(float(r.get("score_seconds") or 0.0) for r in ok)
-    wall = _wall(run_dir, records)
+    wall = _wall(run_dir, records, subset=cases is not None)
     spe = _seconds_per_edit(records)
     scramble = [r["scramble_n"] for r in ok if "scramble_n" in r]
     extra.update(

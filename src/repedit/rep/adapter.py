@@ -61,7 +61,8 @@ at the subject, and ``P`` there pointed *away* from the edit (cos(P(k), k* − k
 already retrieved the edit, and ``P``, fitted on short prompts, extrapolated badly to them.
 ``beta_guard`` (default 0.5) leaves a key alone when ``β̃(k) = k·C⁻¹k*/(k*ᵀC⁻¹k*)`` already
 reaches the guard; replayed on three of those cases (151, 162, 181) it restored all three
-long-context probes and kept REP's paraphrase and scramble gains there. ``beta_guard=None`` is the paper (ablation ``no-guard``).
+long-context probes and kept REP's paraphrase and scramble gains there. ``beta_guard=None``
+is the paper (ablation ``no-guard``).
 
 :func:`released_config` turns all of this off (and the β̃ cap of ``L_agg``, see
 :class:`RepConfig`) to reproduce the released code's gate. Training reports the open rates on
