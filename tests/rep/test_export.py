@@ -11,6 +11,7 @@ import torch
 
 from repedit.data.case import EditRequest
 from repedit.editors import make_editor
+from repedit.models.hooks import Hooks
 from repedit.models.loading import load_model
 from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepAdapter, RepConfig, RepStack, export_with_rep, load_adapters, rep_applied
@@ -55,9 +56,23 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
         2: RepStack([_half_open(d, 1), _half_open(d, 2, gate_input_norm=False)]).eval(),
     }
     set_tau(adapters, 0.55)  # a τ set after training is the one exported
+    # the β̃ guard keeps half of TEXTS[0]'s tokens at layer 1, and the edit prompt's own key
+    # (keep_prompt_key) one more, where the gate is open
+    ids = lm.tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
+    result.apply(lm)
+    with torch.no_grad(), Hooks() as h:
+        h.capture("k", lm.arch.down_proj(1))
+        h.run(lm.model, input_ids=ids)
+    result.revert(lm)
+    k = h["k"][0].float()
     torch.manual_seed(3)
-    adapters[1].set_guard(torch.randn(2, d) / d**0.5)  # keeps roughly a quarter of the tokens
-    adapters[1].beta_guard = 0.0
+    adapters[1].set_guard(torch.randn(2, d) / d**0.5)
+    guard = float((k @ adapters[1].guard_w.T).amax(-1).median())
+    adapters[1].beta_guard = guard
+    with torch.no_grad():
+        opened = adapters[1].open_mask(k, adapters[1].gate(k))
+    assert 0 < int(opened.sum()) < len(k)
+    adapters[1].set_prompt_keys(k[int(opened.float().argmax())])
     out = export_with_rep(lm, result, adapters, tmp_path / "export")
     assert not result.applied  # the export applied the edit only while writing
     result.apply(lm)
@@ -70,8 +85,13 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
         adapters[1].beta_guard = None
         with rep_applied(lm, adapters):
             unguarded = {t: _logits(lm.model, lm.tokenizer, t) for t in TEXTS}
-        adapters[1].beta_guard = 0.0
+        adapters[1].beta_guard = guard
         assert any(not torch.allclose(unguarded[t], want[t], atol=1e-3) for t in TEXTS)
+        adapters[1].cfg = adapters[1].cfg.replace(keep_prompt_key=False)
+        with rep_applied(lm, adapters):
+            unkept = _logits(lm.model, lm.tokenizer, TEXTS[0])
+        adapters[1].cfg = adapters[1].cfg.replace(keep_prompt_key=True)
+        assert not torch.allclose(unkept, want[TEXTS[0]], atol=1e-4)  # the prompt key matters
     finally:
         result.revert(lm)
 
@@ -91,7 +111,8 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
     exported = load_model(str(out), device="cpu")
     loaded = load_adapters(out / "rep_adapters.safetensors", exported)
     assert sorted(loaded) == [1, 2]
-    assert loaded[1].beta_guard == 0.0 and loaded[1].guard_w.shape == (2, d)
+    assert loaded[1].beta_guard == guard and loaded[1].guard_w.shape == (2, d)
+    assert torch.equal(loaded[1].prompt_k, adapters[1].prompt_k)
     assert loaded[1].tau == 0.55 and [a.tau for a in loaded[2].adapters] == [0.55, 0.55]
     with pytest.raises(Exception, match="fingerprint"):
         load_adapters(out / "rep_adapters.safetensors", lm)

@@ -17,7 +17,9 @@ from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.editors import StatsConfig, make_editor
 from repedit.errors import FingerprintMismatchError, InvalidRequestError
 from repedit.io import read_safetensors, write_safetensors
+from repedit.models.hooks import Hooks
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
+from repedit.models.tokens import locate
 from repedit.rep import (
     RepAdapter,
     RepConfig,
@@ -253,6 +255,23 @@ def test_beta_guard_keeps_keys_that_already_retrieve_the_edit() -> None:
         RepConfig(beta_guard=float("nan"))
 
 
+def test_prompt_key_is_kept_exactly() -> None:
+    """``keep_prompt_key``: a key equal to the edit prompt's own (to 1e-3 relative) is kept even
+    where the gate opens; a nearby but different key is not; off, nothing is kept."""
+    adapter = _open_adapter(16).eval()
+    adapter.beta_guard = None
+    k = torch.randn(4, 16)
+    adapter.set_prompt_keys(k[:1])
+    near = k[0] * (1 + 1e-5)
+    far = k[0] + 0.05 * k[0].norm() * torch.nn.functional.normalize(torch.randn(16), dim=0)
+    keys = torch.stack([k[0], near, far, k[1]])
+    out = adapter(keys)
+    assert torch.equal(out[:2], keys[:2])
+    assert not torch.equal(out[2], keys[2]) and not torch.equal(out[3], keys[3])
+    adapter.cfg = adapter.cfg.replace(keep_prompt_key=False)
+    assert not torch.equal(adapter(keys)[0], keys[0])
+
+
 # --------------------------------------------------------------------------- injection
 
 
@@ -469,6 +488,13 @@ def test_match_loss_pulls_variant_keys_onto_k_star(lm, edited, corpus, tmp_path:
     assert a["cos"] > b["cos"]
     losses = [step["agg"] for step in match.losses]
     assert losses[-1] < losses[0]  # the relative distance to k* falls
+    # ... and the edit prompt's own subject key, exactly as the model computes it
+    ids, pos = locate(lm.tokenizer, CASE.request.prompt, CASE.request.subject)
+    with torch.no_grad(), Hooks() as h:
+        h.capture("k", lm.arch.down_proj(layer))
+        h.run(lm.model, input_ids=torch.tensor([ids]))
+    k_o = h["k"][0, pos].float()
+    assert torch.allclose(match.adapters[layer].prompt_k[0], k_o, rtol=1e-4, atol=1e-5)
     # training stores the edit's β̃ direction for the guard: β̃(k*) = 1
     k_star = result.tensors[f"keys.{layer}"].float()
     guard_w = match.adapters[layer].guard_w

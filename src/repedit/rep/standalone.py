@@ -12,7 +12,9 @@ The weight edit is already in the exported weights. An adapter cannot be: it rew
 ``k`` of one MLP down-projection, per token, ``k̂ = k + Σᵢ 𝟙[gᵢ(k) > τᵢ]·Pᵢ(k)`` with
 ``P(k) = B·A·k·α/r`` and ``g(k) = σ(W₂·gelu(W₁·k̃) + b₂)`` (``k̃ = k/rms(k)`` when the gate
 normalises its input); with ``beta_guard`` set, a token whose key already retrieves the edit
-(``maxᵢ k·wᵢ ≥ beta_guard``, ``wᵢ`` the saved ``guard_w`` rows) keeps its key. That is what
+(``maxᵢ k·wᵢ ≥ beta_guard``, ``wᵢ`` the saved ``guard_w`` rows) keeps its key, and with
+``keep_prompt_key`` so does the edit prompt's own subject key (a saved ``prompt_k`` row, to a
+relative distance of ``PROMPT_KEY_TOLERANCE``). That is what
 :class:`repedit.rep.adapter.RepAdapter` computes in eval mode;
 ``tests/rep/test_export.py`` checks that both give the same logits.
 """
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 ADAPTER_FILE = "rep_adapters.safetensors"
+PROMPT_KEY_TOLERANCE = 1e-3  # as repedit.rep.adapter
 
 
 def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -44,6 +47,7 @@ def _member(
     scale = float(cfg["alpha"]) / int(cfg["rank"])
     tau, gated, norm = float(cfg["tau"]), bool(cfg["use_gate"]), bool(cfg["gate_input_norm"])
     guard, guard_w = cfg.get("beta_guard"), t.get("guard_w")
+    prompt_k = t.get("prompt_k") if cfg.get("keep_prompt_key") else None
 
     def delta(x: torch.Tensor) -> torch.Tensor:
         p = F.linear(F.linear(x, t["A.weight"]), t["B.weight"]) * scale
@@ -55,6 +59,9 @@ def _member(
             open_ = torch.sigmoid(logit) > tau
         if guard is not None and guard_w is not None and guard_w.shape[0]:
             open_ = open_ & ((x @ guard_w.T).amax(-1) < float(guard))
+        if prompt_k is not None and prompt_k.shape[0]:
+            dist = torch.cdist(x.reshape(-1, x.shape[-1]), prompt_k).reshape(*x.shape[:-1], -1)
+            open_ = open_ & ((dist / prompt_k.norm(dim=-1)).amin(-1) >= PROMPT_KEY_TOLERANCE)
         return torch.where(open_.unsqueeze(-1), p, torch.zeros_like(p))
 
     return delta

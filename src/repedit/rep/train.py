@@ -714,8 +714,20 @@ def _train_group(
             a.eval()
         return out
 
+    def keep_prompt_keys(layer: int, keys_from: _KeyCache) -> None:
+        """The edit prompts' subject keys as this layer will see them at test time."""
+        got = keys_from.get(list(range(n_prompts)), adapters)[layer]
+        k_o = [got[i][ex.position] for i, ex in enumerate(examples[:n_prompts])]
+        adapters[layer].set_prompt_keys(torch.stack(k_o))
+
     if len(layers) == 1 or not cfg.layerwise:
         losses = fit(adapters, cache)
+        if len(layers) == 1:
+            keep_prompt_keys(layers[0], cache)
+        else:  # joint training: each layer's prompt key through the other trained adapters
+            joint = _KeyCache(lm, layers, examples, cacheable=False)
+            for layer in layers:
+                keep_prompt_keys(layer, joint)
         if report:
             keys = cache.get(list(range(len(examples))), adapters)
             after = _measure(adapters, examples, keys, targets, request_map)
@@ -731,7 +743,9 @@ def _train_group(
     for layer in layers:
         below = {j: adapters[j] for j in layers if j < layer}
         after_keys[layer] = reader.advance(layer, below) if below else reader.current
-        steps = fit({layer: adapters[layer]}, reader.cache(layer))
+        layer_keys = reader.cache(layer)
+        steps = fit({layer: adapters[layer]}, layer_keys)
+        keep_prompt_keys(layer, layer_keys)
         losses = steps if not losses else _sum_losses([losses, steps])
     if report:  # a layer's own adapter does not change its key: these are the adapted model's
         after = _measure(adapters, examples, after_keys, targets, request_map)
