@@ -45,13 +45,14 @@ def test_ablation_overrides_map_onto_rep_config():
         "no-negatives",
         "no-long-context",
         "no-guard",
+        "no-prompt-key",
         "coupled-gate",
     }
     every = ablation_overrides(list(ABLATIONS))
     cfg = RepConfig().replace(**every)  # every field exists and takes the value
     assert not cfg.use_gate and cfg.consistency_weight == 0 and not cfg.use_norm
     assert not cfg.negatives and not cfg.long_context
-    assert cfg.beta_guard is None and not cfg.decouple_gate
+    assert cfg.beta_guard is None and not cfg.decouple_gate and not cfg.keep_prompt_key
 
 
 def test_unknown_ablation_lists_the_valid_ones():
@@ -155,7 +156,7 @@ def test_rep_summary_rows_and_labels(tmp_path):
     assert rows["rep_seconds (mean, s)"][1] == "0.500"
     assert rows["edit_seconds (mean, s)"][1] == "2.000"
     assert rows["REP gate open: train positives"][1] == "75.0"
-    assert rows["REP open tokens the β̃ guard kept"][1] == "40.0"
+    assert rows["REP open tokens kept (β̃ guard, prompt key)"][1] == "40.0"
     compared = {r[0]: r[1:] for r in comparison_rows([plain, rep])}
     assert compared["rep_seconds (mean, s)"] == ["—", "0.500"]
     # robustness: subject paraphrase 2/2 and scrambled 1/1 for the REP run

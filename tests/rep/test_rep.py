@@ -243,8 +243,12 @@ def test_beta_guard_keeps_keys_that_already_retrieve_the_edit() -> None:
     adapter.eval()
     stack = RepStack([adapter, _open_adapter(16).eval()]).eval()
     stack.adapters[1].set_guard(w)
-    stack.adapters[1].beta_guard = 0.5
+    stack.beta_guard = 0.5  # reaches every member
+    assert [m.beta_guard for m in stack.adapters] == [0.5, 0.5]
     assert torch.equal(stack(k[:2]), k[:2])
+    stack.beta_guard = None
+    assert not torch.equal(stack(k[:2]), k[:2])
+    stack.beta_guard = 0.5
     plain = RepAdapter(16, RepConfig(use_gate=False, beta_guard=0.5)).eval()
     plain.set_guard(w)
     with torch.no_grad():
@@ -270,6 +274,15 @@ def test_prompt_key_is_kept_exactly() -> None:
     assert not torch.equal(out[2], keys[2]) and not torch.equal(out[3], keys[3])
     adapter.cfg = adapter.cfg.replace(keep_prompt_key=False)
     assert not torch.equal(adapter(keys)[0], keys[0])
+    # many rows of a wide key, equal up to float rounding: all kept (cdist's matmul shortcut,
+    # which it takes above 25 rows, was measured to miss such copies at d ≥ 2560)
+    wide = _open_adapter(4096).eval()
+    wide.beta_guard = None
+    k_o = torch.randn(4096) * 3
+    wide.set_prompt_keys(k_o)
+    copies = k_o * (1 + 1e-6 * torch.randn(64, 4096))
+    assert torch.equal(wide(copies), copies)
+    assert not released_config().keep_prompt_key  # the paper has no such rule
 
 
 # --------------------------------------------------------------------------- injection

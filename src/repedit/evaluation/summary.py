@@ -17,7 +17,8 @@ bootstrap over *cases* (1000 resamples, seeded): a case's variants stay together
 in-domain / held-out halves, counts, throughput and timing; for a REP run also
 ``edit_seconds_mean``, ``rep_seconds_mean`` and the gate open rates ``rep_open_pos`` /
 ``rep_open_neg`` (training pool, after training), ``rep_eval_open_rate`` (every evaluated
-token) and ``rep_eval_guarded`` (the share of open evaluated tokens the β̃ guard kept).
+token) and ``rep_eval_guarded`` (the share of open evaluated tokens that the β̃ guard or the
+prompt-key rule kept).
 ``config.label`` names the run (``rome``, ``rome+rep(no-gate) τ=0.7``, see :func:`run_label`).
 """
 
@@ -164,9 +165,10 @@ def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None
         for stats in (r.get("rep_eval_gate") or {}).values():
             if stats.get("rate") is not None:
                 ev.append(float(stats["rate"]))
-            opened += int(stats.get("open") or 0)
-            guarded += int(stats.get("guarded") or 0)
-            counted = counted or "guarded" in stats
+            if "guarded" in stats:  # records written before the count existed do not add
+                opened += int(stats.get("open") or 0)
+                guarded += int(stats["guarded"] or 0)
+                counted = True
     return {
         "rep_open_pos": sum(pos) / len(pos) if pos else None,
         "rep_open_neg": sum(neg) / len(neg) if neg else None,
@@ -300,7 +302,7 @@ REP_ROWS: tuple[tuple[str, str, Any], ...] = (
     ("REP gate open: train positives", "rep_open_pos", _pct),
     ("REP gate open: train negatives", "rep_open_neg", _pct),
     ("REP gate open: eval tokens", "rep_eval_open_rate", _pct),
-    ("REP open tokens the β̃ guard kept", "rep_eval_guarded", _pct),
+    ("REP open tokens kept (β̃ guard, prompt key)", "rep_eval_guarded", _pct),
 )
 
 

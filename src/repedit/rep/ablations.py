@@ -22,6 +22,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-negatives": {"negatives": False},
     "no-long-context": {"long_context": False},
     "no-guard": {"beta_guard": None},
+    "no-prompt-key": {"keep_prompt_key": False},
     "coupled-gate": {"decouple_gate": False},
 }
 

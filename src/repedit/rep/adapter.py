@@ -188,7 +188,10 @@ class RepConfig(Hparams):
     #: distance < ``PROMPT_KEY_TOLERANCE``) keeps it, so REP never changes what the plain edit
     #: does on its own prompt (the consistency term, made exact; measured: with the soft term
     #: alone one of 41 CounterFact cases lost its efficacy, a subject whose prompt key sits among
-    #: its paraphrases' keys, where a low-rank ``P`` cannot be zero on one and not the others)
+    #: its paraphrases' keys, where a low-rank ``P`` cannot be zero on one and not the others).
+    #: Limits: the keys are those of training (a later τ or guard change at a lower layer can
+    #: move an upper layer's prompt key), and in a stack each member keeps only its own edit's
+    #: prompt key, so another member may still change it
     keep_prompt_key: bool = True
     negatives: bool = False
     negative_weight: float = 1.0
@@ -268,6 +271,16 @@ class RepConfig(Hparams):
         return out
 
 
+def prompt_key_hits(x: torch.Tensor, prompt_k: torch.Tensor) -> torch.Tensor:
+    """Tokens of ``x`` (``[..., d]``) within ``PROMPT_KEY_TOLERANCE`` (relative) of a row of
+    ``prompt_k``. Differences are taken directly, one stored row at a time: ``torch.cdist``'s
+    matmul shortcut (used above 25 rows) has errors of the tolerance's size."""
+    hit = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    for row in prompt_k:
+        hit |= (x - row).norm(dim=-1) < PROMPT_KEY_TOLERANCE * row.norm()
+    return hit
+
+
 def released_config(**overrides: Any) -> RepConfig:
     """The released code's REP: untrained gate at g ≈ 0.5, no long-context training.
 
@@ -287,6 +300,7 @@ def released_config(**overrides: Any) -> RepConfig:
         "steps": 10,
         "lr": 5e-4,
         "beta_guard": None,
+        "keep_prompt_key": False,
         "consistency_weight": 50000.0,
     }
     return RepConfig().replace(**{**base, **overrides})
@@ -364,10 +378,9 @@ class RepAdapter(nn.Module):
         kept = None
         x = k.float()
         if self.cfg.beta_guard is not None and self.guard_w.shape[0]:
-            kept = (x @ self.guard_w.T).amax(-1) >= self.cfg.beta_guard
+            kept = (x @ self.guard_w.float().T).amax(-1) >= self.cfg.beta_guard
         if self.cfg.keep_prompt_key and self.prompt_k.shape[0]:
-            dist = torch.cdist(x.reshape(-1, self.d_mlp), self.prompt_k).reshape(*x.shape[:-1], -1)
-            near = (dist / self.prompt_k.norm(dim=-1)).amin(-1) < PROMPT_KEY_TOLERANCE
+            near = prompt_key_hits(x, self.prompt_k.float())
             kept = near if kept is None else kept | near
         return kept
 
@@ -463,7 +476,10 @@ class RepStack(nn.Module):
 
     @beta_guard.setter
     def beta_guard(self, value: float | None) -> None:
+        """Sets every member's guard too (each member gates with its own config)."""
         self.cfg = self.cfg.replace(beta_guard=None if value is None else float(value))
+        for member in self.adapters:
+            member.beta_guard = value
 
     def __len__(self) -> int:
         return len(self.adapters)

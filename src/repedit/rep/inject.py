@@ -111,7 +111,8 @@ class RepInjection:
 
     def gate_rates(self) -> dict[int, dict[str, float | None]]:
         """Per layer: tokens seen, open count, open ``rate``, mean soft gate, max gate, and
-        ``guarded``: open tokens the β̃ guard kept as they were (``RepConfig.beta_guard``)."""
+        ``guarded``: open tokens the β̃ guard or the prompt-key rule kept as they were
+        (``RepConfig.beta_guard``, ``keep_prompt_key``; in a stack: kept by some member)."""
         out: dict[int, dict[str, float | None]] = {}
         for layer, c in self.counts.items():
             n = c["tokens"]
@@ -127,7 +128,8 @@ class RepInjection:
 
 
 def _guarded_open(adapter: Adapter, k: torch.Tensor) -> int:
-    """How many tokens of ``k`` have an open gate that the β̃ guard overrode (any member)."""
+    """How many tokens of ``k`` have an open gate that the β̃ guard or the prompt-key rule
+    overrode (for a stack: in at least one member, which another member may still change)."""
     kept = None
     for member in getattr(adapter, "adapters", [adapter]):
         guarded = member.guarded(k)

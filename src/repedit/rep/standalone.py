@@ -59,9 +59,9 @@ def _member(
             open_ = torch.sigmoid(logit) > tau
         if guard is not None and guard_w is not None and guard_w.shape[0]:
             open_ = open_ & ((x @ guard_w.T).amax(-1) < float(guard))
-        if prompt_k is not None and prompt_k.shape[0]:
-            dist = torch.cdist(x.reshape(-1, x.shape[-1]), prompt_k).reshape(*x.shape[:-1], -1)
-            open_ = open_ & ((dist / prompt_k.norm(dim=-1)).amin(-1) >= PROMPT_KEY_TOLERANCE)
+        if prompt_k is not None:
+            for row in prompt_k:  # direct differences (cdist's matmul shortcut is too coarse)
+                open_ = open_ & ((x - row).norm(dim=-1) >= PROMPT_KEY_TOLERANCE * row.norm())
         return torch.where(open_.unsqueeze(-1), p, torch.zeros_like(p))
 
     return delta
