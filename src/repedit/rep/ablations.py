@@ -120,9 +120,7 @@ def set_tau(adapters: Mapping[int, Any], tau: float) -> None:
     if not 0.0 < float(tau) < 1.0:
         raise InvalidRequestError(f"tau must be in (0, 1), got {tau}")
     for adapter in adapters.values():
-        adapter.tau = float(tau)
-        for member in getattr(adapter, "adapters", ()):
-            member.tau = float(tau)
+        adapter.tau = float(tau)  # a RepStack passes it on to its members
 
 
 def parse_taus(text: str | Iterable[Any]) -> tuple[float, ...]:

@@ -306,7 +306,38 @@ def released_config(**overrides: Any) -> RepConfig:
     return RepConfig().replace(**{**base, **overrides})
 
 
-class RepAdapter(nn.Module):
+class _InferenceSettings:
+    """τ and the β̃ guard: inference-only settings, kept in ``cfg`` so that a saved or exported
+    adapter gates as it did here, and settable after training. On a :class:`RepStack` they
+    reach every member too, since each member gates with its own config."""
+
+    cfg: RepConfig
+
+    @property
+    def tau(self) -> float:
+        """The hard-gate threshold, ``cfg.tau``."""
+        return self.cfg.tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._set(tau=float(value))
+
+    @property
+    def beta_guard(self) -> float | None:
+        """``cfg.beta_guard`` (None: no guard)."""
+        return self.cfg.beta_guard
+
+    @beta_guard.setter
+    def beta_guard(self, value: float | None) -> None:
+        self._set(beta_guard=None if value is None else float(value))
+
+    def _set(self, **values: Any) -> None:
+        self.cfg = self.cfg.replace(**values)
+        for member in getattr(self, "adapters", ()):
+            member._set(**values)
+
+
+class RepAdapter(_InferenceSettings, nn.Module):
     """One layer's adapter; ``forward(k)`` maps keys ``[..., d_mlp]`` to adapted keys.
 
     Works in float32 internally and returns the key's dtype. In ``eval()`` mode a token whose
@@ -340,25 +371,6 @@ class RepAdapter(nn.Module):
         if self.cfg.gate_bias_init is not None:
             with torch.no_grad():
                 self.gate_out.bias.fill_(self.cfg.gate_bias_init)
-
-    @property
-    def tau(self) -> float:
-        """The hard-gate threshold, ``cfg.tau``; setting it updates the config, so a saved or
-        exported adapter gates as it did here."""
-        return self.cfg.tau
-
-    @tau.setter
-    def tau(self, value: float) -> None:
-        self.cfg = self.cfg.replace(tau=float(value))
-
-    @property
-    def beta_guard(self) -> float | None:
-        """``cfg.beta_guard`` (settable after training, like :attr:`tau`)."""
-        return self.cfg.beta_guard
-
-    @beta_guard.setter
-    def beta_guard(self, value: float | None) -> None:
-        self.cfg = self.cfg.replace(beta_guard=None if value is None else float(value))
 
     def set_guard(self, w: torch.Tensor) -> None:
         """Store the edits' β̃ directions ``w`` (``[n, d_mlp]`` or ``[d_mlp]``) for the guard."""
@@ -448,7 +460,7 @@ class RepAdapter(nn.Module):
         )
 
 
-class RepStack(nn.Module):
+class RepStack(_InferenceSettings, nn.Module):
     """Several adapters on one layer (one per edit of a batch): ``k + Σᵢ gᵢ(k)·Pᵢ(k)``.
 
     Every adapter reads the same raw key; the reported gate is the largest of theirs.
@@ -461,25 +473,6 @@ class RepStack(nn.Module):
         self.adapters = nn.ModuleList(adapters)
         self.cfg = adapters[0].cfg
         self.d_mlp = adapters[0].d_mlp
-
-    @property
-    def tau(self) -> float:
-        return self.cfg.tau
-
-    @tau.setter
-    def tau(self, value: float) -> None:
-        self.cfg = self.cfg.replace(tau=float(value))
-
-    @property
-    def beta_guard(self) -> float | None:
-        return self.cfg.beta_guard
-
-    @beta_guard.setter
-    def beta_guard(self, value: float | None) -> None:
-        """Sets every member's guard too (each member gates with its own config)."""
-        self.cfg = self.cfg.replace(beta_guard=None if value is None else float(value))
-        for member in self.adapters:
-            member.beta_guard = value
 
     def __len__(self) -> int:
         return len(self.adapters)
