@@ -7,8 +7,6 @@ the first run pays for them. Every test reverts its edit, leaving the session mo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,14 +21,6 @@ SLOVENIA = EditRequest(
     "{} is located in the continent of", "Slovenia", "Antarctica", "Europe", "slovenia-continent"
 )
 FRANCE = "The capital of France is"
-
-
-@pytest.fixture
-def wikitext_stats(shared_data: Path) -> StatsConfig:
-    raw = shared_data / "wikitext" / "wiki.test.raw"
-    if not raw.is_file():
-        pytest.skip(f"{raw} not found")
-    return StatsConfig(corpus=str(raw), n_tokens=100_000, progress=False)
 
 
 def _snapshot(lm) -> dict[str, torch.Tensor]:
