@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import PhaseTimer, default_data_dir, patched
 
 #: timed phase -> (module, function name) pairs patched in the editor modules' namespaces
 PHASES: dict[str, list[tuple[str, str]]] = {
@@ -58,11 +55,6 @@ PHASES: dict[str, list[tuple[str, str]]] = {
 }
 TIMED = tuple(PHASES)
 VALUE_PATHS = ("auto", "prefix", "full")
-
-
-def default_data_dir() -> Path:
-    data = os.environ.get("REPEDIT_DATA")
-    return Path(data).expanduser() if data else REPO.parent / "shared" / "data"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,61 +105,15 @@ def value_path(path: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- timing
 
 
-class PhaseTimer:
-    """Accumulates wall time per phase; nested calls count only in the outermost phase."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = dict.fromkeys(TIMED, 0.0)
-        self.calls: dict[str, int] = dict.fromkeys(TIMED, 0)
-        self._depth = 0
-
-    def reset(self) -> None:
-        self.seconds = dict.fromkeys(TIMED, 0.0)
-        self.calls = dict.fromkeys(TIMED, 0)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if self._depth:
-                return fn(*args, **kwargs)
-            self._depth += 1
-            self.sync()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.seconds[phase] += time.perf_counter() - t0
-                self.calls[phase] += 1
-                self._depth -= 1
-
-        timed.__wrapped__ = fn  # type: ignore[attr-defined]
-        return timed
-
-
-@contextlib.contextmanager
-def patched(timer: PhaseTimer) -> Iterator[None]:
-    """Wrap every phase function in the editor modules that use it; restore on exit."""
+def phase_targets() -> dict[str, list[tuple[Any, str]]]:
+    """``PHASES`` resolved to (module, name) pairs, leaving out names a module does not use."""
     import importlib
 
-    saved: list[tuple[Any, str, Any]] = []
-    try:
-        for phase, targets in PHASES.items():
-            for module_name, attr in targets:
-                module = importlib.import_module(module_name)
-                if not hasattr(module, attr):
-                    continue
-                original = getattr(module, attr)
-                saved.append((module, attr, original))
-                setattr(module, attr, timer.wrap(phase, original))
-        yield
-    finally:
-        for module, attr, original in reversed(saved):
-            setattr(module, attr, original)
+    out: dict[str, list[tuple[Any, str]]] = {}
+    for phase, targets in PHASES.items():
+        modules = [(importlib.import_module(name), attr) for name, attr in targets]
+        out[phase] = [(module, attr) for module, attr in modules if hasattr(module, attr)]
+    return out
 
 
 # --------------------------------------------------------------------------- requests
@@ -233,7 +179,7 @@ def efficacy(lm: Any, requests: Sequence[Any]) -> list[bool]:
 
 def timed_edit(lm: Any, editor: Any, requests: list[Any], timer: PhaseTimer) -> dict[str, Any]:
     timer.reset()
-    with patched(timer):
+    with patched(timer, phase_targets()):
         timer.sync()
         t0 = time.perf_counter()
         result = editor.edit(lm, requests)
@@ -297,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         editor.contexts(lm, hp)
         warm[f"{name}_contexts_s"] = round(time.perf_counter() - t0, 2)
 
-    timer = PhaseTimer(lm.device)
+    timer = PhaseTimer(lm.device, TIMED)
     paths = args.value_paths
     rome_runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
     for i, req in enumerate(rome_requests(args.repeats)):

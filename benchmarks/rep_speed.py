@@ -24,19 +24,14 @@ Prints one JSON object, then a table. Never asserts: the numbers are for reading
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import PhaseTimer, default_data_dir, patched
 
 #: phase -> (object path in repedit.rep.train, attribute) patched for timing
 PHASES: dict[str, list[tuple[str, str]]] = {
@@ -46,11 +41,6 @@ PHASES: dict[str, list[tuple[str, str]]] = {
     "losses": [("", "_losses")],
     "report": [("", "_measure")],
 }
-
-
-def default_data_dir() -> Path:
-    data = os.environ.get("REPEDIT_DATA")
-    return Path(data).expanduser() if data else REPO.parent / "shared" / "data"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,55 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class PhaseTimer:
-    """Wall time per phase; a call inside another timed call counts only in the outer one."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-        self._depth = 0
-
-    def reset(self) -> None:
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if self._depth:
-                return fn(*args, **kwargs)
-            self._depth += 1
-            self.sync()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.seconds[phase] += time.perf_counter() - t0
-                self._depth -= 1
-
-        return timed
-
-
-@contextlib.contextmanager
-def patched(timer: PhaseTimer) -> Iterator[None]:
-    """Wrap the phase functions where ``repedit.rep.train`` looks them up; restore on exit."""
+def phase_targets() -> dict[str, list[tuple[Any, str]]]:
+    """``PHASES`` resolved to (owner, name) pairs; a missing name fails loudly (a rename in
+    ``repedit.rep.train`` must not silently drop a phase)."""
     import repedit.rep.train as train
 
-    saved: list[tuple[Any, str, Any]] = []
-    try:
-        for phase, targets in PHASES.items():
-            for owner_name, attr in targets:
-                owner = getattr(train, owner_name) if owner_name else train
-                original = owner.__dict__[attr] if owner_name else getattr(owner, attr)
-                saved.append((owner, attr, original))
-                setattr(owner, attr, timer.wrap(phase, original))
-        yield
-    finally:
-        for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)
+    return {
+        phase: [(getattr(train, owner) if owner else train, attr) for owner, attr in targets]
+        for phase, targets in PHASES.items()
+    }
 
 
 def load_cases(lm: Any, editor: Any, n: int, data_dir: str) -> tuple[list[Any], str]:
@@ -166,7 +116,7 @@ def timed_case(
     edit_s = time.perf_counter() - t0
     try:
         timer.reset()
-        with patched(timer):
+        with patched(timer, phase_targets()):
             t0 = time.perf_counter()
             rep = train_rep_after(
                 lm, editor, result, [case], cfg=cfg, keys=[case.request.case_id], sampler=sampler
@@ -221,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         corpus=args.corpus, n_tokens=args.stats_tokens, cache=args.cache, progress=False
     )
     sampler = passage_sampler(lm, cfg) if cfg.long_context else None
-    timer = PhaseTimer(lm.device)
+    timer = PhaseTimer(lm.device, PHASES)
     out: dict[str, Any] = {}
     for method in methods:
         editor = make_editor(method, stats=stats)

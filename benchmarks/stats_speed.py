@@ -19,22 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import default_data_dir
 
 
 def default_corpus() -> str:
-    data = os.environ.get("REPEDIT_DATA")
-    root = Path(data).expanduser() if data else REPO.parent / "shared" / "data"
-    return str(root / "wikitext" / "wiki.test.raw")
+    return str(default_data_dir() / "wikitext" / "wiki.test.raw")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
