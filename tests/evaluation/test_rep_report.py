@@ -47,12 +47,14 @@ def test_ablation_overrides_map_onto_rep_config():
         "no-guard",
         "no-prompt-key",
         "coupled-gate",
+        "all-tokens",
     }
     every = ablation_overrides(list(ABLATIONS))
     cfg = RepConfig().replace(**every)  # every field exists and takes the value
     assert not cfg.use_gate and cfg.consistency_weight == 0 and not cfg.use_norm
     assert not cfg.negatives and not cfg.long_context
     assert cfg.beta_guard is None and not cfg.decouple_gate and not cfg.keep_prompt_key
+    assert not cfg.prompt_only
 
 
 def test_unknown_ablation_lists_the_valid_ones():

@@ -11,8 +11,9 @@ import torch
 
 from repedit.data.case import EditRequest
 from repedit.editors import make_editor
+from repedit.evaluation.scoring import greedy_completion
 from repedit.models.hooks import Hooks
-from repedit.models.loading import load_model
+from repedit.models.loading import LoadedModel, load_model
 from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepAdapter, RepConfig, RepStack, export_with_rep, load_adapters, rep_applied
 from repedit.rep.ablations import set_tau
@@ -92,6 +93,8 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
             unkept = _logits(lm.model, lm.tokenizer, TEXTS[0])
         adapters[1].cfg = adapters[1].cfg.replace(keep_prompt_key=True)
         assert not torch.allclose(unkept, want[TEXTS[0]], atol=1e-4)  # the prompt key matters
+        with rep_applied(lm, adapters):  # prompt_only: the adapters act on the prefill only
+            want_text = greedy_completion(lm, TEXTS, 6)
     finally:
         result.revert(lm)
 
@@ -101,6 +104,9 @@ def test_export_loads_without_repedit_with_the_same_logits(family: str, tmp_path
         got = _logits(model, tokenizer, t)
         assert torch.allclose(got, want[t], atol=1e-5), t
         assert not torch.allclose(got, plain[t], atol=1e-3)
+    # the standalone hooks skip generation steps (a forward that continues a KV cache) too
+    exported_lm = LoadedModel(model, tokenizer)
+    assert greedy_completion(exported_lm, TEXTS, 6) == want_text
     for handle in model.rep_handles:
         handle.remove()
     for t in TEXTS:  # without the adapters: the edited weights alone

@@ -16,6 +16,7 @@ import torch
 from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.editors import StatsConfig, make_editor
 from repedit.errors import FingerprintMismatchError, InvalidRequestError
+from repedit.evaluation.scoring import Probe, greedy_completion, score_probes, tokenize_probe
 from repedit.io import read_safetensors, write_safetensors
 from repedit.models.hooks import Hooks
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
@@ -315,6 +316,76 @@ def test_injection_changes_output_and_removal_restores_bit_for_bit(lm) -> None:
     handle.remove()
     assert torch.equal(_logits(lm), before)
     handle.remove()  # idempotent
+
+
+def _adapted_at(adapter: RepAdapter, n_first: int):
+    """A rewrite that applies ``adapter`` (eval mode) to the first ``n_first`` positions only."""
+
+    def fn(k: torch.Tensor) -> torch.Tensor:
+        first = torch.arange(k.shape[1])[None, :, None] < n_first
+        return torch.where(first, adapter(k), k)
+
+    return fn
+
+
+def test_prompt_only_scoring_leaves_the_answer_tokens_alone(lm) -> None:
+    adapter = _open_adapter(lm.arch.d_mlp).eval()
+    probe = Probe("The Eiffel Tower is in", "Paris and Rome")
+    p_ids, t_ids = tokenize_probe(lm.tokenizer, probe.prompt, probe.target)
+    ids = torch.tensor([p_ids + t_ids])
+
+    def by_hand(n_first: int) -> float:
+        with torch.no_grad(), Hooks() as h:
+            h.rewrite(lm.arch.down_proj(1), _adapted_at(adapter, n_first))
+            logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), -1)
+        return sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(t_ids))
+
+    plain = score_probes(lm, [probe])[0].logprob
+    with rep_applied(lm, {1: adapter}, count=True) as inj:
+        # a second, longer probe in the same batch: each row gets its own prompt length
+        longer = Probe(probe.prompt + " the", "city")
+        got, _ = score_probes(lm, [probe, longer])
+    assert got.logprob == pytest.approx(by_hand(len(p_ids)), abs=1e-4)
+    assert got.logprob != pytest.approx(plain, abs=1e-2)  # the prompt's keys were adapted
+    n_longer = len(tokenize_probe(lm.tokenizer, longer.prompt, longer.target)[0])
+    assert n_longer > len(p_ids)
+    assert inj.gate_rates()[1]["tokens"] == len(p_ids) + n_longer  # prompt tokens only
+    adapter.cfg = adapter.cfg.replace(prompt_only=False)  # the paper: every token
+    with rep_applied(lm, {1: adapter}):
+        every = score_probes(lm, [probe])[0].logprob
+    assert every == pytest.approx(by_hand(len(ids[0])), abs=1e-4)
+    assert every != pytest.approx(got.logprob, abs=1e-2)
+    # a forward whose caller declares no prompt is adapted everywhere
+    adapter.cfg = adapter.cfg.replace(prompt_only=True)
+    everywhere = _by_rewrite(lm, _adapted_at(adapter, 10**6))
+    with rep_applied(lm, {1: adapter}):
+        assert torch.equal(_logits(lm), everywhere)
+
+
+def _by_rewrite(lm, fn, text: str = "The Eiffel Tower is in Paris and Rome") -> torch.Tensor:
+    with Hooks() as h:
+        h.rewrite(lm.arch.down_proj(1), fn)
+        return _logits(lm, text)
+
+
+def test_prompt_only_generation_adapts_the_prefill_only(lm) -> None:
+    adapter = _open_adapter(lm.arch.d_mlp).eval()
+    prompts = ["The Eiffel Tower is in", "Toyota was founded in the city of"]
+
+    def by_hand(prompt: str, n_new: int, prompt_only: bool) -> str:
+        ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        n_prompt = ids.shape[1] if prompt_only else 10**6
+        for _ in range(n_new):  # no KV cache: every step reruns the whole sequence
+            with torch.no_grad(), Hooks() as h:
+                h.rewrite(lm.arch.down_proj(1), _adapted_at(adapter, n_prompt))
+                step = lm.model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, step.view(1, 1)], 1)
+        return lm.tokenizer.decode(ids[0, -n_new:], skip_special_tokens=True)
+
+    with rep_applied(lm, {1: adapter}):
+        got = greedy_completion(lm, prompts, 8)
+    assert got == [by_hand(p, 8, True) for p in prompts]
+    assert got != [by_hand(p, 8, False) for p in prompts]  # adapting new tokens would differ
 
 
 def test_injection_of_fresh_adapters_is_exact(lm) -> None:

@@ -27,6 +27,10 @@ Batches are right-padded with an attention mask, so every row keeps positions ``
 every family. Logits are only computed at the positions needed: a pre-hook on the LM head
 gathers the hidden states at the target positions, so no ``[batch, seq, vocab]`` tensor is
 built (a model whose head cannot be hooked falls back to gathering from full logits).
+
+Every forward declares which tokens are the prompt (:func:`repedit.models.spans.declare_prompt`:
+each row's prompt length when scoring, the prefill when generating), so a prompt-only rewrite
+such as REP's leaves the answer's tokens alone.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 
 from repedit.errors import InvalidRequestError
 from repedit.models.hooks import Hooks
+from repedit.models.spans import declare_prompt
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,7 @@ def _score_sequences(
                 gathered["done"] = True
                 return x[torch.arange(b, device=x.device)[:, None], pos_dev]
 
-            with Hooks() as hooks:
+            with Hooks() as hooks, declare_prompt(lm, n_prompt):
                 if head is not None:
                     hooks.rewrite(head, pick)
                 out = lm.model(
@@ -357,7 +362,7 @@ def generate(
     pad = _pad_id(lm.tokenizer)
     for start in range(0, len(prompts), batch_size):
         enc = encode_left_padded(lm, prompts[start : start + batch_size])
-        with torch.inference_mode():
+        with torch.inference_mode(), declare_prompt(lm):  # the prefill is the prompt
             out = lm.model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs
             )

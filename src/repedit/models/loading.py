@@ -72,6 +72,9 @@ class LoadedModel:
     name: str = "model"
     arch: Arch = field(init=False)
     fingerprint: str = field(init=False)
+    #: the prompt of the forward now running, when its caller declared one
+    #: (:func:`repedit.models.spans.declare_prompt`; read by prompt-only rewrites such as REP's)
+    prompt_span: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.model.eval()

@@ -24,6 +24,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-guard": {"beta_guard": None},
     "no-prompt-key": {"keep_prompt_key": False},
     "coupled-gate": {"decouple_gate": False},
+    "all-tokens": {"prompt_only": False},
 }
 
 

@@ -193,6 +193,14 @@ class RepConfig(Hparams):
     #: move an upper layer's prompt key), and in a stack each member keeps only its own edit's
     #: prompt key, so another member may still change it
     keep_prompt_key: bool = True
+    #: inference only: the adapters act on the prompt's tokens only, never on the answer a
+    #: probe scores or the tokens a model generates (the caller declares the prompt with
+    #: :func:`repedit.models.spans.declare_prompt`; repedit's scoring and generation do, a
+    #: forward without a declaration adapts every token). Measured: on ZsRE the gate opened on
+    #: answers that repeat the subject's words ("West Texas Investors Club" -> "West Texas
+    #: Broadcasting Company") and REP lost the edit's own prompt on three cases of 100.
+    #: False: every token (the paper)
+    prompt_only: bool = True
     negatives: bool = False
     negative_weight: float = 1.0
     negative_sources: tuple[str, ...] = ("subjects", "text")
@@ -569,6 +577,8 @@ def save_adapters(
 
 def _config_from(values: dict[str, Any]) -> RepConfig:
     known = RepConfig.field_names()
+    # files written before ``prompt_only`` existed adapted every token: keep them doing so
+    values = {"prompt_only": False, **values}
     return RepConfig().replace(**{k: v for k, v in values.items() if k in known})
 
 

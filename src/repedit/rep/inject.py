@@ -9,8 +9,13 @@ tallies, per layer, how many token keys passed through and how many found the ga
         score_probes(lm, probes)
         print(rep.gate_rates())   # {layer: {"tokens": ..., "open": ..., "rate": ..., ...}}
 
-Counts cover every position the model computes, padding included; for rates at chosen
+Counts cover every position the adapters act on, padding included; for rates at chosen
 positions (e.g. subject tokens) use :func:`repedit.rep.train.gate_rates`.
+
+With ``RepConfig.prompt_only`` (the default) an adapter acts only on the prompt's tokens
+wherever the caller declares them (:func:`repedit.models.spans.declare_prompt`: repedit's
+scoring declares each row's prompt length, its generation the prefill); elsewhere the key is
+left as it is and not counted. A forward without a declaration is adapted at every token.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from repedit.errors import RepeditError
 from repedit.models.hooks import Hooks
+from repedit.models.spans import prompt_span
 from repedit.rep.adapter import Adapter
 
 
@@ -48,6 +54,7 @@ class RepInjection:
         self._hooks: Hooks | None = None
         self.counts: dict[int, dict[str, float]] = {}
         #: with ``record=True``: the soft gate of the latest forward per layer, [batch, seq]
+        #: (0 where a prompt-only adapter did not act)
         self.last_gate: dict[int, torch.Tensor] = {}
         self.reset_counts()
 
@@ -86,16 +93,25 @@ class RepInjection:
 
     def _fn(self, layer: int, adapter: Adapter) -> Any:
         def rewrite(k: torch.Tensor) -> torch.Tensor:
+            span = prompt_span(self.lm) if adapter.cfg.prompt_only else None
+            where = span.mask((id(self), layer), k) if span is not None else None
+            if where is not None and not bool(where.any()):
+                return k  # a generated token: not the prompt's
             out, g = adapter.forward_with_gate(k)
+            if where is not None:
+                out = torch.where(where[..., None], out, k)
+                if g is not None:
+                    g = torch.where(where, g, 0.0)  # the adapter did not act there
             if g is not None and (self.count or self.record):
                 g = g.detach()
                 if self.count:
+                    seen = g if where is None else g[where]
                     c = self.counts[layer]
-                    c["tokens"] += g.numel()
-                    c["open"] += int((g > adapter.tau).sum())
-                    c["guarded"] += _guarded_open(adapter, k)
-                    c["soft_sum"] += float(g.float().sum())
-                    c["max"] = max(c["max"], float(g.max())) if g.numel() else c["max"]
+                    c["tokens"] += seen.numel()
+                    c["open"] += int((seen > adapter.tau).sum())
+                    c["guarded"] += _guarded_open(adapter, k if where is None else k[where])
+                    c["soft_sum"] += float(seen.float().sum())
+                    c["max"] = max(c["max"], float(seen.max())) if seen.numel() else c["max"]
                 if self.record:
                     self.last_gate[layer] = g.float().cpu()
             return out

@@ -16,7 +16,12 @@ normalises its input); with ``beta_guard`` set, a token whose key already retrie
 ``keep_prompt_key`` so does the edit prompt's own subject key (a saved ``prompt_k`` row, to a
 relative distance of ``PROMPT_KEY_TOLERANCE``). That is what
 :class:`repedit.rep.adapter.RepAdapter` computes in eval mode;
-``tests/rep/test_export.py`` checks that both give the same logits.
+``tests/rep/test_export.py`` checks that both give the same logits and the same greedy text.
+
+With ``prompt_only`` (repedit's default) an adapter leaves the tokens a model generates alone:
+a forward that continues a non-empty KV cache (a generation step after the prefill) is not
+adapted. A single forward over prompt and answer together adapts every token; repedit's own
+scoring declares the prompt's length instead (``repedit.models.spans``).
 """
 
 from __future__ import annotations
@@ -70,23 +75,32 @@ def _member(
 def attach(model: torch.nn.Module, directory: str | Path) -> list[Any]:
     """Put the adapters of ``directory`` on ``model``'s down-projections (forward pre-hooks),
     on each module's device (attach after moving the model); returns the hook handles
-    (``.remove()`` takes an adapter off)."""
+    (removing them all takes the adapters off; the first one only watches the KV cache)."""
     tensors, meta = _read(Path(directory))
-    handles = []
+    state = {"generating": False}
+
+    def note_past(m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5: cache
+        length = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        state["generating"] = bool(length)
+
+    handles = [model.register_forward_pre_hook(note_past, with_kwargs=True)]
     for layer, spec in sorted(meta["layers"].items(), key=lambda kv: int(kv[0])):
         configs = meta.get("member_configs", {}).get(layer) or [meta["config"]] * spec["n"]
         module = model.get_submodule(meta["info"]["modules"][layer])
         device = next(module.parameters()).device
         deltas = [
-            _member(tensors, f"layer.{layer}.{i}.", configs[i], device) for i in range(spec["n"])
+            (_member(tensors, f"layer.{layer}.{i}.", configs[i], device), configs[i])
+            for i in range(spec["n"])
         ]
 
         def rewrite(m: torch.nn.Module, args: tuple, deltas: list = deltas) -> tuple:
             k = args[0]
             x = k.float()
             out = x
-            for delta in deltas:
-                out = out + delta(x)
+            for delta, cfg in deltas:
+                if not (state["generating"] and cfg.get("prompt_only", False)):
+                    out = out + delta(x)
             return (out.to(k.dtype), *args[1:])
 
         handles.append(module.register_forward_pre_hook(rewrite))
