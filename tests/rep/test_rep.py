@@ -494,30 +494,48 @@ def test_read_keys_matches_editor_keys(lm) -> None:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_layerwise_reader_matches_read_keys_with_adapters_upstream(family: str, corpus) -> None:
+@pytest.mark.parametrize("infer", [True, False])
+def test_layerwise_reader_matches_read_keys_with_adapters_upstream(
+    family: str, infer: bool, corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The layer-by-layer replay gives the keys a fresh forward with the lower adapters in place
-    gives (non-adjacent layers, padded chunks of unequal lengths, open gates)."""
-    from repedit.rep.train import _LayerwiseReader
+    gives (adjacent and non-adjacent layers, padded chunks of unequal lengths, gates open on
+    every token or on some), with the upper blocks' calls inferred or recorded."""
+    import repedit.rep.train as train
 
+    if not infer:
+        monkeypatch.setattr(train, "infer_calls", lambda *a: None)
     lm = tiny_loaded(family)
-    layers = [0, 2]
+    layers = [1, 2, 3] if lm.n_layers == 4 else pytest.fail("tiny models have 4 layers")
     cfg = tiny_cfg(corpus)
     pool = build_pool(lm, rep_items(CASE), ["{}", "Hello there. {}"], cfg)
     examples = pool.all_examples()
     assert len({len(ex.ids) for ex in examples}) > 2
-    reader = _LayerwiseReader(lm, layers, examples)
+    reader = train._LayerwiseReader(lm, layers, examples)
+    if not infer or family in ("llama", "gpt2"):
+        assert reader.inferred == infer  # one kind of block: the calls come for free
     plain = read_keys(lm, layers, examples)
-    for layer in layers:
-        for got, want in zip(reader.before[layer], plain[layer], strict=True):
-            assert torch.allclose(got, want, atol=1e-5)
-    adapter = _open_adapter(lm.arch.d_mlp).eval()
-    got = reader.advance(2, {0: adapter})
-    want = read_keys(lm, [2], examples, upstream={0: adapter})[2]
-    moved = 0.0
-    for g, w, p in zip(got, want, plain[2], strict=True):
-        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
-        moved = max(moved, float((w - p).abs().max()))
-    assert moved > 1e-3  # the upstream adapter did change the deeper keys
+    for got, want in zip(reader.current, plain[1], strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+    # the adapter at 1 is open everywhere, the one at 2 on some tokens only
+    adapters = {1: _open_adapter(lm.arch.d_mlp).eval(), 2: _open_adapter(lm.arch.d_mlp).eval()}
+    with torch.no_grad():
+        adapters[2].gate_out.bias.fill_(0.0)
+        adapters[2].gate_out.weight.mul_(40.0)
+    adapters[2].tau = 0.5
+    for layer in (2, 3):
+        upstream = {j: a for j, a in adapters.items() if j < layer}
+        got = reader.advance(layer, upstream)
+        want = read_keys(lm, [layer], examples, upstream=upstream)[layer]
+        moved = 0.0
+        for g, w, p in zip(got, want, plain[layer], strict=True):
+            assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
+            moved = max(moved, float((w - p).abs().max()))
+        assert moved > 1e-3  # the upstream adapters did change the deeper keys
+        if layer == 2:
+            with torch.no_grad():
+                g2 = adapters[2].gate(torch.cat(got).to(lm.device))
+            assert 0 < int((g2 > 0.5).sum()) < len(g2)  # open on some tokens, shut on others
 
 
 # --------------------------------------------------------------------------- training

@@ -6,7 +6,7 @@ head through this registry; adding a family is one ``ArchSpec`` entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ class ArchSpec:
     ``down_proj`` is relative to a decoder layer: its *input* is the key ``k`` [.., d_mlp] and
     its *output* the value ``v`` [.., d_model]. ``conv1d`` marks GPT-2's ``Conv1D``, whose
     weight is stored as [d_in, d_out] instead of ``nn.Linear``'s [d_out, d_in].
+    ``post_mlp`` (relative to a decoder layer) is a module the layer applies to the MLP's output
+    before adding it to the residual stream (Gemma 2/3's post-feed-forward norm); without one the
+    MLP output is added as it is, so a changed value changes the layer's output by exactly the
+    difference (what :class:`repedit.rep.train._LayerwiseReader` relies on).
     """
 
     layers: str
@@ -30,6 +34,7 @@ class ArchSpec:
     lm_head: str
     embed: str
     conv1d: bool = False
+    post_mlp: str | None = None
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -39,6 +44,7 @@ _LLAMA_LIKE = ArchSpec(
     lm_head="lm_head",
     embed="model.embed_tokens",
 )
+_GEMMA_POST_NORM = replace(_LLAMA_LIKE, post_mlp="post_feedforward_layernorm")
 
 REGISTRY: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
@@ -46,8 +52,8 @@ REGISTRY: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA_POST_NORM,
+    "gemma3_text": _GEMMA_POST_NORM,
     "gpt2": ArchSpec(
         layers="transformer.h",
         down_proj="mlp.c_proj",
@@ -128,6 +134,12 @@ class Arch:
     def down_proj(self, index: int) -> nn.Module:
         """The edited MLP down-projection of layer ``index``."""
         return get_attr(self.layer(index), self.spec.down_proj)
+
+    def post_mlp(self, index: int) -> nn.Module | None:
+        """What layer ``index`` applies to its MLP output before the residual add, if anything."""
+        if self.spec.post_mlp is None:
+            return None
+        return get_attr(self.layer(index), self.spec.post_mlp)
 
     def down_proj_name(self, index: int) -> str:
         return f"{self.spec.layers}.{index}.{self.spec.down_proj}"

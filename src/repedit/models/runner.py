@@ -46,6 +46,46 @@ def replay(layer: torch.nn.Module, call: tuple[tuple, dict], hidden: torch.Tenso
     return out[0] if isinstance(out, tuple) else out
 
 
+def _same_call(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    (a_args, a_kwargs), (b_args, b_kwargs) = a, b
+    return (
+        len(a_args) == len(b_args)
+        and all(x is y for x, y in zip(a_args, b_args, strict=True))
+        and a_kwargs.keys() == b_kwargs.keys()
+        and all(a_kwargs[k] is b_kwargs[k] for k in a_kwargs)
+    )
+
+
+def infer_calls(
+    model: torch.nn.Module, recorded: dict[int, tuple[tuple, dict]], wanted: range | list[int]
+) -> dict[int, tuple[tuple, dict]] | None:
+    """The calls of decoder blocks ``wanted`` (hidden state dropped), from recorded calls of
+    other blocks of the same forward, without running them; None where that is not safe.
+
+    A model's forward builds its masks and position embeddings once and hands every block of one
+    kind (``config.layer_types``, e.g. sliding vs full attention; one kind without it) the same
+    objects: only the hidden state differs. A wanted block's call is therefore its kind's
+    recorded call, provided at least two recorded blocks of that kind got identical (``is``)
+    arguments. A kind no two recorded blocks share, or per-block arguments (a head mask per
+    layer, a layer index), give None: the caller runs the blocks to record them.
+    """
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+
+    def kind(i: int) -> str | None:
+        return types[i] if types and i < len(types) else None
+
+    by_kind: dict[str | None, list[tuple[tuple, dict]]] = {}
+    for i, call in sorted(recorded.items()):
+        by_kind.setdefault(kind(i), []).append(without_hidden(call))
+    out = {}
+    for j in wanted:
+        same = by_kind.get(kind(j), [])
+        if len(same) < 2 or not all(_same_call(same[0], c) for c in same[1:]):
+            return None
+        out[j] = same[0]
+    return out
+
+
 class UpperRunner:
     """Replays decoder layers ``start..N-1`` on a (modified) input hidden state."""
 

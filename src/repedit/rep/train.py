@@ -38,7 +38,6 @@ alignment of the adapted keys (cos to ``u`` and ``β̃ = k̂ᵀC⁻¹k*/(k*ᵀC�
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -55,8 +54,8 @@ from repedit.data.case import EditCase, EditRequest
 from repedit.data.variants import PassageSampler
 from repedit.editors.keys import compute_keys
 from repedit.errors import InvalidRequestError, RepeditError
-from repedit.models.hooks import Hooks, StopForward
-from repedit.models.runner import call_hidden, replay, without_hidden
+from repedit.models.hooks import Hooks
+from repedit.models.runner import infer_calls, replay, without_hidden
 from repedit.models.tokens import Position, pad_id, pad_right
 from repedit.rep.adapter import (
     Adapter,
@@ -116,32 +115,54 @@ def _chunk_forwards(
     until: int,
     *,
     upstream: Mapping[int, Adapter] | None = None,
-    record: Sequence[int] = (),
 ) -> Iterator[tuple[list[int], Hooks]]:
-    """One forward per chunk of ``examples`` (right-padded, no graph), stopped after layer
-    ``until``'s down-projection; yields ``(example indices, hooks)`` with the down-projection
-    inputs of ``capture`` (``hooks[str(layer)]``, [chunk, seq, d_mlp]) and the calls of the
-    ``record`` decoder blocks (``hooks.calls[str(block)]``). ``upstream`` adapters rewrite their
-    layers' down-projection inputs (the caller sets their mode)."""
-    pid = pad_id(lm.tokenizer)
-    blocks = lm.arch.layers()
+    """One forward per chunk of ``examples`` (:func:`_forward_chunk`); yields
+    ``(example indices, hooks)``."""
     for idx in _chunks(examples):
-        ids, mask = pad_right([examples[i].ids for i in idx], pid)
-        with torch.no_grad(), Hooks() as h:
-            for block in record:
-                h.record_call(str(block), blocks[block])
-            for layer in capture:
-                h.capture(str(layer), lm.arch.down_proj(layer))
-            for layer, adapter in sorted((upstream or {}).items()):
-                h.rewrite(lm.arch.down_proj(layer), adapter)
+        yield idx, _forward_chunk(lm, examples, idx, capture, until, upstream=upstream)
+
+
+def _forward_chunk(
+    lm: Any,
+    examples: Sequence[RepExample],
+    idx: list[int],
+    capture: Sequence[int],
+    until: int,
+    *,
+    upstream: Mapping[int, Adapter] | None = None,
+    record: Sequence[int] = (),
+    outputs: int | None = None,
+) -> Hooks:
+    """One forward of ``examples[idx]`` (right-padded, no graph), stopped after layer ``until``'s
+    down-projection, with the down-projection inputs of ``capture`` (``hooks[str(layer)]``,
+    [chunk, seq, d_mlp]) and the calls of the ``record`` decoder blocks
+    (``hooks.calls[str(block)]``). ``upstream`` adapters rewrite their layers' down-projection
+    inputs (the caller sets their mode). ``outputs``: also keep that layer's block output
+    (``hooks["block"]``) and down-projection output (``hooks["value"]``); the forward then runs
+    to the end of the deeper of that block and ``until``'s."""
+    blocks = lm.arch.layers()
+    ids, mask = pad_right([examples[i].ids for i in idx], pad_id(lm.tokenizer))
+    with torch.no_grad(), Hooks() as h:
+        for block in record:
+            h.record_call(str(block), blocks[block])
+        for layer in capture:
+            h.capture(str(layer), lm.arch.down_proj(layer))
+        for layer, adapter in sorted((upstream or {}).items()):
+            h.rewrite(lm.arch.down_proj(layer), adapter)
+        if outputs is not None:
+            h.capture("block", blocks[outputs], which="output")
+            h.capture("value", lm.arch.down_proj(outputs), which="output")
+        if outputs is not None and outputs >= until:
+            h.stop_after(blocks[outputs])
+        else:
             h.stop_after(lm.arch.down_proj(until))
-            h.run(
-                lm.model,
-                input_ids=ids.to(lm.device),
-                attention_mask=mask.to(lm.device),
-                use_cache=False,
-            )
-        yield idx, h
+        h.run(
+            lm.model,
+            input_ids=ids.to(lm.device),
+            attention_mask=mask.to(lm.device),
+            use_cache=False,
+        )
+    return h
 
 
 def _scatter(
@@ -185,44 +206,73 @@ def read_keys(
 
 
 class _LayerwiseReader:
-    """Keys for training adapters one layer at a time, lowest first, without re-running the
-    network from the embeddings for every layer.
+    """Keys for training adapters one layer at a time, lowest first, running each decoder block
+    once.
 
-    One forward per chunk up to the deepest layer reads the keys of the unadapted model at
-    every layer (the "before" keys) and records how each adapted layer's decoder block was
-    called. :meth:`advance` then runs only the blocks between the last layer and the next, with
+    One forward per chunk runs to the end of the lowest layer's block: it reads that layer's
+    keys, keeps the block's output and down-projection output, and records the calls of the
+    blocks below, from which the calls of the adapted blocks above are inferred
+    (:func:`~repedit.models.runner.infer_calls`; where that is not safe the forward runs on to
+    the deepest layer to record them). :meth:`advance` then brings the last layer's block output
+    up to date with its trained adapter, which changes it by exactly ``post(W k̂) − post(W k)``
+    (the MLP output enters the residual stream additively, through the architecture's
+    ``post_mlp`` where it has one), and runs the blocks up to and including the next layer with
     the trained adapters (eval mode, as at test time) rewriting their down-projection inputs,
-    and reads the next layer's raw key before its own down-projection runs. These are exactly
-    the keys :func:`read_keys` gives with those adapters upstream, at a fraction of the cost.
+    reading the next layer's raw key. These are the keys :func:`read_keys` gives with those
+    adapters upstream, to float rounding.
     """
 
-    def __init__(
-        self, lm: Any, layers: list[int], examples: Sequence[RepExample], *, before: bool = True
-    ):
+    def __init__(self, lm: Any, layers: list[int], examples: Sequence[RepExample]):
         self.lm, self.layers, self.examples = lm, layers, examples
         self.blocks = lm.arch.layers()
         lo, deepest = layers[0], layers[-1]
         self.chunks: list[list[int]] = []
         self.calls: list[dict[int, tuple[tuple, dict]]] = []  # without their hidden states
-        self.hidden: list[torch.Tensor] = []  # input of block ``self.at`` per chunk
-        read = layers if before else [lo]  # the other layers' keys only feed the report
-        self.before: dict[int, list[torch.Tensor | None]] = {
-            layer: [None] * len(examples) for layer in read
-        }
+        #: per chunk, block ``self.at``'s output, its raw key and down-projection output, all
+        #: computed without the adapter of ``self.at`` (trained later)
+        self.state: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.current: list[torch.Tensor | None] = [None] * len(examples)
+        #: whether the adapted blocks' calls were inferred (False: recorded by running them)
+        self.inferred = True
+        upper = range(lo + 1, deepest + 1)
         t0 = time.perf_counter()
-        blocks = range(lo, deepest + 1)
-        for idx, h in _chunk_forwards(lm, examples, read, deepest, record=blocks):
+        for idx in _chunks(examples):
+            calls = None
+            if self.inferred:
+                h = _forward_chunk(lm, examples, idx, [lo], lo, record=range(lo + 1), outputs=lo)
+                calls = infer_calls(lm.model, {int(k): v for k, v in h.calls.items()}, upper)
+                self.inferred = calls is not None
+            if calls is None:  # run the adapted blocks too, to record their calls
+                blocks = range(lo + 1, deepest + 1)
+                h = _forward_chunk(lm, examples, idx, [lo], deepest, record=blocks, outputs=lo)
+                calls = {int(k): without_hidden(v) for k, v in h.calls.items()}
             self.chunks.append(idx)
-            self.hidden.append(call_hidden(h.calls[str(lo)]).detach())
-            self.calls.append({j: without_hidden(h.calls[str(j)]) for j in blocks})
-            for layer in read:
-                _scatter(self.before[layer], examples, idx, h[str(layer)])
+            self.calls.append(calls)
+            self.state.append((h["block"], h[str(lo)], h["value"]))
+            _scatter(self.current, examples, idx, h[str(lo)])
         self.at = lo
-        self.current = self.before[lo]
         self.forward_seconds = time.perf_counter() - t0
+
+    def _with_adapter(self, adapter: Adapter, state: tuple) -> torch.Tensor:
+        """Block ``self.at``'s output once its own (trained) ``adapter`` rewrites its key."""
+        out, k, value = state
+        k_hat = adapter(k)
+        changed = (k_hat != k).any(-1)
+        if not bool(changed.any()):
+            return out
+        down, post = self.lm.arch.down_proj(self.at), self.lm.arch.post_mlp(self.at)
+        new_value = down(k_hat[changed])
+        old_value = value[changed]
+        if post is not None:
+            new_value, old_value = post(new_value), post(old_value)
+        out = out.clone()
+        out[changed] = (out[changed].float() + new_value.float() - old_value.float()).to(out.dtype)
+        return out
 
     def advance(self, layer: int, adapters: Mapping[int, Adapter]) -> list[torch.Tensor]:
         """Raw keys at ``layer`` with ``adapters`` (all below it, trained) in place."""
+        if layer <= self.at:
+            raise RepeditError(f"layers advance upwards: {layer} after {self.at}")
         t0 = time.perf_counter()
         arch = self.lm.arch
         out: list[torch.Tensor | None] = [None] * len(self.examples)
@@ -232,17 +282,18 @@ class _LayerwiseReader:
                 a.eval()
             with torch.no_grad():
                 for c, idx in enumerate(self.chunks):
-                    h = self.hidden[c]
+                    h = self.state[c][0]
+                    if self.at in adapters:
+                        h = self._with_adapter(adapters[self.at], self.state[c])
                     with Hooks() as hooks:
                         for j, adapter in adapters.items():
                             hooks.rewrite(arch.down_proj(j), adapter)
-                        for j in range(self.at, layer):
+                        for j in range(self.at + 1, layer):
                             h = replay(self.blocks[j], self.calls[c][j], h)
                         hooks.capture("key", arch.down_proj(layer))
-                        hooks.stop_before(arch.down_proj(layer))
-                        with contextlib.suppress(StopForward):
-                            replay(self.blocks[layer], self.calls[c][layer], h)
-                    self.hidden[c] = h
+                        hooks.capture("value", arch.down_proj(layer), which="output")
+                        h = replay(self.blocks[layer], self.calls[c][layer], h)
+                    self.state[c] = (h, hooks["key"], hooks["value"])
                     _scatter(out, self.examples, idx, hooks["key"])
         finally:
             for k, a in adapters.items():
@@ -488,7 +539,9 @@ class RepTrainResult:
     cfg: RepConfig
     #: per step, summed over layers (and over edits trained separately): total, agg, cons, ...
     losses: list[dict[str, float]]
-    #: {layer: {category: {"n", "open", "soft"}}} on the training pool, before / after
+    #: {layer: {category: {"n", "open", "soft"}}} on the training pool, before / after; with
+    #: layer-wise training "before" is each layer as its training found it, the adapters
+    #: below it already trained (they never change its raw key, so "after" reads the same keys)
     gate_before: dict[int, dict[str, dict[str, float]]]
     gate_after: dict[int, dict[str, dict[str, float]]]
     #: {layer: {category: {"n", "cos", "beta"}}}: adapted subject keys vs the edit's k*
@@ -679,7 +732,7 @@ def _train_group(
     pos_index = list(range(n_prompts, n_prompts + n_pos))
     neg_index = list(range(n_prompts + n_pos, len(examples)))
     cache = _KeyCache(lm, layers, examples, cacheable=len(layers) == 1)
-    before = after = _Tally()
+    before, after = _Tally(), _Tally()
     if report and (len(layers) == 1 or not cfg.layerwise):
         everything = list(range(len(examples)))
         keys = cache.get(everything, adapters)
@@ -734,15 +787,16 @@ def _train_group(
         return losses, before, after, cache.forward_seconds
     # lowest layer first, each on keys read once with the (trained, frozen) adapters below it,
     # as at test time: no layer chases keys that move while the adapters under it learn
-    reader = _LayerwiseReader(lm, layers, examples, before=report)
-    if report:
-        before = _measure(adapters, examples, reader.before, targets, request_map)
-    reader.before = {}  # the lowest layer's keys live on as ``reader.current``
+    # ("before" is each layer as its training found it: the adapters below already trained)
+    reader = _LayerwiseReader(lm, layers, examples)
     losses = []
     after_keys: dict[int, list[torch.Tensor]] = {}
     for layer in layers:
         below = {j: adapters[j] for j in layers if j < layer}
         after_keys[layer] = reader.advance(layer, below) if below else reader.current
+        if report:
+            keys = {layer: after_keys[layer]}
+            before.merge(_measure({layer: adapters[layer]}, examples, keys, targets, request_map))
         layer_keys = reader.cache(layer)
         steps = fit({layer: adapters[layer]}, layer_keys)
         keep_prompt_keys(layer, layer_keys)
