@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from repedit.data import EditCase, load_cases
-from repedit.data.loaders import DATA_ENV, DATASETS, dataset_names, resolve_data_dir
+from repedit.data.loaders import (
+    DATA_ENV,
+    DATASETS,
+    PASSAGE_CORPUS,
+    dataset_names,
+    passage_corpus,
+    resolve_data_dir,
+)
 from repedit.errors import DataError, RepeditError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -281,6 +288,24 @@ def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
     assert resolve_data_dir() == tmp_path
     assert resolve_data_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_passage_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule for the long-context text (probes, REP, analysis, the CLI): an explicit file,
+    else DATA_DIR/wikitext/wiki.test.raw, else None with where it was looked for."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert passage_corpus() == (None, f"${DATA_ENV}/wikitext/wiki.test.raw")
+    text = tmp_path / PASSAGE_CORPUS
+    text.parent.mkdir()
+    assert passage_corpus(None, tmp_path) == (None, str(text))  # not written yet
+    text.write_text("Some text.")
+    assert passage_corpus(None, tmp_path) == (text, str(text))
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert passage_corpus()[0] == text
+    other = tmp_path / "other.txt"
+    assert passage_corpus(other) == (None, str(other))  # an explicit file wins, even if absent
+    other.write_text("More text.")
+    assert passage_corpus(str(other))[0] == other
 
 
 def test_missing_named_file_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

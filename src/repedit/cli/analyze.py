@@ -184,16 +184,15 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sampler(lm: Any, opts: dict[str, Any]) -> Any:
-    from repedit.data.loaders import resolve_data_dir
-    from repedit.evaluation.probes import DEFAULT_CORPUS, SuiteConfig, passage_sampler
+    from repedit.data.loaders import passage_corpus
+    from repedit.evaluation.probes import SuiteConfig, passage_sampler
 
     if opts["long_context_passages"] <= 0:
         return None
     corpus = opts["long_context_corpus"]
     if corpus is None:
-        root = resolve_data_dir(opts["data_dir"])
-        if root is not None and (root / DEFAULT_CORPUS).is_file():
-            corpus = str(root / DEFAULT_CORPUS)
+        found, _ = passage_corpus(None, opts["data_dir"])
+        corpus = str(found) if found is not None else None
     cfg = SuiteConfig(
         tests=("long_context",),
         seed=opts["seed"],

@@ -302,14 +302,11 @@ def rep_items(requests: list[EditRequest], specs: list[ProbeSpec]) -> list[Any]:
 
 def _rep_corpus(args: argparse.Namespace) -> dict[str, Any]:
     """``long_context_corpus`` = the --corpus file when $REPEDIT_DATA has no WikiText."""
-    import os
     from pathlib import Path
 
-    from repedit.data.loaders import DATA_ENV
-    from repedit.rep.variants import DEFAULT_CORPUS
+    from repedit.data.loaders import passage_corpus
 
-    env = os.environ.get(DATA_ENV, "").strip()
-    if env and (Path(env).expanduser() / DEFAULT_CORPUS).is_file():
+    if passage_corpus()[0] is not None:
         return {}
     if args.corpus in ("auto", "wikitext", "model") or args.corpus.startswith("hf:"):
         return {}

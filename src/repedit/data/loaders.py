@@ -85,6 +85,27 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+#: the text long-context passages are cut from (evaluation probes and REP training), relative
+#: to the data directory
+PASSAGE_CORPUS = Path("wikitext") / "wiki.test.raw"
+
+
+def passage_corpus(
+    override: str | Path | None = None, data_dir: str | Path | None = None
+) -> tuple[Path | None, str]:
+    """``(file, where)``: the long-context corpus, ``override`` else
+    ``DATA_DIR/wikitext/wiki.test.raw`` (:func:`resolve_data_dir`; None when that is not a
+    file), and where it was looked for (for the caller's warning)."""
+    if override:
+        path: Path | None = Path(override).expanduser()
+        where = str(override)
+    else:
+        root = resolve_data_dir(data_dir)
+        path = root / PASSAGE_CORPUS if root is not None else None
+        where = str(path) if path is not None else f"${DATA_ENV}/{PASSAGE_CORPUS.as_posix()}"
+    return (path if path is not None and path.is_file() else None), where
+
+
 def load_cases(
     spec: str | Path,
     *,

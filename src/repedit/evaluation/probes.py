@@ -32,15 +32,13 @@ available: ``exact`` (argmax matches every target token, the paper's) and ``beat
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal
 
 from repedit.data.case import EditCase
-from repedit.data.loaders import DATA_ENV
+from repedit.data.loaders import DATA_ENV, passage_corpus
 from repedit.data.variants import (
     PassageSampler,
     long_context_prompt,
@@ -69,8 +67,6 @@ TESTS: tuple[str, ...] = (*SUCCESS_TESTS, "neighbourhood", "fluency")
 PROBE_TESTS: tuple[str, ...] = (*SUCCESS_TESTS, "neighbourhood")
 """Tests that are probe families (fluency is not)."""
 
-DEFAULT_CORPUS = Path("wikitext") / "wiki.test.raw"
-"""The long-context corpus, relative to ``$REPEDIT_DATA``."""
 
 _ALIASES = {
     "paraphrase": "prompt_paraphrase",
@@ -149,18 +145,6 @@ class SuiteConfig:
 # --------------------------------------------------------------------------- long context
 
 
-def resolve_corpus(cfg: SuiteConfig) -> Path | None:
-    """The long-context corpus file, or None when none is configured or found."""
-    if cfg.long_context_corpus:
-        path = Path(cfg.long_context_corpus).expanduser()
-        return path if path.is_file() else None
-    env = os.environ.get(DATA_ENV, "").strip()
-    if not env:
-        return None
-    path = Path(env).expanduser() / DEFAULT_CORPUS
-    return path if path.is_file() else None
-
-
 def passage_sampler(lm: Any, cfg: SuiteConfig) -> PassageSampler | None:
     """A sampler for the long-context test, or None (with a warning) when no corpus is usable.
 
@@ -169,9 +153,8 @@ def passage_sampler(lm: Any, cfg: SuiteConfig) -> PassageSampler | None:
     """
     if "long_context" not in cfg.tests:
         return None
-    path = resolve_corpus(cfg)
+    path, where = passage_corpus(cfg.long_context_corpus)
     if path is None:
-        where = cfg.long_context_corpus or f"${DATA_ENV}/{DEFAULT_CORPUS.as_posix()}"
         warnings.warn(
             f"long-context corpus not found ({where}); the long_context test will have n = 0. "
             f"Set {DATA_ENV} or pass a text file as the long-context corpus.",

@@ -20,16 +20,14 @@ REP trains on are exactly the ones the suite labels ``half="id"``.
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from repedit.data.case import EditCase, EditRequest
-from repedit.data.loaders import DATA_ENV
+from repedit.data.loaders import DATA_ENV, passage_corpus
 from repedit.data.variants import PassageSampler, scrambled_subjects, split_half
 from repedit.errors import InvalidRequestError
 from repedit.models.tokens import Position, locate, subject_span, subject_token_index
@@ -39,8 +37,6 @@ from repedit.rep.adapter import RepConfig
 POSITIVE_KINDS = ("prompt", "original", "paraphrase", "scramble", "long")
 #: kinds whose every token is a negative
 NEGATIVE_KINDS = ("subject_negative", "neighbourhood", "text")
-#: the long-context corpus relative to ``$REPEDIT_DATA`` (as the evaluation suite's)
-DEFAULT_CORPUS = Path("wikitext") / "wiki.test.raw"
 
 
 @dataclass(frozen=True)
@@ -131,13 +127,8 @@ def _unique(xs: Sequence[str], exclude: set[str]) -> list[str]:
 
 def passage_sampler(lm: Any, cfg: RepConfig) -> PassageSampler | None:
     """The long-context passage sampler REP trains with, or None (with a warning)."""
-    if cfg.long_context_corpus:
-        path: Path | None = Path(cfg.long_context_corpus).expanduser()
-    else:
-        env = os.environ.get(DATA_ENV, "").strip()
-        path = Path(env).expanduser() / DEFAULT_CORPUS if env else None
-    if path is None or not path.is_file():
-        where = cfg.long_context_corpus or f"${DATA_ENV}/{DEFAULT_CORPUS.as_posix()}"
+    path, where = passage_corpus(cfg.long_context_corpus)
+    if path is None:
         warnings.warn(
             f"REP: long-context corpus not found ({where}); training without long-context "
             f"examples. Set {DATA_ENV} or RepConfig.long_context_corpus.",
