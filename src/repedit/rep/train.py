@@ -33,7 +33,9 @@ once and cached.
 The result reports, before and after training, the gate on positives (subject tokens, per
 kind) and negatives (every other token of the training sequences, and the negative
 sequences): the mean soft gate and the share of hard-open gates (``g > τ``), and the whitened
-alignment of the adapted keys (cos to ``u`` and ``β̃ = k̂ᵀC⁻¹k*/(k*ᵀC⁻¹k*)``).
+alignment of the adapted keys (cos to ``u`` and ``β̃ = k̂ᵀC⁻¹k*/(k*ᵀC⁻¹k*)``). With
+layer-wise training (the default for several layers) "before" is each layer as its training
+found it, the adapters below it already trained.
 """
 
 from __future__ import annotations
