@@ -109,7 +109,7 @@ class RepInjection:
                     c = self.counts[layer]
                     c["tokens"] += seen.numel()
                     c["open"] += int((seen > adapter.tau).sum())
-                    c["guarded"] += _guarded_open(adapter, k if where is None else k[where])
+                    c["guarded"] += _guarded_open(adapter, k if where is None else k[where], seen)
                     c["soft_sum"] += float(seen.float().sum())
                     c["max"] = max(c["max"], float(seen.max())) if seen.numel() else c["max"]
                 if self.record:
@@ -143,15 +143,18 @@ class RepInjection:
         return out
 
 
-def _guarded_open(adapter: Adapter, k: torch.Tensor) -> int:
+def _guarded_open(adapter: Adapter, k: torch.Tensor, g: torch.Tensor) -> int:
     """How many tokens of ``k`` have an open gate that the β̃ guard or the prompt-key rule
-    overrode (for a stack: in at least one member, which another member may still change)."""
+    overrode (for a stack: in at least one member, which another member may still change).
+    ``g``: the gate ``adapter`` reported for ``k`` (a single adapter's own; a stack's is the
+    largest of its members', so theirs are recomputed)."""
     kept = None
-    for member in getattr(adapter, "adapters", [adapter]):
+    members = getattr(adapter, "adapters", None)
+    for member in members if members is not None else [adapter]:
         guarded = member.guarded(k)
         if guarded is None or not member.cfg.use_gate:
             continue
-        hit = guarded & (member.gate(k) > member.tau)
+        hit = guarded & ((member.gate(k) if members is not None else g) > member.tau)
         kept = hit if kept is None else kept | hit
     return int(kept.sum()) if kept is not None else 0
 
