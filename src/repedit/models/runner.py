@@ -77,13 +77,12 @@ def infer_calls(
     by_kind: dict[str | None, list[tuple[tuple, dict]]] = {}
     for i, call in sorted(recorded.items()):
         by_kind.setdefault(kind(i), []).append(without_hidden(call))
-    out = {}
-    for j in wanted:
-        same = by_kind.get(kind(j), [])
-        if len(same) < 2 or not all(_same_call(same[0], c) for c in same[1:]):
-            return None
-        out[j] = same[0]
-    return out
+    shared = {  # per kind: the one call all its recorded blocks got, or None
+        k: calls[0] if len(calls) > 1 and all(_same_call(calls[0], c) for c in calls) else None
+        for k, calls in by_kind.items()
+    }
+    out = {j: shared.get(kind(j)) for j in wanted}
+    return None if any(call is None for call in out.values()) else out  # type: ignore[return-value]
 
 
 class UpperRunner:

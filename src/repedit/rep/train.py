@@ -245,8 +245,7 @@ class _LayerwiseReader:
                 calls = infer_calls(lm.model, {int(k): v for k, v in h.calls.items()}, upper)
                 self.inferred = calls is not None
             if calls is None:  # run the adapted blocks too, to record their calls
-                blocks = range(lo + 1, deepest + 1)
-                h = _forward_chunk(lm, examples, idx, [lo], deepest, record=blocks, outputs=lo)
+                h = _forward_chunk(lm, examples, idx, [lo], deepest, record=upper, outputs=lo)
                 calls = {int(k): without_hidden(v) for k, v in h.calls.items()}
             self.chunks.append(idx)
             self.calls.append(calls)
