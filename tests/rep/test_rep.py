@@ -501,17 +501,17 @@ def test_layerwise_reader_matches_read_keys_with_adapters_upstream(
     """The layer-by-layer replay gives the keys a fresh forward with the lower adapters in place
     gives (adjacent and non-adjacent layers, padded chunks of unequal lengths, gates open on
     every token or on some), with the upper blocks' calls inferred or recorded."""
-    import repedit.rep.train as train
+    import repedit.rep.reader as reader_module
 
     if not infer:
-        monkeypatch.setattr(train, "infer_calls", lambda *a: None)
+        monkeypatch.setattr(reader_module, "infer_calls", lambda *a: None)
     lm = tiny_loaded(family)
     layers = [1, 2, 3] if lm.n_layers == 4 else pytest.fail("tiny models have 4 layers")
     cfg = tiny_cfg(corpus)
     pool = build_pool(lm, rep_items(CASE), ["{}", "Hello there. {}"], cfg)
     examples = pool.all_examples()
     assert len({len(ex.ids) for ex in examples}) > 2
-    reader = train._LayerwiseReader(lm, layers, examples)
+    reader = reader_module.LayerwiseReader(lm, layers, examples)
     if not infer or family in ("llama", "gpt2"):
         assert reader.inferred == infer  # one kind of block: the calls come for free
     plain = read_keys(lm, layers, examples)
