@@ -13,7 +13,7 @@ solves against), or report that it is already cached. Files are keyed by model f
 layer, corpus, token count and window length, so a second run is a cache hit.
 
 examples:
-  repedit stats --layers 5 --corpus ../shared/data/wikitext/wiki.test.raw --tokens 20000
+  repedit stats --layers 5 --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --tokens 20000
   repedit stats --layers 4-8 --tokens 100000 --json
 """
 
