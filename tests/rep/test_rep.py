@@ -40,7 +40,7 @@ from repedit.rep import (
     train_rep_for_editor,
 )
 from repedit.rep.inject import attach
-from repedit.rep.train import edit_targets
+from repedit.rep.targets import edit_targets
 from repedit.rep.variants import NoRepeatBatches, passage_sampler
 from repedit.stats import second_moments
 
