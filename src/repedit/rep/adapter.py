@@ -232,9 +232,9 @@ def prompt_key_hits(x: torch.Tensor, prompt_k: torch.Tensor) -> torch.Tensor:
 def released_config(**overrides: Any) -> RepConfig:
     """The released code's REP: untrained gate at g ≈ 0.5, no long-context training.
 
-    Its gate training and losses only: long-context training, dropout off at inference, every
-    adapted layer trained and batches without repeats stay as repedit has them. Use it to
-    show that the released gate does not open (``docs/method.md``).
+    Its gate training, losses and targets, without long-context training; dropout off at
+    inference, every adapted layer trained and batches without repeats stay as repedit has
+    them. Use it to show that the released gate does not open (``docs/method.md``).
     """
     base = {
         "gate_loss_weight": 0.0,
