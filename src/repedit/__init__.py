@@ -1,3 +1,9 @@
 """repedit: robust knowledge editing for causal language models."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    #: the installed distribution's version (pyproject.toml), so code and package agree
+    __version__ = version("repedit")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"

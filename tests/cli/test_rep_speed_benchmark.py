@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/rep_speed.py on a tiny model (here for the CLI fixtures: a saved
-tiny llama and a corpus). The script patches private names of ``repedit.rep.train`` for its
-phase split, so a rename there must fail here, not at run time."""
+tiny llama and a corpus). The script patches names in ``repedit.rep.train`` and
+``repedit.rep.reader`` for its phase split, so a rename there must fail here, not at run time."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ def bench():
 
 
 def test_rep_speed_runs_and_splits_the_time(bench, tiny_dir, corpus, tmp_path, capsys):
+    import repedit.rep.reader as reader
     import repedit.rep.train as train
 
-    originals = {name: getattr(train, name) for name in ("edit_targets", "_losses", "_measure")}
-    advance = train._LayerwiseReader.__dict__["advance"]
+    originals = {name: getattr(train, name) for name in ("edit_targets", "step_losses", "measure")}
+    read_keys = reader.read_keys
+    advance = reader.LayerwiseReader.__dict__["advance"]
     threads = torch.get_num_threads()
     try:
         report = bench.main(
@@ -59,4 +61,5 @@ def test_rep_speed_runs_and_splits_the_time(bench, tiny_dir, corpus, tmp_path, c
     # the timers are taken off again
     for name, fn in originals.items():
         assert getattr(train, name) is fn
-    assert train._LayerwiseReader.__dict__["advance"] is advance
+    assert reader.read_keys is read_keys
+    assert reader.LayerwiseReader.__dict__["advance"] is advance

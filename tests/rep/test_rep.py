@@ -1,7 +1,7 @@
 """REP on tiny random models: the adapter's semantics (identity at start, hard gate at τ,
 deterministic eval), injection through hooks only, save/load, the training pool (long-context
-examples: D1; no repeated batch: D6), training (loss down, whitened alignment up, bare-prompt
-key kept, only adapter parameters learn; every adapted layer trains: D3) on every family.
+examples, no repeated batch), training (loss down, whitened alignment up, bare-prompt key kept,
+only adapter parameters learn; every adapted layer trains) on every family.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from repedit.rep import (
     train_rep_for_editor,
 )
 from repedit.rep.inject import attach
-from repedit.rep.train import edit_targets
+from repedit.rep.targets import edit_targets
 from repedit.rep.variants import NoRepeatBatches, passage_sampler
 from repedit.stats import second_moments
 
@@ -188,7 +188,7 @@ def test_eval_is_deterministic_and_dropout_is_a_submodule() -> None:
     adapter = _open_adapter(64)
     k = torch.randn(4, 64)
     adapter.eval()
-    assert not adapter.dropout.training  # registered: eval() reaches it (D2)
+    assert not adapter.dropout.training  # registered: eval() reaches it
     a, b = adapter(k), adapter(k)
     assert torch.equal(a, b)
     assert not torch.equal(a, k)
@@ -436,7 +436,7 @@ def test_pool_has_every_variant_kind_and_long_context(lm, corpus: Path) -> None:
     assert counts["prompt"] == 1
     assert counts["original"] == 2  # contexts without the bare one
     assert counts["paraphrase"] == 5 * 3  # in-domain paraphrases only, every context
-    assert counts["long"] == cfg.n_long  # D1: passages + prompt are trained on
+    assert counts["long"] == cfg.n_long  # passages + prompt are trained on
     for ex in pool.positives:
         assert ex.position is not None and 0 <= ex.position < len(ex.ids)
     long_ex = [ex for ex in pool.positives if ex.kind == "long"]
@@ -501,17 +501,17 @@ def test_layerwise_reader_matches_read_keys_with_adapters_upstream(
     """The layer-by-layer replay gives the keys a fresh forward with the lower adapters in place
     gives (adjacent and non-adjacent layers, padded chunks of unequal lengths, gates open on
     every token or on some), with the upper blocks' calls inferred or recorded."""
-    import repedit.rep.train as train
+    import repedit.rep.reader as reader_module
 
     if not infer:
-        monkeypatch.setattr(train, "infer_calls", lambda *a: None)
+        monkeypatch.setattr(reader_module, "infer_calls", lambda *a: None)
     lm = tiny_loaded(family)
     layers = [1, 2, 3] if lm.n_layers == 4 else pytest.fail("tiny models have 4 layers")
     cfg = tiny_cfg(corpus)
     pool = build_pool(lm, rep_items(CASE), ["{}", "Hello there. {}"], cfg)
     examples = pool.all_examples()
     assert len({len(ex.ids) for ex in examples}) > 2
-    reader = train._LayerwiseReader(lm, layers, examples)
+    reader = reader_module.LayerwiseReader(lm, layers, examples)
     if not infer or family in ("llama", "gpt2"):
         assert reader.inferred == infer  # one kind of block: the calls come for free
     plain = read_keys(lm, layers, examples)
@@ -659,7 +659,7 @@ def test_every_family_trains_only_adapters(family: str, corpus: Path, stats_cfg)
 
 
 def test_two_layers_both_adapters_train(lm, corpus, stats_cfg) -> None:
-    """D3: with MEMIT on two layers every adapter gets gradients, not only the last."""
+    """With MEMIT on two layers every adapter gets gradients, not only the last."""
     editor = make_editor("memit", {**FAST, "layers": (1, 2)}, stats_cfg)
     result, rep = train_rep_for_editor(lm, editor, [CASE], tiny_cfg(corpus, steps=3))
     try:

@@ -2,7 +2,7 @@
 
 For a rank-one edit the change that a key ``k`` retrieves is linear in ``β = kᵀC⁻¹k*``; for
 ROME/R-ROME exactly ``ΔW k = β̃ · (v* − W k*)`` with ``β̃ = β / (k*ᵀC⁻¹k*)``
-(``docs/rep-method.md`` §§1.6, 2). So ``β̃`` is the share of the edit a key gets back: 1 at
+(``docs/method.md``). So ``β̃`` is the share of the edit a key gets back: 1 at
 ``k*`` itself, and whatever it is for the keys that the evaluation probes actually produce.
 
 :func:`key_similarity` reads, at the edit layer, ``k*`` (averaged over the editor's context
@@ -797,7 +797,7 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def summarize_findings(results: Sequence[CaseSimilarity]) -> dict[str, Any]:
-    """The paper's two findings (``docs/rep-method.md`` §2), tested on these results.
+    """The paper's two findings (``docs/method.md``), tested on these results.
 
     Finding 1 ("paraphrased and scrambled subjects fall from 1.0 to < 0.4"): the pooled β̃ of
     subject-paraphrase (ID + OOD) and scrambled-subject keys. Verdict: *holds* if their median

@@ -23,7 +23,7 @@ repedit: robust knowledge editing for causal language models
 
 example workflow:
   repedit demo                                   # edit built-in facts in the embedded model
-  repedit stats --layers 5 --corpus ../shared/data/wikitext/wiki.test.raw --tokens 100000
+  repedit stats --layers 5 --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --tokens 100000
   repedit edit --subject Slovenia --prompt "{} is located in the continent of" \\
       --target Antarctica --target-true Europe --save slovenia.safetensors
 """

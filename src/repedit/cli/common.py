@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from repedit.errors import InvalidRequestError
+from repedit.methods import METHOD_NAMES
 
 if TYPE_CHECKING:
     from repedit.editors import StatsConfig
@@ -34,6 +35,8 @@ out = Console(highlight=False)
 
 #: table width when stdout is not a terminal (a file or a pipe): wide enough not to wrap
 PIPE_WIDTH = 160
+#: ``--method`` help: the editor registry's names
+METHOD_HELP = f"{' | '.join(METHOD_NAMES)} (default: %(default)s)"
 
 
 # ----------------------------------------------------------------------------- parsers

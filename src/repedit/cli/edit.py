@@ -48,7 +48,6 @@ plus DIR/rep_adapters.safetensors and DIR/load_with_rep.py, a loader that needs 
   repedit edit --load e.safetensors --rep-load e.rep.safetensors --rep-tau 0.7
 """
 
-METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit")
 GENERIC_PREFIXES = ("Here is a fact: ", "As everyone knows, ")
 
 
@@ -60,7 +59,7 @@ def register(subparsers: Any) -> None:
         description=DESCRIPTION,
     )
     g = p.add_argument_group("the edit")
-    g.add_argument("--method", default="rome", help=f"{' | '.join(METHODS)} (default: %(default)s)")
+    g.add_argument("--method", default="rome", help=common.METHOD_HELP)
     g.add_argument("--subject", help="the subject, e.g. Slovenia")
     g.add_argument("--prompt", help='template with {} for the subject, e.g. "{} is located in"')
     g.add_argument("--target", dest="target_new", help="the new object, e.g. Antarctica")
@@ -396,16 +395,7 @@ def run(args: argparse.Namespace) -> int:
         loaded.check_model(lm)
     common.status(f"probing {len(specs)} prompts before the edit…")
     before = measure(lm, specs, args.new_tokens)
-    t0 = time.perf_counter()
-    if loaded is not None:
-        result = loaded.apply(lm)
-        method = loaded.method
-    else:
-        assert editor is not None
-        edit_status(lm, editor)
-        result = editor.edit(lm, requests)
-        method = editor.name
-    seconds = time.perf_counter() - t0
+    result, method, seconds = _edit(lm, editor, loaded, requests)
     after = measure(lm, specs, args.new_tokens)
     saved = str(result.save(args.save)) if args.save else None
     exported = None
@@ -413,37 +403,11 @@ def run(args: argparse.Namespace) -> int:
         exported = str(result.export(lm, args.export))
     after_rep, rep = None, None
     if rep_overrides is not None:
-        from repedit.rep import export_with_rep, rep_applied, save_adapters
-
-        rep_editor = editor
-        if rep_editor is None and not args.rep_load:
-            assert loaded is not None
-            rep_editor = _rep_editor(args, loaded)
-        items = rep_items(requests, specs)
-        adapters, rep = apply_rep(args, lm, rep_editor, result, items, rep_overrides)
-        if args.rep_load and args.rep_save:
-            rep["saved"] = str(save_adapters(args.rep_save, adapters, fingerprint=lm.fingerprint))
-        if args.export:
-            exported = str(export_with_rep(lm, result, adapters, args.export))
-        with rep_applied(lm, adapters, count=True) as inj:
-            after_rep = measure(lm, specs, args.new_tokens)
-        rep["gate"] = {str(k): v for k, v in inj.gate_rates().items()}
-        rep["layers"] = sorted(adapters)
-
-    probes = [
-        {
-            "prompt": s.prompt,
-            "kind": s.kind,
-            "target_new": s.target_new,
-            "target_true": s.target_true,
-            "before": b,
-            "after": a,
-        }
-        for s, b, a in zip(specs, before, after, strict=True)
-    ]
-    if after_rep is not None:
-        for p, ar in zip(probes, after_rep, strict=True):
-            p["after_rep"] = ar
+        after_rep, rep, rep_exported = _with_rep(
+            args, lm, editor, loaded, result, requests, specs, rep_overrides
+        )
+        exported = rep_exported or exported
+    probes = _probe_records(specs, before, after, after_rep)
     if args.json:
         common.print_json(
             {
@@ -461,6 +425,98 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         return 0
+    how = f"loaded from {args.load}" if loaded is not None else f"{seconds:.1f} s"
+    layers = ", ".join(map(str, result.layers))
+    _print_table(args, requests, probes, rep, f"{method} · layers {layers} · {how}")
+    if saved:
+        common.out.print(f"saved edit: {escape(saved)}")
+    if exported:
+        common.out.print(f"exported edited model: {escape(exported)}")
+    if rep is not None:
+        _print_rep(rep)
+    return 0
+
+
+def _edit(
+    lm: LoadedModel,
+    editor: Editor | None,
+    loaded: EditResult | None,
+    requests: list[EditRequest],
+) -> tuple[EditResult, str, float]:
+    """Compute and apply the edit (or apply the loaded one): ``(result, method, seconds)``."""
+    t0 = time.perf_counter()
+    if loaded is not None:
+        result = loaded.apply(lm)
+        method = loaded.method
+    else:
+        assert editor is not None
+        edit_status(lm, editor)
+        result = editor.edit(lm, requests)
+        method = editor.name
+    return result, method, time.perf_counter() - t0
+
+
+def _with_rep(
+    args: argparse.Namespace,
+    lm: LoadedModel,
+    editor: Editor | None,
+    loaded: EditResult | None,
+    result: EditResult,
+    requests: list[EditRequest],
+    specs: list[ProbeSpec],
+    overrides: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+    """Train (or load) REP on the applied edit and probe with the adapters attached:
+    ``(probe rows, rep info, exported directory or None)``."""
+    from repedit.rep import export_with_rep, rep_applied, save_adapters
+
+    rep_editor = editor
+    if rep_editor is None and not args.rep_load:
+        assert loaded is not None
+        rep_editor = _rep_editor(args, loaded)
+    items = rep_items(requests, specs)
+    adapters, rep = apply_rep(args, lm, rep_editor, result, items, overrides)
+    if args.rep_load and args.rep_save:
+        rep["saved"] = str(save_adapters(args.rep_save, adapters, fingerprint=lm.fingerprint))
+    exported = str(export_with_rep(lm, result, adapters, args.export)) if args.export else None
+    with rep_applied(lm, adapters, count=True) as inj:
+        after_rep = measure(lm, specs, args.new_tokens)
+    rep["gate"] = {str(k): v for k, v in inj.gate_rates().items()}
+    rep["layers"] = sorted(adapters)
+    return after_rep, rep, exported
+
+
+def _probe_records(
+    specs: list[ProbeSpec],
+    before: list[dict[str, Any]],
+    after: list[dict[str, Any]],
+    after_rep: list[dict[str, Any]] | None,
+) -> list[dict[str, Any]]:
+    """One output record per probe: its spec and the before / after (/ after_rep) rows."""
+    probes = [
+        {
+            "prompt": s.prompt,
+            "kind": s.kind,
+            "target_new": s.target_new,
+            "target_true": s.target_true,
+            "before": b,
+            "after": a,
+        }
+        for s, b, a in zip(specs, before, after, strict=True)
+    ]
+    if after_rep is not None:
+        for p, ar in zip(probes, after_rep, strict=True):
+            p["after_rep"] = ar
+    return probes
+
+
+def _print_table(
+    args: argparse.Namespace,
+    requests: list[EditRequest],
+    probes: list[dict[str, Any]],
+    rep: dict[str, Any] | None,
+    title: str,
+) -> None:
     for req in requests:
         was = f" (was {escape(req.target_true)})" if req.target_true else ""
         common.out.print(f"[bold]{escape(req.text)}[/] → {escape(req.target_new)}{was}")
@@ -478,33 +534,19 @@ def run(args: argparse.Namespace) -> int:
         ]
         for p in probes
     ]
-    how = f"loaded from {args.load}" if loaded is not None else f"{seconds:.1f} s"
     if rep is not None:
-        how += f" · REP τ={rep['tau']:g}, " + (
+        title += f" · REP τ={rep['tau']:g}, " + (
             f"trained {rep['seconds']:.1f} s" if rep["trained"] else f"loaded from {args.rep_load}"
         )
-    common.print_table(
-        rows,
-        [
-            "prompt",
-            "before",
-            "after",
-            *(["after+REP"] if rep is not None else []),
-            "P(new)",
-            "P(true)",
-        ],
-        title=f"{method} · layers {', '.join(map(str, result.layers))} · {how}",
+    columns = ["prompt", "before", "after", *(["after+REP"] if rep is not None else [])]
+    common.print_table(rows, [*columns, "P(new)", "P(true)"], title=title)
+
+
+def _print_rep(rep: dict[str, Any]) -> None:
+    rates = ", ".join(
+        f"layer {k}: " + ("—" if v["rate"] is None else f"{100 * v['rate']:.1f} %")
+        for k, v in rep["gate"].items()
     )
-    if saved:
-        common.out.print(f"saved edit: {escape(saved)}")
-    if exported:
-        common.out.print(f"exported edited model: {escape(exported)}")
-    if rep is not None:
-        rates = ", ".join(
-            f"layer {k}: " + ("—" if v["rate"] is None else f"{100 * v['rate']:.1f} %")
-            for k, v in rep["gate"].items()
-        )
-        common.out.print(f"REP gate open on probe tokens: {rates}")
-        if rep.get("saved"):
-            common.out.print(f"saved REP adapters: {escape(rep['saved'])}")
-    return 0
+    common.out.print(f"REP gate open on probe tokens: {rates}")
+    if rep.get("saved"):
+        common.out.print(f"saved REP adapters: {escape(rep['saved'])}")

@@ -47,8 +47,6 @@ data: demo (built-in facts), a dataset name resolved under --data-dir / $REPEDIT
 (rep-counterfact, rep-zsre, counterfact, zsre, ...) or a JSON file.
 """
 
-METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit")
-
 
 def register(subparsers: Any) -> None:
     p = common.add_command(
@@ -59,7 +57,7 @@ def register(subparsers: Any) -> None:
         epilog=EPILOG,
     )
     g = p.add_argument_group("run")
-    g.add_argument("--method", default="rome", help=f"{' | '.join(METHODS)} (default: %(default)s)")
+    g.add_argument("--method", default="rome", help=common.METHOD_HELP)
     g.add_argument("--data", default="demo", help="dataset name or JSON file (default: demo)")
     g.add_argument("--data-dir", default=None, help="where dataset names resolve ($REPEDIT_DATA)")
     g.add_argument("--n", type=common.positive_int, default=None, help="first N cases (all)")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repedit.cli import common
+
+if TYPE_CHECKING:
+    from repedit.models import LoadedModel
+    from repedit.stats.corpus import Corpus
 
 DESCRIPTION = """\
 Compute the second moment C = E[kkᵀ] of the MLP keys at some layers (the matrix every editor
@@ -13,7 +17,7 @@ solves against), or report that it is already cached. Files are keyed by model f
 layer, corpus, token count and window length, so a second run is a cache hit.
 
 examples:
-  repedit stats --layers 5 --corpus ../shared/data/wikitext/wiki.test.raw --tokens 20000
+  repedit stats --layers 5 --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --tokens 20000
   repedit stats --layers 4-8 --tokens 100000 --json
 """
 
@@ -38,26 +42,49 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repedit.paths import cache_dir
-    from repedit.stats import StatsKey, resolve_corpus, second_moments
+    from repedit.stats import resolve_corpus
 
     layers = common.parse_layers(args.layers)
     lm = common.load(args)
     for layer in layers:
         lm.arch.check_layer(layer)
     corpus = resolve_corpus(args.corpus, lm)
+    rows = layer_rows(args, lm, layers, corpus)
+    if args.json:
+        common.print_json(
+            {
+                "model": args.model,
+                "fingerprint": lm.fingerprint,
+                "corpus": corpus.identity,
+                "seq_len": args.seq_len,
+                "layers": rows,
+            }
+        )
+        return 0
+    print_rows(rows, cond=args.cond, title=f"key statistics · {args.model} · {corpus.identity}")
+    return 0
+
+
+def layer_rows(
+    args: argparse.Namespace, lm: LoadedModel, layers: list[int], corpus: Corpus
+) -> list[dict[str, Any]]:
+    """Compute (or find cached) ``C`` for ``layers``; one output row per layer: token count,
+    cache hit or computed, speed, seconds, cache file and (``--cond``) condition number."""
+    from repedit.paths import cache_dir
+    from repedit.stats import StatsKey, second_moments
+
     root = cache_dir(args.cache_dir)
-    keys = {
-        layer: StatsKey(lm.fingerprint, layer, corpus.identity, args.stats_tokens, args.seq_len)
+    paths = {
+        layer: StatsKey(
+            lm.fingerprint, layer, corpus.identity, args.stats_tokens, args.seq_len
+        ).path(root)
         for layer in layers
     }
-    paths = {layer: key.path(root) for layer, key in keys.items()}
     todo = [layer for layer in layers if args.no_cache or not paths[layer].exists()]
-    where = ", ".join(map(str, todo))
     if todo:
         common.status(
-            f"computing key statistics for layer{'s' if len(todo) > 1 else ''} {where} from "
-            f"{corpus.identity} ({args.stats_tokens} tokens"
+            f"computing key statistics for layer{'s' if len(todo) > 1 else ''} "
+            f"{', '.join(map(str, todo))} from {corpus.identity} ({args.stats_tokens} tokens"
             f"{'' if args.no_cache else ', one-off, cached'})…"
         )
     report: dict[str, Any] = {}
@@ -90,33 +117,24 @@ def run(args: argparse.Namespace) -> int:
         if args.cond:
             row["condition_number"] = moment.condition_number()
         rows.append(row)
-    if args.json:
-        common.print_json(
-            {
-                "model": args.model,
-                "fingerprint": lm.fingerprint,
-                "corpus": corpus.identity,
-                "seq_len": args.seq_len,
-                "layers": rows,
-            }
-        )
-        return 0
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]], *, cond: bool, title: str) -> None:
+    """The rows of :func:`layer_rows` as a table."""
     columns = ["layer", "tokens", "cache", "tokens/s", "seconds"]
-    if args.cond:
+    if cond:
         columns.append("cond(C)")
     columns.append("file")
     table = []
     for r in rows:
         rate = r["tokens_per_s"]
-        rate_text = (
-            f"{rate:,.0f}"
-            if rate is not None
-            else (
-                f"(was {r['computed_tokens_per_s']:,.0f})"
-                if r.get("computed_tokens_per_s")
-                else None
-            )
-        )
+        if rate is not None:
+            rate_text = f"{rate:,.0f}"
+        elif r.get("computed_tokens_per_s"):
+            rate_text = f"(was {r['computed_tokens_per_s']:,.0f})"
+        else:
+            rate_text = None
         line = [
             r["layer"],
             r["tokens"],
@@ -124,9 +142,8 @@ def run(args: argparse.Namespace) -> int:
             rate_text,
             None if r["seconds"] is None else f"{r['seconds']:.1f}",
         ]
-        if args.cond:
+        if cond:
             line.append(f"{r['condition_number']:.3g}")
         line.append(r["path"] or "(not cached: --no-cache)")
         table.append(line)
-    common.print_table(table, columns, title=f"key statistics · {args.model} · {corpus.identity}")
-    return 0
+    common.print_table(table, columns, title=title)

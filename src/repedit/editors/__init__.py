@@ -13,8 +13,12 @@ from repedit.editors.result import EditResult, merge_results
 from repedit.editors.rome import Rome, RomeHparams
 from repedit.editors.values import ValueHparams
 from repedit.errors import InvalidRequestError
+from repedit.methods import METHOD_NAMES
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (Rome, RRome, Memit, Emmet, AlphaEdit)}
+#: the editor registry: method name (:data:`~repedit.methods.METHOD_NAMES`) → class
+EDITORS: dict[str, type[Editor]] = dict(
+    zip(METHOD_NAMES, (Rome, RRome, Memit, Emmet, AlphaEdit), strict=True)
+)
 
 
 def make_editor(
@@ -31,6 +35,7 @@ def make_editor(
 
 __all__ = [
     "EDITORS",
+    "METHOD_NAMES",
     "AlphaEdit",
     "AlphaEditHparams",
     "EditResult",

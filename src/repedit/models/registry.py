@@ -25,7 +25,7 @@ class ArchSpec:
     ``post_mlp`` (relative to a decoder layer) is a module the layer applies to the MLP's output
     before adding it to the residual stream (Gemma 2/3's post-feed-forward norm); without one the
     MLP output is added as it is, so a changed value changes the layer's output by exactly the
-    difference (what :class:`repedit.rep.train._LayerwiseReader` relies on).
+    difference (what :class:`repedit.rep.reader.LayerwiseReader` relies on).
     """
 
     layers: str

@@ -24,15 +24,10 @@ from repedit.rep.adapter import (
 )
 from repedit.rep.export import export_with_rep
 from repedit.rep.inject import RepInjection, attach, rep_applied
-from repedit.rep.train import (
-    RepTrainResult,
-    edit_targets,
-    gate_rates,
-    read_keys,
-    train_rep,
-    train_rep_after,
-    train_rep_for_editor,
-)
+from repedit.rep.reader import read_keys
+from repedit.rep.tally import gate_rates
+from repedit.rep.targets import edit_targets
+from repedit.rep.train import RepTrainResult, train_rep, train_rep_after, train_rep_for_editor
 from repedit.rep.variants import (
     RepExample,
     RepItem,

@@ -2,73 +2,15 @@
 
 ``k̂ = k + g(k) · P(k)`` with ``P(k) = (α/r) · B A dropout(k)`` (rank ``r``; ``A`` Kaiming-
 uniform, ``B`` zero, so the adapter starts as the identity) and a per-token gate
-``g(k) = sigmoid(Linear(h→1)(GELU(Linear(D→h)(k))))`` that reads the *raw* key. Training uses
-the soft gate; ``eval()`` switches to the hard gate ``𝟙[g > τ]`` and turns dropout off (both are
-registered submodules, so there is no separate flag to forget: defect D2 of the released code).
+``g(k) = sigmoid(Linear(h→1)(GELU(Linear(D→h)(k))))`` that reads the raw key (RMS-normalised
+with ``gate_input_norm``). Training uses the soft gate; ``eval()`` switches to the hard gate
+``𝟙[g > τ]`` and turns dropout off (both are registered submodules, so one mode flag reaches
+them). At inference a key is also left alone when it already retrieves the edit
+(``β̃(k) ≥ beta_guard``) or is the edit prompt's own key (``keep_prompt_key``).
 
-The gate design (why the released REP never switched on, and what is different here)
--------------------------------------------------------------------------------------
-The released code trains the gate only through ``L_agg``: with the soft gate the gradient that
-reaches ``g`` is proportional to ``P(k)``, which is exactly zero at the start (``B = 0``) and
-small for the 10 steps at lr 5e-4 that follow, so ``g`` stays near its initial 0.5 and the hard
-gate at τ = 0.9 never opens (measured: max 0.57–0.83). Nothing trains it to stay *closed* on
-unrelated tokens either (D5). Here the gate gets its own supervision and learning rate:
-
-* ``gate_loss_weight`` (default 1): binary cross-entropy on the gate logit with three groups
-  weighted alike: positives = the subject token of every training sequence (→ open); "near"
-  negatives = the subject's earlier tokens and the ``gate_near_after`` tokens after the
-  subject token; "far" negatives = every other token of the training sequences (prefixes,
-  passages) and, with ``negatives=True``, other subjects / neighbourhood prompts / text. The
-  near group matters: measured on SmolLM2, without it the gate opened on the subject's
-  earlier tokens (" Office" of "Microsoft Office Mobile") and the change to *those* keys broke
-  long-context prompts the plain edit got right. In-sequence negatives cost nothing: their keys
-  come out of the same forward pass as the positives.
-* ``gate_lr`` (default 1e-2): the gate's own Adam learning rate, so it passes ``τ`` within the
-  training steps (at the paper's lr 5e-4 it never does).
-* ``gate_input_norm`` (default True): the gate reads the raw key divided by its RMS, so its
-  learning speed does not depend on the model's key scale (on tiny test models unnormalised
-  keys left it near 0.5 after 30 steps).
-* ``gate_bias_init``: optionally start the gate shut (e.g. -4 → g ≈ 0.02 everywhere).
-
-The aggregation loss (why repedit's default differs from the paper's)
----------------------------------------------------------------------
-The paper maximises ``(k̂/‖k̂‖)·t`` with ``t = C⁻¹k*/‖C⁻¹k*‖``. Measured on SmolLM2 (ROME,
-layer 5, REP-CounterFact cases 0–2): at the paper's 10 steps × lr 5e-4 the projection barely
-moves (mean β̃ of the subject's surface forms 0.43 → 0.45, no probe changed); at lr 2e-2 it
-overshoots (β̃ 7.4: the key now fires the edit seven times over and paraphrase success *fell*
-from 0.73 to 0.47), because the direction of ``C⁻¹k*`` is not the direction of ``k*`` and
-aligning with it inflates ``β``. repedit's default ``agg="match"`` pulls each surface form's
-key onto the edit's own key, ``‖k̂ − k*‖²/‖k*‖²``, which brings β̃ to ≈ 1 (0.95 on cases 0–10)
-and keeps ``W k̂`` near ``W k*`` too; lr 1e-2, 40 steps. The bare edit prompt is left out of
-the match loss and anchored to its own key by the consistency term, here relative
-(``‖f(k_o) − k_o‖²/‖k_o‖²``, weight 10): pulling it onto ``k*`` as well cost one of the first 12
-cases its efficacy (a long subject whose bare-prompt key is far from ``k*``). With
-``agg="direction"`` the consistency is the paper's ``50000 · MSE``.
-
-Decoupled projection, β̃ guard (from a diagnostic of REP's long-context losses)
-------------------------------------------------------------------------------
-With the soft gate inside ``L_agg`` (the paper), ``P`` and ``g`` chase each other: where the
-gate sits at 0.5, ``P`` learns ``(k* − k)/0.5``, which the hard gate then applies in full.
-Measured on SmolLM2 (ROME, REP-CounterFact case 162): after the old 20 steps only 54 % of the
-training positives opened, at mean β̃ 0.42; more steps swung between 47 % and 95 % open. With
-``decouple_gate`` (default) ``L_agg`` and the consistency see ``k + P(k)``, which is exactly what
-an open hard gate applies, and the gate learns from its BCE alone: 96 % open at β̃ 0.79 after 20
-steps, 100 % at 0.88–0.96 after 40–60, monotone on the three cases tried; 40 is the default.
-
-On the long-context probes that REP lost (the plain edit right, REP wrong), the gate did open
-at the subject, and ``P`` there pointed *away* from the edit (cos(P(k), k* − k) ≈ −0.17,
-β̃ 0.69–0.82 → 0.09–0.11, log-probability of the new object −0.6…−1.2 → −8): those keys
-already retrieved the edit, and ``P``, fitted on short prompts, extrapolated badly to them.
-``beta_guard`` (default 0.5) leaves a key alone when ``β̃(k) = k·C⁻¹k*/(k*ᵀC⁻¹k*)`` already
-reaches the guard; replayed on three of those cases (151, 162, 181) it restored all three
-long-context probes and kept REP's paraphrase and scramble gains there. ``beta_guard=None``
-is the paper (ablation ``no-guard``).
-
-:func:`released_config` turns all of this off (and the β̃ cap of ``L_agg``, see
-:class:`RepConfig`) to reproduce the released code's gate. Training reports the open rates on
-positives and negatives, before and after, soft and hard
-(:class:`~repedit.rep.train.RepTrainResult`); :class:`~repedit.rep.inject.RepInjection`
-counts them while the adapters are attached.
+:class:`RepConfig` holds every setting; :func:`released_config` reproduces the paper's released
+code's gate (which never opens). Why the defaults differ from the paper (a supervised gate,
+the ``match`` loss, the decoupled projection, the guard): see ``docs/method.md``.
 """
 
 from __future__ import annotations
@@ -102,7 +44,7 @@ class RepConfig(Hparams):
     ``h = max(gate_hidden_min, floor(gate_hidden_fraction · d_mlp))``, threshold ``tau``.
     ``use_gate=False`` applies ``k + P(k)`` at every token (the "no gate" ablation).
 
-    Losses (summed over every adapted layer, D3): ``agg_weight · L_agg`` with
+    Losses (summed over every adapted layer): ``agg_weight · L_agg`` with
     ``L_agg = −mean (k̂/‖k̂‖)·t`` over positives (``use_norm=False`` drops the normalisation,
     ``abs_agg=True`` takes ``|·|`` as the paper writes it; keys whose β̃ already reaches
     ``agg_beta_cap`` are not pushed further); ``consistency_weight · MSE(f(k_o), k_o)`` at the
@@ -115,12 +57,12 @@ class RepConfig(Hparams):
 
     Target ``t`` per layer and request: ``whitened`` = C⁻¹k*/‖C⁻¹k*‖ for every editor;
     ``raw`` = k* (the released code's MEMIT/EMMET convention); ``released`` = whitened for
-    ROME/R-ROME and raw otherwise, as the released code mixes them (D4).
+    ROME/R-ROME and raw otherwise, as the paper's released code mixes them.
 
     Data: contexts × {original, in-domain paraphrases, first half of the scrambles} + ``n_long``
-    passages of ``long_context_length`` ``long_context_unit`` (D1) from ``long_context_corpus``
+    passages of ``long_context_length`` ``long_context_unit`` from ``long_context_corpus``
     (None: ``$REPEDIT_DATA/wikitext/wiki.test.raw``). Optimisation: Adam, ``steps`` batches of
-    ``batch`` pool items + every bare prompt, drawn without repetition (D6); lr ``lr`` for the
+    ``batch`` pool items + every bare prompt, drawn without repetition; lr ``lr`` for the
     projection, ``gate_lr`` (None: ``lr``) for the gate. ``shared``: one adapter set for all
     requests of a batch edit instead of one per request.
     """
@@ -155,15 +97,15 @@ class RepConfig(Hparams):
     #: every other token of the training sequences is a gate negative ...
     context_negatives: bool = True
     #: the subject's earlier tokens: "negative" (near negatives, see below) or "ignore" (left
-    #: out of the gate loss; measured: they then open and the change to their keys breaks
-    #: long-context prompts)
+    #: out of the gate loss, where the gate tends to open on them and the change to their keys
+    #: can break long-context prompts)
     gate_subject_tokens: str = "negative"
     #: tokens right after the subject token that count as "near" negatives: the gate loss
     #: weighs near negatives (these and the subject's earlier tokens, whose keys resemble the
     #: positive one) as much as all the other ("far") negatives together
     gate_near_after: int = 3
     #: far negatives drawn (at random) into one step's gate loss: they are easy, and the gate
-    #: on them is most of a step's cost (measured: ~2/3 of it at 4096)
+    #: on them is most of a step's cost
     gate_far_tokens: int = 512
     #: the aggregation and consistency losses see ``k + P(k)``, which is what the hard gate
     #: applies at inference where it opens, and the gate learns from its BCE alone; False:
@@ -175,20 +117,19 @@ class RepConfig(Hparams):
     #: they then leave L_agg, which acts on paraphrases and scrambles only)
     consistency_on: str = "prompt"
     #: a subject key whose adapted whitened similarity β̃ = k̂ᵀC⁻¹k*/(k*ᵀC⁻¹k*) already reaches
-    #: this value retrieves the edit as k* does and leaves L_agg (no further push, which was
-    #: measured to over-apply the edit on long-context prompts); None: the paper's L_agg
+    #: this value retrieves the edit as k* does and leaves L_agg (a further push over-applies
+    #: the edit); None: the paper's L_agg
     agg_beta_cap: float | None = 1.0
     #: inference only: a token whose key already retrieves the edit on its own,
     #: β̃(k) = kᵀC⁻¹k*/(k*ᵀC⁻¹k*) ≥ ``beta_guard``, keeps its key even where the gate opens
-    #: (REP then moves only keys the plain edit misses; measured: on long-context prompts the
-    #: plain key often already fires the edit and the adapter's change there broke it).
+    #: (REP then moves only keys the plain edit misses: a projection fitted on short prompts can
+    #: point away from the edit on a long-context key that already fires it).
     #: None: off (the paper). Like ``tau`` it can be set after training.
     beta_guard: float | None = 0.5
     #: inference only: a token whose key is the edit prompt's own subject key (relative
     #: distance < ``PROMPT_KEY_TOLERANCE``) keeps it, so REP never changes what the plain edit
-    #: does on its own prompt (the consistency term, made exact; measured: with the soft term
-    #: alone one of 41 CounterFact cases lost its efficacy, a subject whose prompt key sits among
-    #: its paraphrases' keys, where a low-rank ``P`` cannot be zero on one and not the others).
+    #: does on its own prompt (the consistency term, made exact: where the prompt key sits among
+    #: its paraphrases' keys a low-rank ``P`` cannot be zero on one and not the others).
     #: Limits: the keys are those of training (a later τ or guard change at a lower layer can
     #: move an upper layer's prompt key), and in a stack each member keeps only its own edit's
     #: prompt key, so another member may still change it
@@ -196,9 +137,8 @@ class RepConfig(Hparams):
     #: inference only: the adapters act on the prompt's tokens only, never on the answer a
     #: probe scores or the tokens a model generates (the caller declares the prompt with
     #: :func:`repedit.models.spans.declare_prompt`; repedit's scoring and generation do, a
-    #: forward without a declaration adapts every token). Measured: on ZsRE the gate opened on
-    #: answers that repeat the subject's words ("West Texas Investors Club" -> "West Texas
-    #: Broadcasting Company") and REP lost the edit's own prompt on three cases of 100.
+    #: forward without a declaration adapts every token). Why: a token-level gate also opens on
+    #: answers that repeat the subject's words, and changing their keys derails the answer.
     #: False: every token (the paper)
     prompt_only: bool = True
     negatives: bool = False
@@ -292,8 +232,9 @@ def prompt_key_hits(x: torch.Tensor, prompt_k: torch.Tensor) -> torch.Tensor:
 def released_config(**overrides: Any) -> RepConfig:
     """The released code's REP: untrained gate at g ≈ 0.5, no long-context training.
 
-    Reproduces its behaviour only up to D1/D2/D3/D6, which are always fixed here; use it to
-    show that the gate does not open (§9 of the method notes).
+    Its gate training, losses and targets, without long-context training; dropout off at
+    inference, every adapted layer trained and batches without repeats stay as repedit has
+    them. Use it to show that the released gate does not open (``docs/method.md``).
     """
     base = {
         "gate_loss_weight": 0.0,

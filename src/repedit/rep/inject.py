@@ -10,7 +10,7 @@ tallies, per layer, how many token keys passed through and how many found the ga
         print(rep.gate_rates())   # {layer: {"tokens": ..., "open": ..., "rate": ..., ...}}
 
 Counts cover every position the adapters act on, padding included; for rates at chosen
-positions (e.g. subject tokens) use :func:`repedit.rep.train.gate_rates`.
+positions (e.g. subject tokens) use :func:`repedit.rep.tally.gate_rates`.
 
 With ``RepConfig.prompt_only`` (the default) an adapter acts only on the prompt's tokens
 wherever the caller declares them (:func:`repedit.models.spans.declare_prompt`: repedit's
