@@ -1,0 +1,141 @@
+"""Tolerances for tests that compare two floating-point computations, derived, not tuned.
+
+Two code paths that compute the same quantity (a cached prefix and the full rows, a batch and
+single rows, a solve and its reference) differ only by rounding, and how much depends on the
+CPU: AVX-512, AVX2 and other kernels sum the same terms in different orders and blockings.
+A tolerance read off one machine is therefore a guess about every other one. Here it follows
+from the computation instead, with the classical worst-case bound for a sum (Higham, *Accuracy
+and Stability of Numerical Algorithms*, §3.1): evaluated in any order, a sum or dot product of
+``n`` terms satisfies
+
+    |fl(s) - s| <= gamma_n * sum_i |x_i y_i|,   gamma_n = n u / (1 - n u),
+
+where ``u`` is the unit roundoff of the dtype (2^-24 for float32, 2^-53 for float64). A result
+built from ``stages`` such reductions in a chain (each layer's projections, attention and norm)
+gathers one such error per stage, to first order, when each stage passes relative errors on with
+a gain of about one; two paths, each within that bound of the exact value, differ by at most
+twice it. Every tolerance in these tests is therefore
+
+    paths * stages * gamma_terms * magnitude,
+
+with the inputs named at the call site. The bound is worst-case (every rounding in the same
+direction), so it holds on any summation order; typical errors are smaller by about sqrt(n).
+It is still far below what a real bug does (a dropped term, a shifted position or a missing
+layer moves the result by a sizeable fraction of its magnitude); the companion tests marked
+``numerics`` assert that for each family of comparison.
+
+An iterative optimisation repeats such a computation: each step's rounding moves the iterate by
+at most ``per_step`` and later steps carry that on (to first order, without contraction), so its
+drift after ``steps`` steps is at most ``steps * per_step * sensitivity``, ``sensitivity`` being
+the gain from one step's input error to its output error. Adam divides each gradient element by
+its own running RMS, so an element whose gradient crosses zero is ill-conditioned on its own
+(its relative rounding error is amplified by the ratio of the largest gradient to it, without
+bound); those elements are tiny in the norm and, having a near-zero gradient, barely move the
+loss. The value tests therefore compare the well-conditioned quantities: the loss at every step
+and the delta's norm-wise relative error, each with sensitivity one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: chained reductions per transformer block on the way from its input to its output: the input
+#: norm, the query/key/value projection, the attention scores, the softmax sum, the weighted sum
+#: of values, the output projection, the MLP norm, its up (and gate) projection, its down
+#: projection and the residual add
+STAGES_PER_BLOCK = 10
+#: after the last block: the final norm, the unembedding and the log-softmax's sum
+STAGES_HEAD = 3
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u``: the largest relative error of one rounding in ``dtype`` (half its epsilon)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(terms: int, dtype: torch.dtype) -> float:
+    """``gamma_n = n u / (1 - n u)``: worst relative error of an ``n``-term sum in any order."""
+    nu = terms * unit_roundoff(dtype)
+    if nu >= 1:
+        raise ValueError(f"{terms} terms are too many for a rounding bound in {dtype}")
+    return nu / (1 - nu)
+
+
+def tolerance(
+    dtype: torch.dtype,
+    *,
+    terms: int,
+    stages: int = 1,
+    magnitude: float = 1.0,
+    paths: int = 2,
+) -> float:
+    """Largest difference between ``paths`` evaluations of a chain of ``stages`` reductions.
+
+    ``terms``: the longest reduction in the chain; ``magnitude``: the size of the summed
+    terms (1.0 gives a relative tolerance). ``paths=1`` compares one evaluation with an
+    exactly known value.
+    """
+    return paths * stages * gamma(terms, dtype) * magnitude
+
+
+def forward_stages(blocks: int, *, head: bool = True) -> int:
+    """Chained reductions through ``blocks`` transformer blocks (and the logits head)."""
+    return STAGES_PER_BLOCK * blocks + (STAGES_HEAD if head else 0)
+
+
+def forward_terms(arch: object, *, seq_len: int = 0) -> int:
+    """The longest reduction in a forward pass: hidden size, MLP width, vocabulary or sequence."""
+    vocab = int(arch.lm_head().weight.shape[0])  # type: ignore[attr-defined]
+    return max(arch.d_model, arch.d_mlp, vocab, seq_len)  # type: ignore[attr-defined]
+
+
+def forward_tolerance(
+    arch: object,
+    *,
+    blocks: int,
+    head: bool = True,
+    magnitude: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    seq_len: int = 0,
+) -> float:
+    """Two forward evaluations through ``blocks`` blocks of ``arch`` (relative unless magnitude)."""
+    return tolerance(
+        dtype,
+        terms=forward_terms(arch, seq_len=seq_len),
+        stages=forward_stages(blocks, head=head),
+        magnitude=magnitude,
+    )
+
+
+def drift(*, steps: int, per_step: float, sensitivity: float = 1.0) -> float:
+    """Bound on an iterate's deviation after ``steps`` steps that each err by ``per_step``."""
+    return steps * per_step * sensitivity
+
+
+def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute element difference (float64, so the check adds no rounding)."""
+    return float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
+
+
+def norm_error(got: torch.Tensor, want: torch.Tensor, dim: int = -1) -> float:
+    """Largest norm-wise relative difference ``|got - want| / |want|`` along ``dim``."""
+    diff = (got.double() - want.double()).norm(dim=dim)
+    return float((diff / want.double().norm(dim=dim).clamp_min(1e-300)).max())
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> float:
+    """Assert every element of ``got`` is within ``tol`` of ``want``; return the max error."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = max_error(got, want)
+    assert err <= tol, f"{what}: max error {err:.3g} exceeds the derived tolerance {tol:.3g}"
+    return err
+
+
+def assert_norm_within(
+    got: torch.Tensor, want: torch.Tensor, tol: float, what: str, dim: int = -1
+) -> float:
+    """Assert the norm-wise relative error along ``dim`` is within ``tol``; return it."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = norm_error(got, want, dim=dim)
+    assert err <= tol, f"{what}: relative error {err:.3g} exceeds the derived tolerance {tol:.3g}"
+    return err
