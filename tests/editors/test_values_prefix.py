@@ -17,13 +17,12 @@ import pytest
 import torch
 
 import repedit.editors.values as values_module
+from numerics import assert_norm_within, assert_within, drift, forward_tolerance
 from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
 from repedit.editors.values import _build, injection_module, optimise_values
 from repedit.models.runner import PrefixRunner, UpperRunner
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
-
-from numerics import assert_norm_within, assert_within, drift, forward_tolerance
 
 REQUESTS = (
     EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
