@@ -83,10 +83,13 @@ def forward_stages(blocks: int, *, head: bool = True) -> int:
     return STAGES_PER_BLOCK * blocks + (STAGES_HEAD if head else 0)
 
 
-def forward_terms(arch: object, *, seq_len: int = 0) -> int:
-    """The longest reduction in a forward pass: hidden size, MLP width, vocabulary or sequence."""
-    vocab = int(arch.lm_head().weight.shape[0])  # type: ignore[attr-defined]
-    return max(arch.d_model, arch.d_mlp, vocab, seq_len)  # type: ignore[attr-defined]
+def forward_terms(arch: object, *, head: bool = True, seq_len: int = 0) -> int:
+    """The longest reduction in a forward pass: hidden size, MLP width, sequence (attention's
+    sums) and, through the logits head, the vocabulary (the log-softmax's sum)."""
+    terms = max(arch.d_model, arch.d_mlp, seq_len)  # type: ignore[attr-defined]
+    if head:
+        terms = max(terms, int(arch.lm_head().weight.shape[0]))  # type: ignore[attr-defined]
+    return terms
 
 
 def forward_tolerance(
@@ -101,10 +104,24 @@ def forward_tolerance(
     """Two forward evaluations through ``blocks`` blocks of ``arch`` (relative unless magnitude)."""
     return tolerance(
         dtype,
-        terms=forward_terms(arch, seq_len=seq_len),
+        terms=forward_terms(arch, head=head, seq_len=seq_len),
         stages=forward_stages(blocks, head=head),
         magnitude=magnitude,
     )
+
+
+def solve_tolerance(
+    dtype: torch.dtype, *, size: int, condition: float, products: int = 1, paths: int = 2
+) -> float:
+    """Relative difference of ``paths`` solutions of one ``size``-square system, then products.
+
+    A backward-stable solve (Cholesky, LU with pivoting, or an explicit inverse applied to a
+    vector) has a forward error of at most about ``condition * gamma_3n`` relative to the
+    solution (Higham §10.1, §9.4); each of ``products`` further matrix products of ``size``
+    terms adds ``gamma_n``.
+    """
+    per_path = condition * gamma(3 * size, dtype) + products * gamma(size, dtype)
+    return paths * per_path
 
 
 def drift(*, steps: int, per_step: float, sensitivity: float = 1.0) -> float:
