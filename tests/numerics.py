@@ -131,13 +131,16 @@ def drift(*, steps: int, per_step: float, sensitivity: float = 1.0) -> float:
 
 def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """Largest absolute element difference (float64, so the check adds no rounding)."""
-    return float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
+    if not want.numel():
+        return 0.0
+    return float((got.detach().double() - want.detach().double()).abs().max())
 
 
 def norm_error(got: torch.Tensor, want: torch.Tensor, dim: int = -1) -> float:
     """Largest norm-wise relative difference ``|got - want| / |want|`` along ``dim``."""
-    diff = (got.double() - want.double()).norm(dim=dim)
-    return float((diff / want.double().norm(dim=dim).clamp_min(1e-300)).max())
+    got, want = got.detach().double(), want.detach().double()
+    diff = (got - want).norm(dim=dim)
+    return float((diff / want.norm(dim=dim).clamp_min(1e-300)).max())
 
 
 def assert_within(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> float:
