@@ -3,26 +3,32 @@
 Two code paths that compute the same quantity (a cached prefix and the full rows, a batch and
 single rows, a solve and its reference) differ only by rounding, and how much depends on the
 CPU: AVX-512, AVX2 and other kernels sum the same terms in different orders and blockings.
-A tolerance read off one machine is therefore a guess about every other one. Here it follows
-from the computation instead, with the classical worst-case bound for a sum (Higham, *Accuracy
-and Stability of Numerical Algorithms*, §3.1): evaluated in any order, a sum or dot product of
-``n`` terms satisfies
+A tolerance read off one machine is a guess about every other one, so here it follows from the
+computation: its dtype, how many roundings lie on the way to the result and how large the
+summed terms are.
 
-    |fl(s) - s| <= gamma_n * sum_i |x_i y_i|,   gamma_n = n u / (1 - n u),
+One sum or dot product of ``n`` terms, in any order, errs by at most (Higham, *Accuracy and
+Stability of Numerical Algorithms*, §3.1)
 
-where ``u`` is the unit roundoff of the dtype (2^-24 for float32, 2^-53 for float64). A result
-built from ``stages`` such reductions in a chain (each layer's projections, attention and norm)
-gathers one such error per stage, to first order, when each stage passes relative errors on with
-a gain of about one; two paths, each within that bound of the exact value, differ by at most
-twice it. Every tolerance in these tests is therefore
+    worst case:     |fl(s) - s| <= gamma_n * sum_i |x_i y_i|,   gamma_n = n u / (1 - n u)
+    probabilistic:  |fl(s) - s| <= lambda * sqrt(n) * u * sum_i |x_i y_i|
 
-    paths * stages * gamma_terms * magnitude,
+where ``u`` is the unit roundoff (2^-24 for float32, 2^-53 for float64). The second is Higham
+and Mary's probabilistic bound (SIAM J. Sci. Comput. 41(5), 2019): with rounding errors modelled
+as independent and of mean zero, it fails with probability at most ``2 n exp(-lambda^2 / 2)``,
+below 1e-11 for ``lambda = 8`` (``LAMBDA``); the worst case needs every rounding to go the same
+way, which no summation order does, and overstates real errors by about ``sqrt(n)``. A result
+that comes through ``stages`` chained reductions (each block's norm, projections, attention and
+MLP) carries ``stages * n`` roundings on its longest path, each passed on with a gain of about
+one, so the same bounds apply with ``n -> stages * n``. Two paths, each within the bound of the
+exact value, differ by at most twice it. Every tolerance here is thus
 
-with the inputs named at the call site. The bound is worst-case (every rounding in the same
-direction), so it holds on any summation order; typical errors are smaller by about sqrt(n).
-It is still far below what a real bug does (a dropped term, a shifted position or a missing
-layer moves the result by a sizeable fraction of its magnitude); the companion tests marked
-``numerics`` assert that for each family of comparison.
+    paths * min(stages * gamma_n, lambda * sqrt(stages * n) * u) * magnitude
+
+with its inputs named at the call site (``tolerance``). It stays far below what a real bug
+does (a dropped term, a shifted position or a missing layer moves a result by a sizeable
+fraction of its magnitude); the companion tests marked ``numerics`` assert that for each family
+of comparison. Linear solves add their condition number (``solve_tolerance``).
 
 An iterative optimisation repeats such a computation: each step's rounding moves the iterate by
 at most ``per_step`` and later steps carry that on (to first order, without contraction), so its
@@ -36,6 +42,8 @@ and the delta's norm-wise relative error, each with sensitivity one.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -61,6 +69,11 @@ def gamma(terms: int, dtype: torch.dtype) -> float:
     return nu / (1 - nu)
 
 
+#: confidence parameter of the probabilistic bound: it fails with probability below
+#: 2 n exp(-LAMBDA^2 / 2), under 1e-11 for every reduction length used here
+LAMBDA = 8.0
+
+
 def tolerance(
     dtype: torch.dtype,
     *,
@@ -73,9 +86,11 @@ def tolerance(
 
     ``terms``: the longest reduction in the chain; ``magnitude``: the size of the summed
     terms (1.0 gives a relative tolerance). ``paths=1`` compares one evaluation with an
-    exactly known value.
+    exactly known value. The smaller of the worst-case and the probabilistic bound.
     """
-    return paths * stages * gamma(terms, dtype) * magnitude
+    worst = stages * gamma(terms, dtype)
+    likely = LAMBDA * math.sqrt(stages * terms) * unit_roundoff(dtype)
+    return paths * min(worst, likely) * magnitude
 
 
 def forward_stages(blocks: int, *, head: bool = True) -> int:
