@@ -174,3 +174,14 @@ def assert_norm_within(
     err = norm_error(got, want, dim=dim)
     assert err <= tol, f"{what}: relative error {err:.3g} exceeds the derived tolerance {tol:.3g}"
     return err
+
+
+def p_tolerance(p: float, family: str = "llama") -> float:
+    """Relative tolerance of a probability ``p = exp(log p)`` that two runs of the same edited
+    tiny model of ``family`` report: its log-prob's absolute error, through every block and the
+    head, on log-probs of size ``|log p|`` (plus one for the logits' own size)."""
+    from repedit.models import Arch
+    from repedit.models.tiny import tiny_model
+
+    arch = Arch(tiny_model(family))
+    return forward_tolerance(arch, blocks=arch.n_layers, magnitude=abs(math.log(p)) + 1.0)
