@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from numerics import p_tolerance
 from repedit.cli import build_parser, main
 
 SUBJECT = ["--subject", "Paris", "--prompt", "The Eiffel Tower is in {}", "--target", "Italy"]
@@ -206,6 +207,7 @@ def test_edit_rep_table(opts: list[str], capsys: pytest.CaptureFixture[str]) -> 
     assert "after+REP" in out and "REP τ=0.6" in out and "REP gate open" in out
 
 
+@pytest.mark.numerics
 def test_edit_rep_save_then_load_round_trip(
     opts: list[str], other_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -240,7 +242,8 @@ def test_edit_rep_save_then_load_round_trip(
     assert loaded["rep"]["config"]["use_gate"] is False
     for a, b in zip(loaded["probes"], made["probes"], strict=True):
         assert a["prompt"] == b["prompt"]
-        assert a["after_rep"]["p_new"] == pytest.approx(b["after_rep"]["p_new"], rel=1e-4)
+        want = b["after_rep"]["p_new"]
+        assert a["after_rep"]["p_new"] == pytest.approx(want, rel=p_tolerance(want))
         assert a["after_rep"]["top1"] == b["after_rep"]["top1"]
 
     # another base model refuses the adapters, cleanly

@@ -18,6 +18,7 @@ import torch
 
 import repedit.editors.memit as memit_module
 import repedit.editors.rome as rome_module
+from numerics import tolerance
 from repedit.data.case import EditRequest
 from repedit.editors import EDITORS, StatsConfig, make_editor
 from repedit.errors import EditError, InvalidRequestError
@@ -102,6 +103,7 @@ def _logits(lm: LoadedModel, text: str = "The Eiffel Tower is in Paris") -> torc
 # --------------------------------------------------------------------------- one edit
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("family", "method"), _combos())
 def test_edit_raises_target_and_reverts_exactly(
     family: str, method: str, stats: StatsConfig
@@ -127,7 +129,10 @@ def test_edit_raises_target_and_reverts_exactly(
     for name, delta in result.deltas.items():
         assert delta.shape == params[name].shape
         assert torch.isfinite(delta).all() and delta.abs().max() > 0
-        torch.testing.assert_close(state[name], before[name] + delta, rtol=0, atol=1e-6)
+        # one float32 addition, rounded once (in place) against once (here)
+        magnitude = float((before[name].abs() + delta.abs()).max())
+        tol = tolerance(torch.float32, terms=2, magnitude=magnitude)
+        torch.testing.assert_close(state[name], before[name] + delta, rtol=0, atol=tol)
     untouched = [k for k in before if k not in expected and not torch.equal(before[k], state[k])]
     assert not untouched, f"edit changed {untouched}"
     if method in ("rome", "r-rome"):
@@ -225,6 +230,7 @@ def test_batch_of_three_in_one_call(family: str, method: str, stats: StatsConfig
     _assert_unchanged(lm, before)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_rome_applies_several_requests_one_after_the_other(family: str, stats: StatsConfig) -> None:
     lm = tiny_loaded(family)
@@ -245,7 +251,10 @@ def test_rome_applies_several_requests_one_after_the_other(family: str, stats: S
     (name,) = both.deltas
     assert set(step1.deltas) == set(step2.deltas) == {name}
     summed = step1.deltas[name] + step2.deltas[name]
-    torch.testing.assert_close(both.deltas[name], summed, rtol=0, atol=1e-6)
+    # the two float32 updates summed here against accumulated in the weight and read back
+    magnitude = float((step1.deltas[name].abs() + step2.deltas[name].abs()).max())
+    tol = tolerance(torch.float32, terms=3, magnitude=magnitude)
+    torch.testing.assert_close(both.deltas[name], summed, rtol=0, atol=tol)
     assert len(both.info["requests"]) == 2
     assert _rank(both.deltas[name]) == 2
     lp_after = [_logprob(lm, first), _logprob(lm, second)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from numerics import forward_tolerance
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.scoring import (
     Probe,
@@ -202,16 +203,26 @@ PROBES = [
 ]
 
 
-def _naive(lm, probe: Probe) -> tuple[list[float], list[int]]:
-    """Unbatched, full-logits reference: log-probs and argmax at the target positions."""
+def _naive(lm, probe: Probe, shift: int = 0) -> tuple[list[float], list[int]]:
+    """Unbatched, full-logits reference: log-probs and argmax at the target positions
+    (``shift`` moves the read positions: a test's off-by-one bug)."""
     p_ids, t_ids = tokenize_probe(lm.tokenizer, probe.prompt, probe.target)
     ids = torch.tensor([p_ids + t_ids])
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), -1)
-    rows = logp[len(p_ids) - 1 : len(p_ids) - 1 + len(t_ids)]
+    start = len(p_ids) - 1 + shift
+    rows = logp[start : start + len(t_ids)]
     return rows[torch.arange(len(t_ids)), t_ids].tolist(), rows.argmax(-1).tolist()
 
 
+def _logprob_tol(lm, logprob: float, n_tokens: int) -> float:
+    """A target's summed log-prob from two forwards (batched and padded, or alone): every
+    block and the head, on log-probs of this size from logits of order one per token."""
+    magnitude = abs(logprob) + n_tokens
+    return forward_tolerance(lm.arch, blocks=lm.arch.n_layers, magnitude=magnitude)
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_batched_equals_unbatched(family):
     lm = tiny_loaded(family)
@@ -220,18 +231,34 @@ def test_batched_equals_unbatched(family):
     for b, s, probe in zip(batched, single, PROBES, strict=True):
         assert b.pred_tokens == s.pred_tokens
         assert b.target_tokens == s.target_tokens
-        assert b.logprob == pytest.approx(s.logprob, abs=1e-4)
+        tol = _logprob_tol(lm, s.logprob, len(s.target_tokens))
+        assert b.logprob == pytest.approx(s.logprob, abs=tol)
         assert b.token_acc == s.token_acc and b.exact == s.exact
         assert (b.alt_logprob is None) == (s.alt_logprob is None)
         if b.alt_logprob is not None:
-            assert b.alt_logprob == pytest.approx(s.alt_logprob, abs=1e-4)
+            alt_tol = _logprob_tol(
+                lm, s.alt_logprob, len(tokenize_probe(lm.tokenizer, probe.prompt, probe.alt)[1])
+            )
+            assert b.alt_logprob == pytest.approx(s.alt_logprob, abs=alt_tol)
             assert b.beats_alt == s.beats_alt
         ref_logp, ref_pred = _naive(lm, probe)
         assert b.pred_tokens == ref_pred
-        assert b.logprob == pytest.approx(sum(ref_logp), abs=1e-4)
+        assert b.logprob == pytest.approx(sum(ref_logp), abs=tol)
     # Scoring against its own predictions is full agreement.
     again = score_probes(lm, PROBES, reference=[s.pred_tokens for s in single])
     assert [s.agree for s in again] == [1.0] * len(PROBES)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("bug", ["off by one", "dropped token"])
+def test_scoring_comparison_catches_a_bug(bug: str) -> None:
+    """A reference read one position late, or missing its last target token, differs from
+    the batched scores by more than the derived tolerance, for every probe."""
+    lm = tiny_loaded("llama")
+    for b, probe in zip(score_probes(lm, PROBES, batch_size=4), PROBES, strict=True):
+        logp, _ = _naive(lm, probe, shift=1 if bug == "off by one" else 0)
+        wrong = sum(logp) if bug == "off by one" else sum(logp[:-1])
+        assert abs(b.logprob - wrong) > _logprob_tol(lm, b.logprob, len(b.target_tokens))
 
 
 def test_lm_head_sees_only_target_positions():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from numerics import assert_within, forward_tolerance, max_error, tolerance
 from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.editors import StatsConfig, make_editor
 from repedit.errors import FingerprintMismatchError, InvalidRequestError
@@ -128,6 +129,26 @@ def _logits(lm, text: str = "The Eiffel Tower is in Paris and Rome") -> torch.Te
         return lm.model(input_ids=ids).logits
 
 
+F32 = torch.float32
+
+
+def _adapter_tol(k: torch.Tensor, adapter: RepAdapter) -> float:
+    """An adapter's output two ways: the projection's two products of ``d`` terms on keys of
+    this size, through ``|B||A|`` (the bound on ``sum |B_ij A_jk k_k|``)."""
+    gain = float((adapter.B.weight.detach().abs() @ adapter.A.weight.detach().abs()).sum(1).max())
+    magnitude = float(k.abs().max()) * (1 + gain * adapter.scale)
+    return tolerance(torch.float32, terms=k.shape[-1], stages=2, magnitude=magnitude)
+
+
+def _key_tol(lm, layer: int, keys: list[torch.Tensor]) -> float:
+    """Keys at ``layer`` from two forwards (other batching, padding or replay)."""
+    magnitude = max(float(k.abs().max()) for k in keys)
+    seq_len = max(k.shape[0] for k in keys)
+    return forward_tolerance(
+        lm.arch, blocks=layer + 1, head=False, magnitude=magnitude, seq_len=seq_len
+    )
+
+
 def _open_adapter(d: int, **cfg: object) -> RepAdapter:
     """An adapter with a moved projection and a gate forced open (bias +20)."""
     torch.manual_seed(0)
@@ -163,6 +184,7 @@ def test_adapter_starts_as_identity_in_train_and_eval() -> None:
     assert float(adapter.gate(k).detach().max()) < 0.9
 
 
+@pytest.mark.numerics
 def test_hard_gate_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     adapter = _open_adapter(64)
     k = torch.randn(2, 5, 64)
@@ -172,7 +194,7 @@ def test_hard_gate_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
         adapter.eval()
         out = adapter(k)
         expected = k + proj if opened else k
-        assert torch.allclose(out, expected, atol=1e-6)
+        assert_within(out, expected, _adapter_tol(k, adapter), "open adapter")
         if not opened:
             assert torch.equal(out, k)  # shut: the key itself
         adapter.train()
@@ -181,7 +203,7 @@ def test_hard_gate_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
         out_train = adapter(k)
         assert not torch.allclose(out_train, k + soft)  # dropout is on in training
     adapter.dropout.p = 0.0
-    assert torch.allclose(adapter(k), k + 0.91 * proj, atol=1e-6)
+    assert_within(adapter(k), k + 0.91 * proj, _adapter_tol(k, adapter), "soft gate")
 
 
 def test_eval_is_deterministic_and_dropout_is_a_submodule() -> None:
@@ -197,6 +219,7 @@ def test_eval_is_deterministic_and_dropout_is_a_submodule() -> None:
     assert not torch.equal(adapter(k), adapter(k))
 
 
+@pytest.mark.numerics
 def test_adapter_keeps_dtype_and_no_gate_ablation() -> None:
     adapter = _open_adapter(32).eval()
     k = torch.randn(2, 32, dtype=torch.bfloat16)
@@ -206,18 +229,21 @@ def test_adapter_keeps_dtype_and_no_gate_ablation() -> None:
         plain.B.weight.fill_(0.1)
     plain.eval()
     k = torch.randn(2, 32)
-    assert torch.allclose(plain(k), k + plain.project(k))
+    assert_within(plain(k), k + plain.project(k), _adapter_tol(k, plain), "no gate")
 
 
+@pytest.mark.numerics
 def test_stack_sums_adapters() -> None:
     a, b = _open_adapter(32).eval(), _open_adapter(32).eval()
     with torch.no_grad():
         b.B.weight.mul_(-0.5)
     stack = RepStack([a, b]).eval()
     k = torch.randn(3, 32)
-    assert torch.allclose(stack(k), k + a.project(k) + b.project(k), atol=1e-5)
+    tol = _adapter_tol(k, a) + _adapter_tol(k, b)
+    assert_within(stack(k), k + a.project(k) + b.project(k), tol, "stack")
 
 
+@pytest.mark.numerics
 def test_beta_guard_keeps_keys_that_already_retrieve_the_edit() -> None:
     """With ``beta_guard``, an open gate leaves a key alone when β̃(k) = k·w ≥ the guard, for
     any of the adapter's edits; in training, or with the guard off, nothing changes."""
@@ -236,7 +262,8 @@ def test_beta_guard_keeps_keys_that_already_retrieve_the_edit() -> None:
     adapter.beta_guard = 0.5
     out = adapter(k)
     assert torch.equal(out[:2], k[:2])
-    assert torch.allclose(out[2:], k[2:] + adapter.project(k[2:]), atol=1e-6)
+    tol = _adapter_tol(k, adapter)
+    assert_within(out[2:], k[2:] + adapter.project(k[2:]), tol, "adapted keys")
     assert torch.equal(adapter(k[:2]), k[:2])  # every token kept: the key itself
     adapter.train()
     adapter.dropout.p = 0.0
@@ -328,6 +355,7 @@ def _adapted_at(adapter: RepAdapter, n_first: int):
     return fn
 
 
+@pytest.mark.numerics
 def test_prompt_only_scoring_leaves_the_answer_tokens_alone(lm) -> None:
     adapter = _open_adapter(lm.arch.d_mlp).eval()
     probe = Probe("The Eiffel Tower is in", "Paris and Rome")
@@ -345,16 +373,19 @@ def test_prompt_only_scoring_leaves_the_answer_tokens_alone(lm) -> None:
         # a second, longer probe in the same batch: each row gets its own prompt length
         longer = Probe(probe.prompt + " the", "city")
         got, _ = score_probes(lm, [probe, longer])
-    assert got.logprob == pytest.approx(by_hand(len(p_ids)), abs=1e-4)
-    assert got.logprob != pytest.approx(plain, abs=1e-2)  # the prompt's keys were adapted
+    # a log-prob summed over the target tokens, each through every block and the head
+    # (log-probs of len(t_ids) tokens, each from logits of order one: magnitude |sum| + count)
+    tol = forward_tolerance(lm.arch, blocks=lm.n_layers, magnitude=abs(plain) + len(t_ids))
+    assert got.logprob == pytest.approx(by_hand(len(p_ids)), abs=tol)
+    assert abs(got.logprob - plain) > tol  # the prompt's keys were adapted
     n_longer = len(tokenize_probe(lm.tokenizer, longer.prompt, longer.target)[0])
     assert n_longer > len(p_ids)
     assert inj.gate_rates()[1]["tokens"] == len(p_ids) + n_longer  # prompt tokens only
     adapter.cfg = adapter.cfg.replace(prompt_only=False)  # the paper: every token
     with rep_applied(lm, {1: adapter}):
         every = score_probes(lm, [probe])[0].logprob
-    assert every == pytest.approx(by_hand(len(ids[0])), abs=1e-4)
-    assert every != pytest.approx(got.logprob, abs=1e-2)
+    assert every == pytest.approx(by_hand(len(ids[0])), abs=tol)
+    assert abs(every - got.logprob) > tol
     # a forward whose caller declares no prompt is adapted everywhere
     adapter.cfg = adapter.cfg.replace(prompt_only=True)
     everywhere = _by_rewrite(lm, _adapted_at(adapter, 10**6))
@@ -481,6 +512,7 @@ def test_batches_never_repeat() -> None:
     assert sorted(seen) == sorted(list(range(7)) * 6)
 
 
+@pytest.mark.numerics
 def test_read_keys_matches_editor_keys(lm) -> None:
     from repedit.editors.keys import key_inputs, keys_at
 
@@ -490,9 +522,10 @@ def test_read_keys_matches_editor_keys(lm) -> None:
     examples = [pool.prompts[0], pool.positives[0]]
     keys = read_keys(lm, [1], examples)[1]
     got = torch.stack([k[ex.position] for k, ex in zip(keys, examples, strict=True)])
-    assert torch.allclose(got, ref.float(), atol=1e-5)
+    assert_within(got, ref.float(), _key_tol(lm, 1, list(keys)), "read_keys vs editor keys")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("infer", [True, False])
 def test_layerwise_reader_matches_read_keys_with_adapters_upstream(
@@ -515,8 +548,9 @@ def test_layerwise_reader_matches_read_keys_with_adapters_upstream(
     if not infer or family in ("llama", "gpt2"):
         assert reader.inferred == infer  # one kind of block: the calls come for free
     plain = read_keys(lm, layers, examples)
+    tol = _key_tol(lm, 1, plain[1])
     for got, want in zip(reader.current, plain[1], strict=True):
-        assert torch.allclose(got, want, atol=1e-5)
+        assert_within(got, want, tol, "reader at layer 1")
     # the adapter at 1 is open everywhere, the one at 2 on some tokens only
     adapters = {1: _open_adapter(lm.arch.d_mlp).eval(), 2: _open_adapter(lm.arch.d_mlp).eval()}
     with torch.no_grad():
@@ -528,14 +562,37 @@ def test_layerwise_reader_matches_read_keys_with_adapters_upstream(
         got = reader.advance(layer, upstream)
         want = read_keys(lm, [layer], examples, upstream=upstream)[layer]
         moved = 0.0
+        tol = _key_tol(lm, layer, want)
         for g, w, p in zip(got, want, plain[layer], strict=True):
-            assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
-            moved = max(moved, float((w - p).abs().max()))
-        assert moved > 1e-3  # the upstream adapters did change the deeper keys
+            assert_within(g, w, tol, f"reader at layer {layer}")
+            moved = max(moved, max_error(w, p))
+        assert moved > tol  # the upstream adapters did change the deeper keys
         if layer == 2:
             with torch.no_grad():
                 g2 = adapters[2].gate(torch.cat(got).to(lm.device))
             assert 0 < int((g2 > 0.5).sum()) < len(g2)  # open on some tokens, shut on others
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("bug", ["missing adapter", "off by one"])
+def test_reader_comparison_catches_a_bug(bug: str, corpus) -> None:
+    """Keys read without the adapter one layer down, or one token late, fail the derived
+    tolerance that the layer-by-layer reader meets."""
+    import repedit.rep.train as train
+
+    lm = tiny_loaded("llama")
+    pool = build_pool(lm, rep_items(CASE), ["{}", "Hello there. {}"], tiny_cfg(corpus))
+    examples = pool.all_examples()
+    reader = train._LayerwiseReader(lm, [1, 2], examples)
+    upstream = {1: _open_adapter(lm.arch.d_mlp).eval()}
+    got = reader.advance(2, upstream)
+    if bug == "missing adapter":
+        want = read_keys(lm, [2], examples)[2]
+    else:
+        right = read_keys(lm, [2], examples, upstream=upstream)[2]
+        want = [torch.cat([k[1:], k[-1:]]) for k in right]  # every key one token late
+    tol = _key_tol(lm, 2, want)
+    assert any(max_error(g, w) > tol for g, w in zip(got, want, strict=True))
 
 
 # --------------------------------------------------------------------------- training
@@ -576,6 +633,7 @@ def test_training_aligns_variant_keys_and_keeps_the_prompt_key(
     assert rep.summary()[str(layer)]["open_pos"][1] == ga["positive"]["open"]
 
 
+@pytest.mark.numerics
 def test_match_loss_pulls_variant_keys_onto_k_star(lm, edited, corpus, tmp_path: Path) -> None:
     """``agg="match"``: the surface forms' adapted keys end nearer k* and β̃ nearer 1 than with
     no training; the paper's direction loss at its lr barely moves them."""
@@ -596,7 +654,8 @@ def test_match_loss_pulls_variant_keys_onto_k_star(lm, edited, corpus, tmp_path:
         h.capture("k", lm.arch.down_proj(layer))
         h.run(lm.model, input_ids=torch.tensor([ids]))
     k_o = h["k"][0, pos].float()
-    assert torch.allclose(match.adapters[layer].prompt_k[0], k_o, rtol=1e-4, atol=1e-5)
+    tol = _key_tol(lm, layer, [h["k"][0]])
+    assert_within(match.adapters[layer].prompt_k[0], k_o, tol, "stored prompt key")
     # training stores the edit's β̃ direction for the guard: β̃(k*) = 1
     k_star = result.tensors[f"keys.{layer}"].float()
     guard_w = match.adapters[layer].guard_w
@@ -620,6 +679,7 @@ def test_gate_rates_on_heldout_examples(lm, corpus) -> None:
     assert rates["positive"]["open"] == 1.0 and rates["neg:neighbourhood"]["n"] > 0
 
 
+@pytest.mark.numerics
 def test_targets_whitened_and_raw(lm, edited, corpus) -> None:
     editor, result = edited
     stats = editor.second_moment(lm, result.layers)
@@ -629,9 +689,12 @@ def test_targets_whitened_and_raw(lm, edited, corpus) -> None:
     raw = edit_targets(lm, result, items, [layer], stats, RepConfig(target="raw"))
     k_star = result.tensors[f"keys.{layer}"].float()
     assert torch.allclose(raw.t[layer], k_star)
-    assert math.isclose(float(whitened.t[layer].norm()), 1.0, rel_tol=1e-5)
-    # β̃(k*) = 1 by construction
-    assert math.isclose(float(k_star[0] @ whitened.w[layer][0]), 1.0, rel_tol=1e-4)
+    d = lm.arch.d_mlp  # a float32 norm and a float32 dot product of d terms
+    assert math.isclose(float(whitened.t[layer].norm()), 1.0, rel_tol=tolerance(F32, terms=d))
+    # β̃(k*) = 1 by construction, up to the dot product's rounding relative to sum |k_i w_i|
+    w = whitened.w[layer][0]
+    spread = float(k_star[0].abs() @ w.abs()) / abs(float(k_star[0] @ w))
+    assert math.isclose(float(k_star[0] @ w), 1.0, rel_tol=tolerance(F32, terms=d) * spread)
     released = edit_targets(lm, result, items, [layer], stats, RepConfig(target="released"))
     assert torch.allclose(released.t[layer], whitened.t[layer])  # ROME: whitened
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import repedit.stats.second_moment as sm
+from numerics import forward_tolerance, solve_tolerance, tolerance
 from repedit.io import read_safetensors, write_safetensors
 from repedit.models import Hooks, LoadedModel
 from repedit.models.tiny import tiny_loaded
@@ -67,8 +68,10 @@ def _windows_by_hand(lm: LoadedModel) -> list[list[int]]:
     return [ids[i : i + SEQ_LEN] for i in range(0, len(ids), SEQ_LEN)]
 
 
-def _brute_force(lm: LoadedModel, layers: list[int], n_tokens: int) -> dict[int, torch.Tensor]:
-    """K.T @ K / n over the first n_tokens keys, one unpadded full forward per window."""
+def _brute_force(
+    lm: LoadedModel, layers: list[int], n_tokens: int, skip: int = 0
+) -> dict[int, torch.Tensor]:
+    """K.T @ K / n over n_tokens keys from the ``skip``-th on, one unpadded forward per window."""
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for window in _windows_by_hand(lm):
         with Hooks() as h, torch.no_grad():
@@ -81,8 +84,8 @@ def _brute_force(lm: LoadedModel, layers: list[int], n_tokens: int) -> dict[int,
     result = {}
     for layer in layers:
         k = torch.cat(keys[layer])
-        assert k.shape[0] >= n_tokens, "test corpus too small"
-        k = k[:n_tokens]
+        assert k.shape[0] >= n_tokens + skip, "test corpus too small"
+        k = k[skip : skip + n_tokens]
         result[layer] = k.T @ k / n_tokens
     return result
 
@@ -95,11 +98,27 @@ def _moments(lm: LoadedModel, corpus: object, layers: list[int] = LAYERS, **kw: 
     return compute_moments(lm, layers, corpus, **kw)  # type: ignore[arg-type]
 
 
-def _assert_matches(got: torch.Tensor, expected: torch.Tensor) -> None:
+def _moment_tolerance(lm: LoadedModel, layer: int, expected: torch.Tensor) -> float:
+    """Keys from a padded batch vs single windows, through ``layer + 1`` blocks in float32,
+    then multiplied in pairs (twice their relative error) and averaged in float64: relative to
+    the largest |C_ij|, which bounds the mean of |k_i k_j|."""
+    keys = forward_tolerance(lm.arch, blocks=layer + 1, head=False, seq_len=SEQ_LEN)
+    return 2 * keys * float(expected.abs().max())
+
+
+def _assert_matches(got: torch.Tensor, expected: torch.Tensor, lm: LoadedModel, layer: int) -> None:
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    tol = _moment_tolerance(lm, layer, expected)
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol)
 
 
+def _assert_same_sums(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The same float32 keys summed in float64 in another grouping (resumed, cached)."""
+    tol = tolerance(torch.float64, terms=N_TOKENS, magnitude=float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.numerics
 def test_matches_brute_force(lm: LoadedModel, corpus_file: Path) -> None:
     expected = _brute_force(lm, LAYERS, N_TOKENS)
     report: dict = {}
@@ -111,7 +130,7 @@ def test_matches_brute_force(lm: LoadedModel, corpus_file: Path) -> None:
         assert c.layer == layer
         assert c.n_tokens == N_TOKENS
         assert c.matrix.shape == (lm.arch.d_mlp, lm.arch.d_mlp)
-        _assert_matches(c.matrix, expected[layer])
+        _assert_matches(c.matrix, expected[layer], lm, layer)
     assert not torch.allclose(got[0].matrix, got[2].matrix)
     assert report["tokens"] == N_TOKENS
     assert report["resumed_tokens"] == 0
@@ -119,12 +138,27 @@ def test_matches_brute_force(lm: LoadedModel, corpus_file: Path) -> None:
     assert report["tokens_per_s"] > 0
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("bug", ["dropped token", "off by one"])
+def test_moment_comparison_catches_a_token_bug(corpus_file: Path, bug: str) -> None:
+    """One key too few, or every key one token late, fails the derived tolerance."""
+    lm = tiny_loaded("llama")
+    got = _moments(lm, LocalTextCorpus(corpus_file), use_cache=False)
+    n, skip = (N_TOKENS - 1, 0) if bug == "dropped token" else (N_TOKENS, 1)
+    wrong = _brute_force(lm, LAYERS, n, skip=skip)
+    for layer in LAYERS:
+        with pytest.raises(AssertionError):
+            _assert_matches(got[layer].matrix, wrong[layer], lm, layer)
+
+
+@pytest.mark.numerics
 def test_corpus_given_as_a_path_string(corpus_file: Path, tmp_cache: Path) -> None:
     lm = tiny_loaded("qwen2")
     got = _moments(lm, str(corpus_file), layers=[1], n_tokens=50)
-    _assert_matches(got[1].matrix, _brute_force(lm, [1], 50)[1])
+    _assert_matches(got[1].matrix, _brute_force(lm, [1], 50)[1], lm, 1)
 
 
+@pytest.mark.numerics
 def test_cache_round_trip(corpus_file: Path, tmp_cache: Path) -> None:
     lm = tiny_loaded("llama")
     corpus = LocalTextCorpus(corpus_file)
@@ -150,7 +184,7 @@ def test_cache_round_trip(corpus_file: Path, tmp_cache: Path) -> None:
     mixed = _moments(lm, corpus, layers=[2, 3], report=mixed_report)
     assert mixed_report["cached_layers"] == [2]
     assert mixed_report["computed_layers"] == [3]
-    _assert_matches(mixed[3].matrix, _brute_force(lm, [3], N_TOKENS)[3])
+    _assert_matches(mixed[3].matrix, _brute_force(lm, [3], N_TOKENS)[3], lm, 3)
     # another token count is another cache entry
     other_report: dict = {}
     _moments(lm, corpus, layers=[0], n_tokens=N_TOKENS - 1, report=other_report)
@@ -175,6 +209,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n_windows: int) -> None:
     monkeypatch.setattr(sm, "token_windows", token_windows)
 
 
+@pytest.mark.numerics
 def test_resume_after_interruption(
     corpus_file: Path, tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,15 +235,14 @@ def test_resume_after_interruption(
     assert report["tokens"] == N_TOKENS - 4 * SEQ_LEN
     for layer in LAYERS:
         assert resumed[layer].n_tokens == N_TOKENS
-        torch.testing.assert_close(
-            resumed[layer].matrix, reference[layer].matrix, rtol=1e-12, atol=0
-        )
+        _assert_same_sums(resumed[layer].matrix, reference[layer].matrix)
         key = StatsKey(lm.fingerprint, layer, corpus.identity, N_TOKENS, SEQ_LEN)
         assert key.path(tmp_cache).is_file()
         assert not key.partial_path(tmp_cache).exists()  # cleaned up once complete
         assert not key.partial_path(tmp_cache).with_suffix(".json").exists()
 
 
+@pytest.mark.numerics
 def test_resume_when_layers_stopped_at_different_points(
     corpus_file: Path, tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,7 +260,7 @@ def test_resume_when_layers_stopped_at_different_points(
     assert report["computed_layers"] == LAYERS
     for layer in LAYERS:
         assert both[layer].n_tokens == N_TOKENS
-        torch.testing.assert_close(both[layer].matrix, reference[layer].matrix, rtol=1e-12, atol=0)
+        _assert_same_sums(both[layer].matrix, reference[layer].matrix)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -258,6 +292,7 @@ def _corrupt(path: Path, how: str) -> None:
         raise AssertionError(how)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("how", ["truncate", "flip", "other-key", "nan", "empty"])
 def test_corrupt_cache_is_recomputed_with_a_warning(
     how: str, corpus_file: Path, tmp_cache: Path
@@ -274,7 +309,7 @@ def test_corrupt_cache_is_recomputed_with_a_warning(
     assert report["cached_layers"] == [0]
     assert report["computed_layers"] == [2]
     for layer in LAYERS:
-        torch.testing.assert_close(again[layer].matrix, good[layer].matrix, rtol=1e-12, atol=0)
+        _assert_same_sums(again[layer].matrix, good[layer].matrix)
     assert again[2].meta["cached"] is False
     # the recomputed value replaced the bad file
     report = {}
@@ -282,6 +317,7 @@ def test_corrupt_cache_is_recomputed_with_a_warning(
     assert report["cached_layers"] == LAYERS
 
 
+@pytest.mark.numerics
 def test_corrupt_checkpoint_is_ignored_with_a_warning(
     corpus_file: Path, tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -300,7 +336,7 @@ def test_corrupt_checkpoint_is_ignored_with_a_warning(
         got = _moments(lm, corpus, report=report, **kw)
     assert report["resumed_tokens"] == 0  # layer 0 starts over, layer 2 skips what it has
     for layer in LAYERS:
-        torch.testing.assert_close(got[layer].matrix, reference[layer].matrix, rtol=1e-12, atol=0)
+        _assert_same_sums(got[layer].matrix, reference[layer].matrix)
 
 
 def test_sidecar_json_describes_the_cache(corpus_file: Path, tmp_cache: Path) -> None:
@@ -313,13 +349,14 @@ def test_sidecar_json_describes_the_cache(corpus_file: Path, tmp_cache: Path) ->
     assert meta["count"] == N_TOKENS
 
 
+@pytest.mark.numerics
 def test_short_corpus_warns_and_uses_what_there_is(corpus_file: Path, tmp_cache: Path) -> None:
     lm = tiny_loaded("llama")
     total = sum(len(w) for w in _windows_by_hand(lm))
     with pytest.warns(UserWarning, match="ran out"):
         got = _moments(lm, LocalTextCorpus(corpus_file), layers=[1], n_tokens=10 * total)
     assert got[1].n_tokens == total
-    _assert_matches(got[1].matrix, _brute_force(lm, [1], total)[1])
+    _assert_matches(got[1].matrix, _brute_force(lm, [1], total)[1], lm, 1)
 
 
 def test_bad_arguments(corpus_file: Path, tmp_cache: Path) -> None:
@@ -330,6 +367,7 @@ def test_bad_arguments(corpus_file: Path, tmp_cache: Path) -> None:
         _moments(lm, LocalTextCorpus(corpus_file), layers=[4])
 
 
+@pytest.mark.numerics
 def test_model_sampled_corpus(tmp_cache: Path) -> None:
     lm = tiny_loaded("llama")
 
@@ -354,7 +392,7 @@ def test_model_sampled_corpus(tmp_cache: Path) -> None:
     again = compute_moments(
         lm, [1], corpus(), 40, seq_len=16, batch_tokens=32, progress=False, use_cache=False
     )
-    torch.testing.assert_close(again[1].matrix, c.matrix, rtol=1e-12, atol=0)
+    _assert_same_sums(again[1].matrix, c.matrix)
 
 
 # --------------------------------------------------------------------------- SecondMoment
@@ -366,6 +404,7 @@ def _spd(d: int = 24, seed: int = 0) -> torch.Tensor:
     return k.T @ k / (4 * d)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("scale", [1.0, 2.5, 1e3])
 def test_solve_matches_linalg_solve(scale: float) -> None:
     c = _spd()
@@ -375,23 +414,32 @@ def test_solve_matches_linalg_solve(scale: float) -> None:
     mat = torch.randn(24, 5, generator=g, dtype=torch.float64)
     x = moment.solve(vec, scale=scale)
     assert x.shape == (24,)
-    torch.testing.assert_close(x, torch.linalg.solve(scale * c, vec), rtol=1e-9, atol=1e-12)
+    tol = solve_tolerance(torch.float64, size=24, condition=float(torch.linalg.cond(c)))
+    torch.testing.assert_close(x, torch.linalg.solve(scale * c, vec), rtol=tol, atol=0)
     y = moment.solve(mat, scale=scale)
     assert y.shape == (24, 5)
-    torch.testing.assert_close(y, torch.linalg.solve(scale * c, mat), rtol=1e-9, atol=1e-12)
+    _close_columns(y, torch.linalg.solve(scale * c, mat), tol)
     z = moment.solve(mat.float(), scale=scale)  # float32 in, float64 out
     assert z.dtype == torch.float64
-    torch.testing.assert_close(
-        z, torch.linalg.solve(scale * c, mat.float().double()), rtol=1e-9, atol=1e-12
-    )
+    _close_columns(z, torch.linalg.solve(scale * c, mat.float().double()), tol)
 
 
+def _close_columns(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """A solve's forward error is relative to each solution vector's size, column by column."""
+    atol = tol * want.abs().amax(0, keepdim=True)
+    assert bool(((got - want).abs() <= atol).all()), float(((got - want).abs() / atol).max())
+
+
+@pytest.mark.numerics
 def test_cholesky_is_cached_and_correct() -> None:
     c = _spd(seed=2)
     moment = SecondMoment(0, c, n_tokens=96)
     factor = moment.cholesky(scale=2.0, ridge=0.1)
     assert moment.cholesky(scale=2.0, ridge=0.1) is factor
-    torch.testing.assert_close(factor @ factor.T, 2.0 * c + 0.1 * torch.eye(24))
+    want = 2.0 * c + 0.1 * torch.eye(24, dtype=torch.float64)
+    # |L Lᵀ - A| <= gamma_(n+1) |L| |Lᵀ| (Higham Thm 10.3), and |L||Lᵀ| <= n max|A| elementwise
+    tol = tolerance(torch.float64, terms=25, paths=1, magnitude=24 * float(want.abs().max()))
+    torch.testing.assert_close(factor @ factor.T, want, rtol=0, atol=tol)
     assert torch.equal(factor, factor.tril())
 
 

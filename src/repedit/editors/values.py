@@ -118,21 +118,23 @@ def _build(
     for r, req in enumerate(requests):
         target = continuation_ids(tok, req.text, req.target_new)
         for c, ctx in enumerate(contexts):
-            ids, pos = locate(tok, ctx.replace("{}", req.prompt), req.subject, position=position)
+            row_ids, pos = locate(
+                tok, ctx.replace("{}", req.prompt), req.subject, position=position
+            )
             row = len(seqs)
             if c == 0:
                 bare.append(row)
-            seqs.append(ids + target[:-1])
+            seqs.append(row_ids + target[:-1])
             subj.append(pos)
             owner.append(r)
             for j, t in enumerate(target):
                 t_rows.append(row)
-                t_pos.append(len(ids) - 1 + j)
+                t_pos.append(len(row_ids) - 1 + j)
                 t_ids.append(t)
         for kl in kl_prompts:
-            ids, pos = locate(tok, kl, req.subject, position=position)
+            row_ids, pos = locate(tok, kl, req.subject, position=position)
             kl_rows.append(len(seqs))
-            seqs.append(ids)
+            seqs.append(row_ids)
             subj.append(pos)
             owner.append(r)
     ids, mask = pad_right(seqs, pad_id(tok))
@@ -249,6 +251,115 @@ def _plan(lm: Any, b: _Batch, module: torch.nn.Module, layer: int, path: ValuePa
     return _full_plan(lm, b, module, layer)
 
 
+@dataclass
+class _Loss:
+    """The group's loss as a function of ``δ``: the tensors every step reads, prepared once."""
+
+    lm: Any
+    module: torch.nn.Module
+    runner: UpperRunner
+    owner: torch.Tensor  # [rows] request of each row
+    inject_pos: torch.Tensor  # [rows] column where δ is added
+    t_rows: torch.Tensor  # [m] row, column, id and prompt of each scored target token
+    t_pos: torch.Tensor
+    t_ids: torch.Tensor
+    t_prompt: torch.Tensor
+    kl_rows: torch.Tensor  # [r] rows holding KL prompts
+    kl_init: torch.Tensor  # [r, V] their log-distributions before the edit
+    n: int  # requests in the group
+
+    def forward(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the target tokens [m] and KL-prompt log-distributions [r, V]."""
+        rows = torch.arange(self.owner.shape[0], device=self.owner.device)
+
+        def inject(out: torch.Tensor) -> torch.Tensor:
+            add = torch.zeros_like(out)
+            add[rows, self.inject_pos] = delta[self.owner].to(out.dtype)
+            return out + add
+
+        with Hooks() as h:
+            h.rewrite(self.module, inject, which="output")
+            hidden = self.runner.run()
+        logits = self.lm.arch.logits(hidden[self.t_rows, self.t_pos]).float()
+        target_lp = logits.log_softmax(-1).gather(1, self.t_ids[:, None])[:, 0]
+        kl_hidden = hidden[self.kl_rows, self.inject_pos[self.kl_rows]]
+        kl_lp = self.lm.arch.logits(kl_hidden).float().log_softmax(-1)
+        return target_lp, kl_lp
+
+    def terms(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per request: the target NLL, the target probability and the KL term [n] each."""
+        target_lp, kl_lp = self.forward(delta)
+        n, device = self.n, delta.device
+        n_prompts = self.owner.shape[0]
+        # mean target log-prob per prompt (ROME: per-prompt token average), then per request
+        per_prompt = torch.zeros(n_prompts, device=device).index_add(0, self.t_prompt, target_lp)
+        n_tok = torch.zeros(n_prompts, device=device).index_add(
+            0, self.t_prompt, torch.ones_like(target_lp)
+        )
+        scored = n_tok > 0
+        per_prompt = per_prompt[scored] / n_tok[scored]
+        owners = self.owner[scored]
+        counts = torch.zeros(n, device=device).index_add(0, owners, torch.ones_like(per_prompt))
+        nll = -torch.zeros(n, device=device).index_add(0, owners, per_prompt) / counts
+        prob = torch.zeros(n, device=device).index_add(0, owners, per_prompt.exp()) / counts
+        kl_owner = self.owner[self.kl_rows]
+        kl_each = F.kl_div(kl_lp, self.kl_init, log_target=True, reduction="none").sum(-1)
+        kl = torch.zeros(n, device=device).index_add(0, kl_owner, kl_each)
+        kl = kl / torch.bincount(kl_owner, minlength=n).clamp_min(1)
+        return nll, prob, kl
+
+
+def _loss(lm: Any, b: _Batch, module: torch.nn.Module, plan: _Plan, n: int) -> _Loss:
+    device = lm.device
+    kl_rows = b.kl_rows.to(device)
+    with torch.no_grad():
+        before = plan.runner.final_hidden[kl_rows, plan.inject_pos[kl_rows]]
+        kl_init = lm.arch.logits(before).float().log_softmax(-1)
+    return _Loss(
+        lm,
+        module,
+        plan.runner,
+        b.owner.to(device),
+        plan.inject_pos,
+        b.target_rows.to(device),
+        plan.target_pos,
+        b.target_ids.to(device),
+        b.target_prompt.to(device),
+        kl_rows,
+        kl_init,
+        n,
+    )
+
+
+def _check_finite(loss_each: torch.Tensor, requests: Sequence[EditRequest], step: int) -> None:
+    if not torch.isfinite(loss_each).all():
+        bad = [
+            requests[i].case_id or requests[i].subject
+            for i in torch.nonzero(~torch.isfinite(loss_each)).flatten().tolist()
+        ]
+        raise EditError(f"value optimisation diverged (NaN/inf) for {bad} at step {step}")
+
+
+def _apply_step(
+    opt: torch.optim.Optimizer,
+    delta: torch.Tensor,
+    loss_each: torch.Tensor,
+    done: torch.Tensor,
+    max_norm: torch.Tensor,
+) -> None:
+    """One Adam step on the requests not yet done, then the norm clamp."""
+    keep = delta.detach().clone()
+    loss_each[~done].sum().backward()
+    opt.step()
+    with torch.no_grad():
+        delta[done] = keep[done]
+        norms = delta.norm(dim=1)
+        scale = torch.where(
+            norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms)
+        )
+        delta.mul_(scale[:, None])
+
+
 def _optimise_group(
     lm: Any,
     requests: Sequence[EditRequest],
@@ -261,39 +372,11 @@ def _optimise_group(
 ) -> ValueResult:
     device = lm.device
     b = _build(lm, requests, contexts, hp.kl_prompts, position)
-    owner = b.owner.to(device)
     module = injection_module(lm, layer, site)
     plan = _plan(lm, b, module, layer, path)
-    runner, site_values, subject_pos = plan.runner, plan.site_values, plan.inject_pos
-    n_prompts = b.ids.shape[0]
-    rows = torch.arange(n_prompts, device=device)
     n = len(requests)
-
-    t_rows, t_pos = b.target_rows.to(device), plan.target_pos
-    t_ids, t_prompt = b.target_ids.to(device), b.target_prompt.to(device)
-    kl_rows = b.kl_rows.to(device)
-    kl_owner = owner[kl_rows]
-
-    def forward(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of the target tokens [m] and KL-prompt log-distributions [r, V]."""
-
-        def inject(out: torch.Tensor) -> torch.Tensor:
-            add = torch.zeros_like(out)
-            add[rows, subject_pos] = delta[owner].to(out.dtype)
-            return out + add
-
-        with Hooks() as h:
-            h.rewrite(module, inject, which="output")
-            hidden = runner.run()
-        logits = lm.arch.logits(hidden[t_rows, t_pos]).float()
-        target_lp = logits.log_softmax(-1).gather(1, t_ids[:, None])[:, 0]
-        kl_lp = lm.arch.logits(hidden[kl_rows, subject_pos[kl_rows]]).float().log_softmax(-1)
-        return target_lp, kl_lp
-
-    with torch.no_grad():
-        before = runner.final_hidden[kl_rows, subject_pos[kl_rows]]
-        kl_init = lm.arch.logits(before).float().log_softmax(-1)
-    init = site_values[b.bare_rows.to(device)].float()  # [n, d_model]
+    objective = _loss(lm, b, module, plan, n)
+    init = plan.site_values[b.bare_rows.to(device)].float()  # [n, d_model]
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * init.norm(dim=1)  # [n]
@@ -303,29 +386,10 @@ def _optimise_group(
     losses: list[list[float]] = [[] for _ in range(n)]
     for step in range(hp.steps):
         opt.zero_grad()
-        target_lp, kl_lp = forward(delta)
-        # mean target log-prob per prompt (ROME: per-prompt token average), then per request
-        per_prompt = torch.zeros(n_prompts, device=device).index_add(0, t_prompt, target_lp)
-        n_tok = torch.zeros(n_prompts, device=device).index_add(
-            0, t_prompt, torch.ones_like(target_lp)
-        )
-        scored = n_tok > 0
-        per_prompt = per_prompt[scored] / n_tok[scored]
-        owners = owner[scored]
-        counts = torch.zeros(n, device=device).index_add(0, owners, torch.ones_like(per_prompt))
-        nll = -torch.zeros(n, device=device).index_add(0, owners, per_prompt) / counts
-        prob = torch.zeros(n, device=device).index_add(0, owners, per_prompt.exp()) / counts
-        kl_each = F.kl_div(kl_lp, kl_init, log_target=True, reduction="none").sum(-1)
-        kl = torch.zeros(n, device=device).index_add(0, kl_owner, kl_each)
-        kl = kl / torch.bincount(kl_owner, minlength=n).clamp_min(1)
+        nll, prob, kl = objective.terms(delta)
         decay = delta.norm(dim=1) ** 2 / init.norm(dim=1).clamp_min(1e-8) ** 2
         loss_each = nll + hp.kl_factor * kl + hp.weight_decay * decay
-        if not torch.isfinite(loss_each).all():
-            bad = [
-                requests[i].case_id or requests[i].subject
-                for i in torch.nonzero(~torch.isfinite(loss_each)).flatten().tolist()
-            ]
-            raise EditError(f"value optimisation diverged (NaN/inf) for {bad} at step {step}")
+        _check_finite(loss_each, requests, step)
         for i, (value, stopped) in enumerate(zip(loss_each.tolist(), done.tolist(), strict=True)):
             if not stopped:
                 losses[i].append(value)
@@ -335,16 +399,7 @@ def _optimise_group(
         done |= newly
         if done.all():
             break
-        keep = delta.detach().clone()
-        loss_each[~done].sum().backward()
-        opt.step()
-        with torch.no_grad():
-            delta[done] = keep[done]
-            norms = delta.norm(dim=1)
-            scale = torch.where(
-                norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms)
-            )
-            delta.mul_(scale[:, None])
+        _apply_step(opt, delta, loss_each, done, max_norm)
     final = [float(p) for p in prob.detach().cpu()]
     if any(math.isnan(p) for p in final):
         raise EditError("value optimisation produced NaN probabilities")
@@ -357,8 +412,8 @@ def current_values(
     """The hidden state at ``site`` of ``layer`` at each bare prompt's subject token [n, d]."""
     seqs, subj = [], []
     for req in requests:
-        ids, pos = locate(lm.tokenizer, req.prompt, req.subject, position=position)
-        seqs.append(ids)
+        row_ids, pos = locate(lm.tokenizer, req.prompt, req.subject, position=position)
+        seqs.append(row_ids)
         subj.append(pos)
     ids, mask = pad_right(seqs, pad_id(lm.tokenizer))
     module = injection_module(lm, layer, site)
