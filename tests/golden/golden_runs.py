@@ -31,11 +31,15 @@ PROB_TOL = 1e-5
 PROB_KEYS = frozenset({"p", "p_new", "p_true"})
 RATE_TOL = 1e-9
 
-_WORDS = """
-the of and a in is was to for on by with as at from his her river city king music school war
-team league station island church museum railway song album Paris Berlin Slovenia Japan Toyota
-French capital Europe football founded located continent Antarctica country
-""".split()
+# fmt: off
+_WORDS = [
+    "the", "of", "and", "a", "in", "is", "was", "to", "for", "on", "by", "with", "as", "at",
+    "from", "his", "her", "river", "city", "king", "music", "school", "war", "team", "league",
+    "station", "island", "church", "museum", "railway", "song", "album", "Paris", "Berlin",
+    "Slovenia", "Japan", "Toyota", "French", "capital", "Europe", "football", "founded", "located",
+    "continent", "Antarctica", "country",
+]
+# fmt: on
 
 CASES = [
     {
@@ -99,8 +103,16 @@ EVAL_RUNS: dict[str, list[str]] = {
     "eval_batch": ["--mode", "batch", "--batch-size", "3"],
     "eval_sequential": ["--mode", "sequential", "--eval-every", "2", "--eval-sample", "0"],
     "eval_single_rep": ["--tests", SHORT_TESTS, "--rep", *REP_FAST],
-    "eval_tau_sweep": ["--tests", SHORT_TESTS, "--n", "2", "--rep", *REP_FAST, "--rep-tau",
-                       "0.5,0.9"],
+    "eval_tau_sweep": [
+        "--tests",
+        SHORT_TESTS,
+        "--n",
+        "2",
+        "--rep",
+        *REP_FAST,
+        "--rep-tau",
+        "0.5,0.9",
+    ],
 }
 EDIT_ARGS = [
     "--subject", "Paris", "--prompt", "The Eiffel Tower is in {}", "--target", "Italy",

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from golden_runs import GOLDENS, Inputs, run_golden, tiny_fingerprint, write_fixture  # noqa: E402
+from golden_runs import GOLDENS, Inputs, run_golden, tiny_fingerprint, write_fixture
 
 
 def main(names: list[str]) -> int:
