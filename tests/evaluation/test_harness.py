@@ -180,7 +180,7 @@ def test_changed_config_is_refused(lm, files, tmp_path):
         report=False,
     )
     assert spy.calls == [["1"]]
-    assert json.loads((out / "config.json").read_text())["run_config"]["seed"] == 1
+    assert json.loads((out / "config.json").read_text())["run_config"]["suite"]["seed"] == 1
 
 
 # --------------------------------------------------------------------------- failures

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
 
@@ -36,7 +36,7 @@ from repedit.evaluation.scoring import Probe, ProbeScore, predictions, score_pro
 from repedit.models import LoadedModel
 from repedit.models.registry import get_attr
 from repedit.rep.ablations import set_tau
-from repedit.rep.adapter import Adapter, RepConfig, stack_adapters
+from repedit.rep.adapter import Adapter, RepAdapter, RepConfig, stack_adapters
 from repedit.rep.inject import rep_applied
 from repedit.rep.train import RepTrainResult, train_rep_after
 
@@ -90,7 +90,8 @@ class CaseRecord(TypedDict, total=False):
     per_tau: dict[float, dict[str, Any]]
 
 
-class CaseItem(NamedTuple):
+@dataclass(frozen=True)
+class CaseItem:
     """A case in its run: position in the data, key (its ``case_id``) and the case."""
 
     index: int
@@ -352,7 +353,8 @@ def edited_param_names(lm: LoadedModel, editor: Editor) -> list[str]:
 
 
 def param(lm: LoadedModel, name: str) -> torch.Tensor:
-    return get_attr(lm.model, name)
+    """The model's weight ``name`` (a dotted path)."""
+    return cast(torch.Tensor, get_attr(lm.model, name))
 
 
 def snapshot(lm: LoadedModel, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -379,12 +381,12 @@ def check_finite(result: EditResult) -> None:
 
 def failed(ctx: CaseContext, rec: CaseRecord, exc: BaseException) -> CaseRecord:
     """``rec`` marked failed by ``exc``, with the weights put back if the failure moved them."""
-    rec["error"] = error_info(exc)
+    rec["error"] = info = error_info(exc)
     restored = restore(ctx.lm, ctx.snapshot)
     if restored:
         log.warning("case %s: restored weights %s after the failure", rec["case_id"], restored)
         rec["weights_restored"] = restored
-    log.warning("case %s failed: %s", rec["case_id"], rec["error"]["message"])
+    log.warning("case %s failed: %s", rec["case_id"], info["message"])
     return rec
 
 
@@ -442,8 +444,8 @@ def run_cases(
                 try:
                     rec.update(score_edited(ctx, it, adapters))  # type: ignore[typeddict-item]
                 except CASE_ERRORS as exc:
-                    rec["error"] = error_info(exc)
-                    log.warning("case %s failed: %s", it.key, rec["error"]["message"])
+                    rec["error"] = info = error_info(exc)
+                    log.warning("case %s failed: %s", it.key, info["message"])
                 out.records.append(rec)
     finally:
         if not keep and result.applied:
@@ -472,7 +474,8 @@ def _add_edit_fields(
         rec["rep_seconds"] = step.rep_seconds * share
         rec["rep"] = rep_record(step.rep)
     if mode == "batch":
-        rec.update(chunk_size=group_size, chunk_edit_seconds=step.edit_seconds)
+        rec["chunk_size"] = group_size
+        rec["chunk_edit_seconds"] = step.edit_seconds
         if step.rep is not None:
             rec["chunk_rep_seconds"] = step.rep_seconds
 
@@ -552,4 +555,4 @@ def _scoring_adapters(
         merged.setdefault(layer, []).append(adapter)
     if not merged:
         return None
-    return {layer: stack_adapters(ads) for layer, ads in merged.items()}
+    return {layer: stack_adapters(cast(list[RepAdapter], ads)) for layer, ads in merged.items()}

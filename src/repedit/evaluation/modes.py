@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -53,7 +53,7 @@ from repedit.evaluation.rundir import (
     plain,
 )
 from repedit.io import read_safetensors, write_safetensors
-from repedit.rep.adapter import Adapter, load_adapters, stack_adapters
+from repedit.rep.adapter import Adapter, RepAdapter, load_adapters, stack_adapters
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,10 @@ class SequentialState:
     def stack(self) -> dict[int, Adapter] | None:
         if not self.adapters:
             return None
-        return {layer: stack_adapters(ads) for layer, ads in self.adapters.items()}  # type: ignore[arg-type]
+        return {
+            layer: stack_adapters(cast(list[RepAdapter], ads))
+            for layer, ads in self.adapters.items()
+        }
 
 
 def _save_state(ctx: CaseContext, run: RunDir, edited: list[str], pending: Any) -> None:
@@ -288,7 +291,7 @@ def _resume(
     warm_editor(ctx)
     state, pending = _load_state(ctx, rec.run)
     if pending and pending.get("case_id") not in rec.done:
-        rec.record(pending)
+        rec.record(cast(CaseRecord, pending))
     lost = [
         r["case_id"]
         for r in rec.run.results()

@@ -148,7 +148,9 @@ def run_label(run_config: dict[str, Any]) -> str:
 def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     """Means over cases (and adapted layers) of REP's hard-gate open rates: on the training
     positives / negatives after training, and over every token of the evaluation."""
-    pos, neg, ev = [], [], []
+    pos: list[float] = []
+    neg: list[float] = []
+    ev: list[float] = []
     opened = guarded = 0
     counted = False
     for r in records:
