@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from repedit.editors import StatsConfig
-from repedit.evaluation.harness import RunConfig
+from repedit.evaluation.config import RunConfig
 
 CORPUS = "".join(
     f"Line {i}: the capital of France is Paris, Toyota was founded in Japan and "
@@ -105,7 +105,8 @@ def stats_config(files: dict[str, Path]) -> StatsConfig:
 
 
 def run_config(files: dict[str, Path], out: Path, **kw: Any) -> RunConfig:
-    """A tiny-llama ROME run on ``files``; ``kw`` overrides any field."""
+    """A tiny-llama ROME run on ``files``; ``kw`` overrides any field (flat names, as
+    ``RunConfig.from_dict`` reads them: ``tests``, ``seed``, ``long_context_length``, ...)."""
     base = {
         "model": "tiny-llama",
         "method": "rome",
@@ -119,7 +120,7 @@ def run_config(files: dict[str, Path], out: Path, **kw: Any) -> RunConfig:
         "stats_tokens": 2000,
     }
     base.update(kw)
-    return RunConfig(**base)
+    return RunConfig.from_dict(base)
 
 
 def weights(lm: Any) -> dict[str, torch.Tensor]:

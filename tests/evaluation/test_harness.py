@@ -18,8 +18,9 @@ from harness_cases import FAST_ROME, run_config, same_weights, stats_config, wei
 
 from repedit.editors import make_editor
 from repedit.errors import EditError, RepeditError
-from repedit.evaluation.harness import RESULTS, read_jsonl, run_eval
+from repedit.evaluation.harness import run_eval
 from repedit.evaluation.probes import TESTS
+from repedit.evaluation.rundir import RESULTS, read_jsonl
 from repedit.models.tiny import tiny_loaded
 
 torch.set_num_threads(1)
@@ -179,7 +180,7 @@ def test_changed_config_is_refused(lm, files, tmp_path):
         report=False,
     )
     assert spy.calls == [["1"]]
-    assert json.loads((out / "config.json").read_text())["run_config"]["seed"] == 1
+    assert json.loads((out / "config.json").read_text())["run_config"]["suite"]["seed"] == 1
 
 
 # --------------------------------------------------------------------------- failures

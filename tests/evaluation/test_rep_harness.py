@@ -22,14 +22,9 @@ from harness_cases import (
 
 from repedit.editors import make_editor
 from repedit.errors import InvalidRequestError, RepeditError
-from repedit.evaluation.harness import (
-    RESULTS,
-    RunConfig,
-    RunDir,
-    read_jsonl,
-    run_eval,
-    sweep_dirs,
-)
+from repedit.evaluation.config import RunConfig, check_resumable, prepare
+from repedit.evaluation.harness import run_eval
+from repedit.evaluation.rundir import RESULTS, RunDir, read_jsonl, sweep_dirs
 from repedit.models.tiny import tiny_loaded
 
 torch.set_num_threads(1)
@@ -288,8 +283,8 @@ def test_resume_refuses_when_rep_defaults_changed(tmp_path: Path) -> None:
     meta = {"model_fingerprint": "f", "data_sha256": "d", "hparams_resolved": {"a": 1}}
     meta["rep_resolved"] = cfg.rep_config().to_dict()
     run = RunDir(cfg.out)
-    run.prepare(cfg, meta)
-    run._check_same(run.config(), cfg, meta)  # same: fine
+    prepare(run, cfg, meta)
+    check_resumable(run, cfg, meta)  # same: fine
     changed = {**meta, "rep_resolved": {**meta["rep_resolved"], "lr": 0.5}}
     with pytest.raises(RepeditError, match="rep_resolved"):
-        run._check_same(run.config(), cfg, changed)
+        check_resumable(run, cfg, changed)

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from repedit.errors import InvalidRequestError
-from repedit.evaluation.harness import RunConfig, RunDir, append_jsonl
+from repedit.evaluation.config import RunConfig, prepare
 from repedit.evaluation.report import robustness_mean, run_labels, write_report
+from repedit.evaluation.rundir import RunDir, append_jsonl
 from repedit.evaluation.summary import build_summary, comparison_rows, table_rows
 from repedit.rep import RepAdapter, RepConfig, RepStack
 from repedit.rep.ablations import (
@@ -136,7 +137,7 @@ def _make_run(
     keys: tuple[str, ...] = ("a", "b"),
 ) -> Path:
     cfg = RunConfig(model="tiny", data="demo", out=str(path), rep=rep, rep_taus=taus)
-    RunDir(path).prepare(cfg, {"model_fingerprint": "abc", "data_sha256": None})
+    prepare(RunDir(path), cfg, {"model_fingerprint": "abc", "data_sha256": None})
     for key in keys:
         append_jsonl(path / "results.jsonl", _record(key, robust, rep is not None))
     return path
@@ -203,7 +204,7 @@ def test_cli_report_expands_a_sweep_and_labels_runs(tmp_path, capsys):
 
     parent = tmp_path / "sweep"
     cfg = RunConfig(model="tiny", data="demo", out=str(parent), rep={}, rep_taus=(0.5, 0.9))
-    RunDir(parent).prepare(cfg, {"model_fingerprint": "abc", "data_sha256": None})
+    prepare(RunDir(parent), cfg, {"model_fingerprint": "abc", "data_sha256": None})
     for _, sub in cfg.sweep():
         _make_run(Path(sub.out), rep=sub.rep)
     plain = _make_run(tmp_path / "plain")

@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from repedit.evaluation import harness
-from repedit.evaluation.harness import RunConfig, RunDir, append_jsonl, score_case
+from repedit.evaluation import case
+from repedit.evaluation.case import score_case
+from repedit.evaluation.config import RunConfig, prepare
 from repedit.evaluation.probes import TESTS, CaseProbes
 from repedit.evaluation.report import run_names, write_report
+from repedit.evaluation.rundir import RunDir, append_jsonl
 from repedit.evaluation.scoring import Probe, ProbeScore
 from repedit.evaluation.summary import build_summary, micro_stat, summarize
 from repedit.models.tiny import tiny_tokenizer
@@ -53,7 +55,7 @@ def test_score_case_known_outcomes(monkeypatch):
                 out.append(_score(hit, beats=True))
         return out
 
-    monkeypatch.setattr(harness, "score_probes", fake_score)
+    monkeypatch.setattr(case, "score_probes", fake_score)
     families = {
         "efficacy": [_probe("efficacy", 0)],
         "subject_paraphrase": [_probe("subject_paraphrase", i) for i in range(4)],
@@ -108,7 +110,7 @@ def _record(key: str, tests: dict, **extra) -> dict:
 
 def _make_run(path: Path, records: list[dict], sequential: list[dict] | None = None) -> Path:
     cfg = RunConfig(model="tiny", data="demo", out=str(path))
-    RunDir(path).prepare(cfg, {"model_fingerprint": "abc", "data_sha256": None})
+    prepare(RunDir(path), cfg, {"model_fingerprint": "abc", "data_sha256": None})
     for rec in records:
         append_jsonl(path / "results.jsonl", rec)
     for point in sequential or []:
@@ -197,8 +199,10 @@ def test_bootstrap_resamples_cases():
 
 def test_unselected_test_is_null(tmp_path):
     path = tmp_path / "run"
-    cfg = RunConfig(model="tiny", data="demo", out=str(path), tests="efficacy")
-    RunDir(path).prepare(cfg, {"model_fingerprint": "abc", "data_sha256": None})
+    cfg = RunConfig.from_dict(
+        {"model": "tiny", "data": "demo", "out": str(path), "tests": "efficacy"}
+    )
+    prepare(RunDir(path), cfg, {"model_fingerprint": "abc", "data_sha256": None})
     append_jsonl(path / "results.jsonl", RECORDS[0])
     summary = build_summary(path)
     assert summary["tests"]["efficacy"]["n"] == 1

@@ -568,7 +568,7 @@ def _row(cs: CaseSimilarity, variant: str, j: int, success: bool, **extra: Any) 
 def _join_run(results: Sequence[CaseSimilarity], run_dir: Path) -> SuccessAnalysis:
     """Rows from an evaluation run's ``results.jsonl`` (per-probe ``exact``), joined on
     (case key, test, probe index)."""
-    from repedit.evaluation.harness import RESULTS, read_jsonl
+    from repedit.evaluation.rundir import RESULTS, read_jsonl
 
     path = run_dir / RESULTS
     if not path.is_file():

@@ -133,7 +133,7 @@ def register(subparsers: Any) -> None:
 
 
 def _run_config(run: str) -> dict[str, Any]:
-    from repedit.evaluation.harness import CONFIG
+    from repedit.evaluation.rundir import CONFIG
 
     path = Path(run).expanduser() / CONFIG
     if not path.is_file():

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from repedit.cli import common
+
+if TYPE_CHECKING:
+    from repedit.evaluation.config import RunConfig
+
+# the library is imported inside the functions, so that ``repedit --help`` stays instant
 
 DESCRIPTION = """\
 Edit every case of a dataset and score the edited model on the robustness suite: efficacy,
@@ -80,6 +85,11 @@ def register(subparsers: Any) -> None:
         "--id-split", type=int, default=5, help="in-domain subject paraphrases (default 5)"
     )
     g.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    g.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another repedit process owns --out, wait for it (then resume) instead of refusing",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     lc = p.add_argument_group("long context and fluency")
     length = lc.add_mutually_exclusive_group()
@@ -113,8 +123,11 @@ def register(subparsers: Any) -> None:
     common.add_json_option(p)
 
 
-def run_config(args: argparse.Namespace) -> Any:
-    from repedit.evaluation.harness import RunConfig
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig the options describe."""
+    from repedit.editors.base import StatsConfig
+    from repedit.evaluation.config import RunConfig
+    from repedit.evaluation.probes import SuiteConfig, parse_tests
     from repedit.rep.ablations import parse_taus
 
     rep = common.rep_overrides(args)
@@ -124,11 +137,23 @@ def run_config(args: argparse.Namespace) -> Any:
         data = Path(args.data).stem if args.data.endswith(".json") else args.data
         method = f"{args.method}-rep" if rep is not None else args.method
         out = str(Path("runs") / f"{method}-{data}-{args.mode}")
-    unit, length = "tokens", 512
+    unit: Literal["tokens", "words"] = "tokens"
+    length = 512
     if args.long_context_words:
         unit, length = "words", args.long_context_words
     elif args.long_context_tokens:
         length = args.long_context_tokens
+    suite = SuiteConfig(
+        tests=parse_tests(args.tests),
+        seed=args.seed,
+        long_context_corpus=args.long_context_corpus,
+        long_context_length=length,
+        long_context_unit=unit,
+        long_context_passages=args.long_context_passages,
+        fluency_samples=args.fluency_samples,
+        fluency_tokens=args.fluency_tokens,
+        batch_size=args.score_batch_size,
+    )
     return RunConfig(
         model=args.model,
         method=args.method,
@@ -140,24 +165,15 @@ def run_config(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         eval_every=args.eval_every,
         eval_sample=args.eval_sample,
-        tests=args.tests,
-        seed=args.seed,
         skip_invalid=args.skip_invalid,
         id_split=args.id_split,
         out=out,
         overwrite=args.overwrite,
         device=args.device,
         dtype=args.dtype,
-        stats_corpus=args.corpus,
-        stats_tokens=args.stats_tokens,
         cache_dir=args.cache_dir,
-        long_context_corpus=args.long_context_corpus,
-        long_context_length=length,
-        long_context_unit=unit,
-        long_context_passages=args.long_context_passages,
-        fluency_samples=args.fluency_samples,
-        fluency_tokens=args.fluency_tokens,
-        score_batch_size=args.score_batch_size,
+        suite=suite,
+        stats=StatsConfig(corpus=args.corpus, n_tokens=args.stats_tokens),
         rep=rep,
         rep_taus=taus,
     )
@@ -170,14 +186,15 @@ def print_summary(summary: dict[str, Any], title: str | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repedit.evaluation.harness import run_eval, sweep_dirs
+    from repedit.evaluation.harness import run_eval
+    from repedit.evaluation.rundir import sweep_dirs
     from repedit.evaluation.summary import load_summary, run_label
 
     cfg = run_config(args)
     lm = common.load(args)
     label = run_label(cfg.to_dict())
     common.status(f"evaluating {label} ({cfg.mode}) on {cfg.data} → {cfg.out}")
-    run_dir = run_eval(cfg, lm=lm, progress=not args.no_progress)
+    run_dir = run_eval(cfg, lm=lm, progress=not args.no_progress, wait=args.wait)
     subs = sweep_dirs(run_dir)
     if subs:
         return _print_sweep(args, run_dir, subs)

@@ -26,6 +26,13 @@ examples:
   repedit report runs/rome-cf runs/memit-cf --out compare.html
   repedit report runs/rome-cf runs/rome-rep-cf runs/rome-rep-sweep/tau-* --out rep.html
   repedit report runs/rome-cf100 runs/rome-rep-cf50 --common
+  repedit report runs/rome-cf runs/rome-rep-cf --markdown > table.md
+  repedit report --diff runs/one-worker runs/two-workers
+
+--markdown prints the table as Markdown (from each run's summary.json) and writes no HTML.
+--diff A B compares two runs' records (timings dropped, sorted by case): identical errors,
+success flags and fluency texts, probabilities within 1e-4 relative; exit 0 when they match,
+1 with the list of differences otherwise.
 """
 
 
@@ -36,7 +43,17 @@ def register(subparsers: Any) -> None:
         help="summarise and compare evaluation runs (table + self-contained HTML)",
         description=DESCRIPTION,
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories from repedit eval")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="directories from repedit eval")
+    p.add_argument(
+        "--diff",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="compare two runs' records; exit 1 and list the differences if they do not match",
+    )
+    p.add_argument(
+        "--markdown", action="store_true", help="print the table as Markdown; no HTML written"
+    )
     p.add_argument(
         "--out",
         default=None,
@@ -51,14 +68,21 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repedit.evaluation.harness import sweep_dirs
+    if args.diff:
+        if args.run_dirs:
+            raise InvalidRequestError("--diff takes exactly two run directories: --diff A B")
+        return _diff(*args.diff)
+    if not args.run_dirs:
+        raise InvalidRequestError("give at least one run directory (or --diff A B)")
     from repedit.evaluation.report import run_labels, run_names, write_report
+    from repedit.evaluation.rundir import sweep_dirs
     from repedit.evaluation.summary import (
         TABLE_COLUMNS,
         build_summary,
         common_cases,
         comparison_rows,
         load_summary,
+        runs_markdown,
         table_rows,
     )
 
@@ -84,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
         build_summary(d, cases) if (d / "config.json").exists() else load_summary(d) for d in dirs
     ]
     names = run_labels(dirs, summaries)
+    if args.markdown:
+        common.out.print(
+            runs_markdown(names, summaries), end="", markup=False, highlight=False, soft_wrap=True
+        )
+        return 0
     out = (
         Path(args.out)
         if args.out
@@ -107,3 +136,21 @@ def run(args: argparse.Namespace) -> int:
         common.print_table(comparison_rows(summaries), columns, title="runs compared")
     common.log(f"report: {path}")
     return 0
+
+
+def _diff(a: str, b: str) -> int:
+    from repedit.evaluation.diff import diff_runs
+
+    for d in (a, b):
+        if not (Path(d) / "config.json").exists():
+            raise InvalidRequestError(f"{d} is not a run directory (no config.json)")
+    found = diff_runs(a, b)
+    if not found:
+        common.out.print(f"{a} and {b} match", markup=False, highlight=False, soft_wrap=True)
+        return 0
+    common.out.print(
+        f"{a} and {b} differ ({len(found)}):", markup=False, highlight=False, soft_wrap=True
+    )
+    for line in found:
+        common.out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    return 1

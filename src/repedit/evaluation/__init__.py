@@ -3,7 +3,11 @@
 ``scoring``   teacher-forced probe scores (exact match, P(new) > P(true), locality agreement)
 ``fluency``   ROME's n-gram entropy of sampled text
 ``probes``    the robustness suite as probe families (:func:`build_probes`)
-``harness``   edit → probe → record, in single / batch / sequential mode, resumable
+``rundir``    the run directory: file names, JSONL records, sessions, the owner's lock
+``config``    ``RunConfig`` (suite, stats, REP) and whether a directory resumes it
+``case``      one case lifecycle: reference → edit → check → REP → score → revert → record
+``modes``     single / batch / sequential: how cases are grouped and when edits revert
+``harness``   ``run_eval``: owns the run directory, runs a mode, summarises
 ``summary``   ``summary.json`` (the contract) and ``summary.md``
 ``report``    a self-contained HTML report over one or more runs
 
@@ -29,7 +33,10 @@ _EXPORTS = {
     "build_probes": "probes",
     "parse_tests": "probes",
     "passage_sampler": "probes",
-    "RunConfig": "harness",
+    "RunConfig": "config",
+    "RunDir": "rundir",
+    "RunBusyError": "rundir",
+    "run_cases": "case",
     "run_eval": "harness",
     "summarize": "summary",
     "write_report": "report",

@@ -21,7 +21,9 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from repedit.errors import RepeditError
 from repedit.evaluation.probes import SUCCESS_TESTS, TESTS
+from repedit.evaluation.rundir import RunDir, readable
 from repedit.evaluation.summary import (
     REP_ROWS,
     build_summary,
@@ -353,15 +355,11 @@ def write_report(
     Summaries are recomputed from each run's records (nothing is written into the runs);
     ``cases``: only these case ids (see :func:`~repedit.evaluation.summary.common_cases`).
     """
-    from repedit.evaluation.harness import RunDir, readable
-
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise ValueError("write_report needs at least one run directory")
     for d in dirs:
         if not (d / "config.json").exists() and not (d / "summary.json").exists():
-            from repedit.errors import RepeditError
-
             raise RepeditError(f"{d} is not a run directory (no config.json or summary.json)")
     summaries = []
     for d in dirs:

@@ -32,8 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from repedit.evaluation.config import flat_fields
 from repedit.evaluation.probes import SUCCESS_TESTS, TESTS
+from repedit.evaluation.rundir import SUMMARY, SUMMARY_MD, RunDir, readable
 from repedit.io import atomic_path, write_json
+from repedit.rep.ablations import rep_label
 
 N_BOOT = 1000
 BOOT_SEED = 0
@@ -57,8 +60,6 @@ def metric_of(test: str) -> str:
 def read_records(run_dir: str | Path, cases: Collection[str] | None = None) -> list[dict[str, Any]]:
     """The case records of a run (first record per case id; unreadable lines skipped), only
     those of ``cases`` (case ids) when given."""
-    from repedit.evaluation.harness import RunDir
-
     records = RunDir(run_dir).results()
     if cases is None:
         return records
@@ -139,8 +140,6 @@ def _seconds_per_edit(records: Sequence[dict[str, Any]], key: str = "edit_second
 def run_label(run_config: dict[str, Any]) -> str:
     """A run's label from its configuration: ``rome``, ``rome+rep``, ``rome+rep(no-gate)``,
     ``rome+rep τ=0.7`` (see :func:`repedit.rep.ablations.rep_label`)."""
-    from repedit.rep.ablations import rep_label
-
     return rep_label(
         str(run_config.get("method") or "?"), run_config.get("rep"), run_config.get("rep_taus")
     )
@@ -149,7 +148,9 @@ def run_label(run_config: dict[str, Any]) -> str:
 def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     """Means over cases (and adapted layers) of REP's hard-gate open rates: on the training
     positives / negatives after training, and over every token of the evaluation."""
-    pos, neg, ev = [], [], []
+    pos: list[float] = []
+    neg: list[float] = []
+    ev: list[float] = []
     opened = guarded = 0
     counted = False
     for r in records:
@@ -178,8 +179,6 @@ def _rep_gate_means(records: Sequence[dict[str, Any]]) -> dict[str, float | None
 
 
 def _wall(run_dir: Path, records: Sequence[dict[str, Any]], subset: bool = False) -> float:
-    from repedit.evaluation.harness import RunDir
-
     sessions = [] if subset else RunDir(run_dir).sessions()
     wall = sum(float(s.get("wall_seconds") or 0.0) for s in sessions)
     if wall == 0.0:  # a subset, or no session finished cleanly: the per-case times
@@ -188,61 +187,51 @@ def _wall(run_dir: Path, records: Sequence[dict[str, Any]], subset: bool = False
     return wall
 
 
-def build_summary(run_dir: str | Path, cases: Collection[str] | None = None) -> dict[str, Any]:
-    """The summary dict of a run directory (nothing written); over ``cases`` (case ids) only
-    when given (``extra.n_cases`` then counts those, and the wall time is the per-case sum)."""
-    from repedit.evaluation.harness import RunDir
+def _test_stats(records: Sequence[dict[str, Any]], selected: set[str]) -> dict[str, Any]:
+    empty = {"mean": None, "ci": None, "n": 0}
+    return {t: micro_stat(case_sums(records, t)) if t in selected else empty for t in TESTS}
 
-    run_dir = Path(run_dir)
-    run = RunDir(run_dir)
-    stored = run.config()
-    records = read_records(run_dir, cases)
-    rc = stored.get("run_config", {})
-    selected = set(rc.get("tests") or TESTS)
-    tests = {}
-    for test in TESTS:
-        tests[test] = (
-            micro_stat(case_sums(records, test))
-            if test in selected
-            else {"mean": None, "ci": None, "n": 0}
-        )
-    extra: dict[str, Any] = {}
-    for key, test, metric, where in EXTRA_STATS:
-        if test in selected:
-            extra[key] = micro_stat(case_sums(records, test, metric, where))
-        else:
-            extra[key] = {"mean": None, "ci": None, "n": 0}
+
+def _extra_stats(records: Sequence[dict[str, Any]], selected: set[str]) -> dict[str, Any]:
+    empty = {"mean": None, "ci": None, "n": 0}
+    return {
+        key: micro_stat(case_sums(records, test, metric, where)) if test in selected else empty
+        for key, test, metric, where in EXTRA_STATS
+    }
+
+
+def _counts(records: Sequence[dict[str, Any]], wall: float, sessions: int) -> dict[str, Any]:
+    """Counts, throughput and timing of a run's records."""
     ok = [r for r in records if not r.get("error")]
     n_probes = sum(int(r.get("n_probes") or 0) for r in ok)
     score_s = sum(float(r.get("score_seconds") or 0.0) for r in ok)
-    wall = _wall(run_dir, records, subset=cases is not None)
-    spe = _seconds_per_edit(records)
     scramble = [r["scramble_n"] for r in ok if "scramble_n" in r]
-    extra.update(
-        {
-            "n_cases": len(records),
-            "n_evaluated": len(ok),
-            "n_failed": len(records) - len(ok),
-            "failed_cases": [r["case_id"] for r in records if r.get("error")][:100],
-            "n_probes": n_probes,
-            "probes_per_s": n_probes / score_s if score_s > 0 else None,
-            "score_seconds": score_s,
-            "fluency_seconds": sum(float(r.get("fluency_seconds") or 0.0) for r in ok),
-            "eval_seconds_per_case": (
-                sum(float(r.get("eval_seconds") or 0.0) for r in ok) / len(ok) if ok else None
-            ),
-            "wall_seconds": wall,
-            "scramble_n_zero": sum(1 for n in scramble if n == 0),
-            "sessions": len(run.sessions()),
-            "edit_seconds_mean": spe,
-            "rep_seconds_mean": _seconds_per_edit(records, "rep_seconds"),
-            **_rep_gate_means(records),
-        }
-    )
-    seq = run.sequential()
-    if seq:
-        extra["sequential_checkpoints"] = len(seq)
-    config = {
+    return {
+        "n_cases": len(records),
+        "n_evaluated": len(ok),
+        "n_failed": len(records) - len(ok),
+        "failed_cases": [r["case_id"] for r in records if r.get("error")][:100],
+        "n_probes": n_probes,
+        "probes_per_s": n_probes / score_s if score_s > 0 else None,
+        "score_seconds": score_s,
+        "fluency_seconds": sum(float(r.get("fluency_seconds") or 0.0) for r in ok),
+        "eval_seconds_per_case": (
+            sum(float(r.get("eval_seconds") or 0.0) for r in ok) / len(ok) if ok else None
+        ),
+        "wall_seconds": wall,
+        "scramble_n_zero": sum(1 for n in scramble if n == 0),
+        "sessions": sessions,
+        "edit_seconds_mean": _seconds_per_edit(records),
+        "rep_seconds_mean": _seconds_per_edit(records, "rep_seconds"),
+        **_rep_gate_means(records),
+    }
+
+
+def _config(
+    rc: dict[str, Any], stored: dict[str, Any], run_dir: Path, wall: float, spe: float | None
+) -> dict[str, Any]:
+    """The summary's ``config`` block from the stored (flattened) RunConfig and metadata."""
+    return {
         "model": rc.get("model"),
         "model_name": stored.get("model_name"),
         "model_fingerprint": stored.get("model_fingerprint"),
@@ -273,7 +262,30 @@ def build_summary(run_dir: str | Path, cases: Collection[str] | None = None) -> 
         "seconds_per_edit": spe,
         "run_dir": str(run_dir),
     }
-    return {"tests": tests, "config": config, "seconds_per_edit": spe, "extra": extra}
+
+
+def build_summary(run_dir: str | Path, cases: Collection[str] | None = None) -> dict[str, Any]:
+    """The summary dict of a run directory (nothing written); over ``cases`` (case ids) only
+    when given (``extra.n_cases`` then counts those, and the wall time is the per-case sum)."""
+    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    stored = run.config()
+    records = read_records(run_dir, cases)
+    rc = flat_fields(stored.get("run_config", {}))
+    selected = set(rc.get("tests") or TESTS)
+    wall = _wall(run_dir, records, subset=cases is not None)
+    spe = _seconds_per_edit(records)
+    extra = _extra_stats(records, selected)
+    extra.update(_counts(records, wall, len(run.sessions())))
+    seq = run.sequential()
+    if seq:
+        extra["sequential_checkpoints"] = len(seq)
+    return {
+        "tests": _test_stats(records, selected),
+        "config": _config(rc, stored, run_dir, wall, spe),
+        "seconds_per_edit": spe,
+        "extra": extra,
+    }
 
 
 def _pct(x: float | None) -> str:
@@ -365,6 +377,23 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the first column left-aligned, the others right-aligned."""
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def runs_markdown(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
+    """One run's table, or several runs side by side, as Markdown."""
+    if len(summaries) == 1:
+        return markdown_table(TABLE_COLUMNS, table_rows(summaries[0]))
+    return markdown_table(["test (%; fluency in bits)", *names], comparison_rows(summaries))
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """A readable markdown rendering of a summary."""
     cfg = summary.get("config", {})
@@ -373,11 +402,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"# {cfg.get('label') or cfg.get('method')} on {cfg.get('model')} — {cfg.get('data')} "
         f"({cfg.get('mode')})",
         "",
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|",
+        markdown_table(TABLE_COLUMNS, table_rows(summary)).rstrip("\n"),
     ]
-    for row in table_rows(summary):
-        lines.append("| " + " | ".join(row) + " |")
     spe = summary.get("seconds_per_edit")
     pps = extra.get("probes_per_s")
     lines += [
@@ -409,11 +435,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     """Compute a run's summary and write ``summary.json`` and ``summary.md`` into it."""
     run_dir = Path(run_dir)
     summary = build_summary(run_dir)
-    from repedit.evaluation.harness import readable
-
-    write_json(run_dir / "summary.json", _finite(summary))
-    readable(run_dir / "summary.json")
-    with atomic_path(run_dir / "summary.md") as tmp:
+    write_json(run_dir / SUMMARY, _finite(summary))
+    readable(run_dir / SUMMARY)
+    with atomic_path(run_dir / SUMMARY_MD) as tmp:
         tmp.write_text(markdown(summary), encoding="utf-8")
         readable(tmp)
     return summary
@@ -431,7 +455,7 @@ def _finite(obj: Any) -> Any:
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
     """``summary.json`` of a run, computed (and written) if missing."""
-    path = Path(run_dir) / "summary.json"
+    path = Path(run_dir) / SUMMARY
     if path.exists():
         return json.loads(path.read_text())
     return summarize(run_dir)
