@@ -57,6 +57,7 @@ from repedit.data.variants import PassageSampler
 from repedit.editors.keys import compute_keys
 from repedit.errors import InvalidRequestError, RepeditError
 from repedit.models.hooks import Hooks
+from repedit.models.batching import length_buckets
 from repedit.models.runner import infer_calls, replay, without_hidden
 from repedit.models.tokens import Position, pad_id, pad_right
 from repedit.rep.adapter import (
@@ -92,22 +93,9 @@ _AUTO: Any = object()
 
 
 def _chunks(examples: Sequence[RepExample]) -> list[list[int]]:
-    """Indices grouped by length so a forward pass carries little padding: a chunk holds at
-    most ``CHUNK_TOKENS`` padded tokens and its width is at most twice its shortest row plus 8
-    (a 450-token passage must not pad fifteen 20-token prompts to its length)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = len(examples[i].ids)
-        shortest = len(examples[cur[0]].ids) if cur else width
-        if cur and (width * (len(cur) + 1) > CHUNK_TOKENS or width > 2 * shortest + 8):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
+    """Indices grouped by length (:func:`~repedit.models.batching.length_buckets`), at most
+    ``CHUNK_TOKENS`` padded tokens a forward."""
+    return length_buckets([len(e.ids) for e in examples], max_tokens=CHUNK_TOKENS)
 
 
 def _chunk_forwards(
