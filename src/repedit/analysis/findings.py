@@ -195,7 +195,7 @@ def _finding_2(results: Sequence[CaseSimilarity], d_mlp: int, med_self: float) -
     """Finding 2's numbers, verdict and statement (see :func:`summarize_findings`)."""
     best, overlap, eq_all, un_all, un_norm_all = _unrelated_scan(results)
     max_beta = best[0] if best else None
-    ratio_d = max_beta / d_mlp if best else None
+    ratio_d = best[0] / d_mlp if best else None
     verdict2 = _verdict_2(ratio_d)
     n_over, n_tested = overlap["all"]
     accuracy = _best_threshold_accuracy(eq_all, un_all)
@@ -203,7 +203,7 @@ def _finding_2(results: Sequence[CaseSimilarity], d_mlp: int, med_self: float) -
         f"Finding 2 {verdict2}: the largest unrelated β is {_fmt(max_beta, 1)} "
         f"({best[2]!r} in the template of {best[4]!r}), {_fmt(ratio_d)}× d_mlp = {d_mlp} "
         f"(the paper's 2500 is {PAPER_UNRELATED_RATIO:.2f}× LLaMA2-7B's 11008) and "
-        f"{_fmt(max_beta / med_self)}× the median self-similarity {_fmt(med_self, 1)}; against "
+        f"{_fmt(best[0] / med_self)}× the median self-similarity {_fmt(med_self, 1)}; against "
         f"its own edit that key has β̃ {_fmt(best[3])} (largest unrelated β̃ "
         f"{_fmt(max(un_norm_all))}). In {n_over} of {n_tested} cases an unrelated subject's β "
         f"reaches the weakest equivalent key's; one threshold on raw β separates equivalent "
@@ -222,7 +222,7 @@ def _finding_2(results: Sequence[CaseSimilarity], d_mlp: int, med_self: float) -
         "max_unrelated_edited_subject": best[4] if best else None,
         "largest_unrelated_beta_norm": max(un_norm_all) if un_norm_all else None,
         "median_self_similarity": med_self,
-        "ratio_to_median_self_similarity": max_beta / med_self if best else None,
+        "ratio_to_median_self_similarity": best[0] / med_self if best else None,
         "ratio_to_d_mlp": ratio_d,
         "paper_ratio_to_d_mlp": PAPER_UNRELATED_RATIO,
         "unrelated_beta_q95": float(np.quantile(un_all, 0.95)) if un_all else None,

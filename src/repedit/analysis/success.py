@@ -81,10 +81,10 @@ def _join_run(results: Sequence[CaseSimilarity], run_dir: Path) -> SuccessAnalys
             for probe in block.get("probes", []):
                 meta = probe.get("meta") or {}
                 idx = int(meta.get("index", 0))
-                j = vk.index.index(idx) if vk is not None and idx in vk.index else None
-                if j is None:
+                if vk is None or idx not in vk.index:
                     unmatched += 1
                     continue
+                j = vk.index.index(idx)
                 ours = vk.meta[j]
                 if "subject" in meta and meta["subject"] != vk.labels[j]:
                     mismatched += 1

@@ -383,6 +383,8 @@ def case_variants(
     train_scr, held_scr = split_half(
         scrambled_subjects(req.subject, tokenizer, n_max=scramble_max, seed=seed, key=key)
     )
+    scrambles: list[tuple[str, Half]] = [(s, "train") for s in train_scr]
+    scrambles += [(s, "heldout") for s in held_scr]
     out = [
         _in_template("original", req.prompt, req.subject, "edit", 0),
         *_prompt_paraphrases(case),
@@ -396,9 +398,7 @@ def case_variants(
         ),
         *(
             _in_template("scrambled_subject", req.prompt, s, half, i)
-            for i, (s, half) in enumerate(
-                [(s, "train") for s in train_scr] + [(s, "heldout") for s in held_scr]
-            )
+            for i, (s, half) in enumerate(scrambles)
         ),
         *_passages(case, sampler, key, TEST_PASSAGES, passages, "heldout"),
         *_passages(case, sampler, key, TRAIN_PASSAGES, train_passages, "train"),

@@ -56,8 +56,8 @@ from repedit.data.case import EditCase, EditRequest
 from repedit.data.variants import PassageSampler
 from repedit.editors.keys import compute_keys
 from repedit.errors import InvalidRequestError, RepeditError
-from repedit.models.hooks import Hooks
 from repedit.models.batching import length_buckets
+from repedit.models.hooks import Hooks
 from repedit.models.runner import infer_calls, replay, without_hidden
 from repedit.models.tokens import Position, pad_id, pad_right
 from repedit.rep.adapter import (

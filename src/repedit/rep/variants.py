@@ -309,7 +309,7 @@ def _add_positives(
 def _item_negatives(
     b: _Builder, item: RepItem, cfg: RepConfig, sampler: PassageSampler | None, r: int
 ) -> list[RepExample]:
-    out = []
+    out: list[RepExample] = []
     if "neighbourhood" in cfg.negative_sources:
         out.extend(b.negative(text, "neighbourhood", r) for text in item.neighbourhood)
     if "text" in cfg.negative_sources and sampler is not None and cfg.n_negative_text:
@@ -322,7 +322,7 @@ def _subject_negatives(
     b: _Builder, items: Sequence[RepItem], others: Sequence[str], ctxs: Sequence[str]
 ) -> list[RepExample]:
     """Other subjects in each item's prompt and contexts, every token a negative."""
-    out = []
+    out: list[RepExample] = []
     for r, item in enumerate(items):
         prompt = item.request.prompt
         for s in others:
