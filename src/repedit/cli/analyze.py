@@ -19,7 +19,21 @@ Analyses of the keys an edit is written at.
          subjects) to the edit key k*, at the edit layer; tests the REP paper's two findings
          on the model; optionally joins β̃ with per-probe edit success.
 
-run 'repedit analyze keys --help' for its options.
+  ceiling  every probe of the suite scored plain, with REP (--rep), and with the edit key k*
+           written at the probe's subject token(s): how far the key path can reach.
+
+run 'repedit analyze keys --help' or 'repedit analyze ceiling --help' for the options.
+"""
+
+CEILING_DESCRIPTION = """\
+For each case: edit it alone with --method, score every probe of the suite plain, with REP
+(--rep), with oracle_key (the down-projection input at the probe's last subject token replaced
+by the edit's k* at every edited layer) and oracle_key_all (every subject token), then revert.
+Writes OUT/ceiling.json ({"tests": {TEST: {"plain", "rep", "oracle_key", "oracle_key_all",
+"gap_closed", "n"}}}, rates as fractions; scramble halves as their own tests) and OUT/ceiling.md.
+
+example:
+  repedit analyze ceiling --method rome --rep --data rep-counterfact --n 50 --out runs/ceiling
 """
 
 KEYS_DESCRIPTION = """\
@@ -70,6 +84,42 @@ def register(subparsers: Any) -> None:
     common.add_model_options(k)
     common.add_stats_options(k)
     common.add_json_option(k)
+    _register_ceiling(sub)
+
+
+def _register_ceiling(sub: Any) -> None:
+    c = sub.add_parser(
+        "ceiling",
+        help="probes scored plain, with REP and with the edit key written in (the ceiling)",
+        description=CEILING_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details"
+    )
+    c.add_argument("--method", default="rome", help="editor (default %(default)s)")
+    c.add_argument("--data", default="demo", help="dataset name or JSON file (default: demo)")
+    c.add_argument("--data-dir", default=None, help="where dataset names resolve ($REPEDIT_DATA)")
+    c.add_argument("--n", type=common.positive_int, default=None, help="first N cases (all)")
+    c.add_argument("--id-split", type=int, default=5, help="in-domain subject paraphrases (5)")
+    c.add_argument("--tests", default="all", help="comma-separated suite tests (default: all)")
+    c.add_argument("--out", default="runs/ceiling", help="output folder (default %(default)s)")
+    c.add_argument(
+        "--batch-size", type=common.positive_int, default=32, help="sequences per forward (32)"
+    )
+    c.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="editor hyper-parameter override (repeatable)",
+    )
+    _long_context_options(c)
+    common.add_rep_options(c, sweep=False)
+    common.add_model_options(c)
+    common.add_stats_options(c)
+    common.add_json_option(c)
 
 
 def _case_options(k: argparse.ArgumentParser) -> None:
@@ -203,6 +253,8 @@ def resolve_options(args: argparse.Namespace) -> KeyAnalysisConfig:
 def run(args: argparse.Namespace) -> int:
     if args.analysis == "keys":
         return run_keys(args)
+    if args.analysis == "ceiling":
+        return run_ceiling(args)
     raise InvalidRequestError(f"unknown analysis {args.analysis!r}")  # pragma: no cover
 
 
@@ -278,3 +330,41 @@ def _print_summary(args: argparse.Namespace, lm: Any, result: KeyAnalysis) -> No
             soft_wrap=True,
             markup=False,
         )
+
+
+def run_ceiling(args: argparse.Namespace) -> int:
+    from repedit.analysis.ceiling import CeilingConfig, ceiling_markdown
+    from repedit.analysis.ceiling import run_ceiling as ceiling
+    from repedit.evaluation.probes import SuiteConfig
+    from repedit.rep import RepConfig
+
+    rep = common.rep_overrides(args)
+    suite = SuiteConfig(
+        tests=args.tests,
+        long_context_corpus=args.long_context_corpus,
+        long_context_length=args.long_context_words or args.long_context_tokens or 512,
+        long_context_unit="words" if args.long_context_words else "tokens",
+        long_context_passages=1
+        if args.long_context_passages is None
+        else args.long_context_passages,
+        batch_size=args.batch_size,
+    )
+    cfg = CeilingConfig(
+        data=args.data,
+        data_dir=args.data_dir,
+        n=args.n,
+        id_split=args.id_split,
+        method=args.method,
+        hparams=common.parse_overrides(args.overrides),
+        rep=None if rep is None else RepConfig().replace(**rep),
+        suite=suite,
+        out=args.out,
+    )
+    lm = common.load(args)
+    common.status(f"scoring the ceiling of {cfg.method} on {cfg.data}…")
+    doc = ceiling(cfg, lm, stats_config=common.stats_config(args), on_case=common.log)
+    if args.json:
+        common.print_json(doc)
+    else:
+        common.out.print(ceiling_markdown(doc), soft_wrap=True, markup=False)
+    return 0
