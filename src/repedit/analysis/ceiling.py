@@ -137,6 +137,17 @@ def _score(
     return [_hit(i, s) for i, s in zip(items, got, strict=True)]
 
 
+def _writer(where: torch.Tensor, k: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A down-projection input rewrite: ``k`` at token positions ``where`` of every row."""
+
+    def write(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, where.to(x.device)] = k.to(x.device, x.dtype)
+        return x
+
+    return write
+
+
 def _oracle_scores(
     lm: Any,
     items: Sequence[_Item],
@@ -155,16 +166,9 @@ def _oracle_scores(
         if pos is not None:
             groups.setdefault(pos, []).append(j)
     for pos, idx in groups.items():
-        where = torch.tensor(pos)
-
-        def write(x: torch.Tensor, k: torch.Tensor, where: torch.Tensor = where) -> torch.Tensor:
-            x = x.clone()
-            x[:, where.to(x.device)] = k.to(x.device, x.dtype)
-            return x
-
         with Hooks() as hooks:
             for layer, k in k_stars.items():
-                hooks.rewrite(lm.arch.down_proj(layer), lambda x, k=k: write(x, k))
+                hooks.rewrite(lm.arch.down_proj(layer), _writer(torch.tensor(pos), k))
             got = _score(lm, [items[j] for j in idx], [reference[j] for j in idx], batch_size)
         for j, hit in zip(idx, got, strict=True):
             out[j] = hit
