@@ -202,13 +202,26 @@ def run_key_analysis(
         "n_cases": len(results),
         "options": _options(cfg, contexts, stats, stats_config),
         "timings": timings,
+        **_results(results, findings, subjects, matrix, success),
+    }
+    files = [*_write(out, report, findings, success), *files]
+    return KeyAnalysis(report, results, findings, success, files)
+
+
+def _results(
+    results: list[CaseSimilarity],
+    findings: dict[str, Any],
+    subjects: list[str],
+    matrix: Any,
+    success: SuccessAnalysis | None,
+) -> dict[str, Any]:
+    """``similarity.json``'s result sections."""
+    return {
         "findings": findings,
         "specificity": {"subjects": subjects, "matrix": matrix.tolist()},
         "success": success.to_dict() if success is not None else None,
         "cases": [cs.to_dict() for cs in results],
     }
-    files = [*_write(out, report, findings, success), *files]
-    return KeyAnalysis(report, results, findings, success, files)
 
 
 def _success(
