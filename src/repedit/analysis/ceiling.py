@@ -248,6 +248,13 @@ def ceiling_markdown(doc: dict[str, Any], title: str = "Key-path ceiling") -> st
     return "\n".join(lines) + "\n"
 
 
+def _load(cfg: CeilingConfig, n: int | None) -> list[EditCase]:
+    cases = load_cases(cfg.data, data_dir=cfg.data_dir, n=n, id_split=cfg.id_split).cases
+    if not cases:
+        raise InvalidRequestError(f"no cases in {cfg.data}")
+    return cases
+
+
 def run_ceiling(
     cfg: CeilingConfig,
     lm: Any,
@@ -258,11 +265,12 @@ def run_ceiling(
 ) -> dict[str, Any]:
     """Score every case's probes in every mode; write ``ceiling.json`` and ``ceiling.md``."""
     editor = editor or make_editor(cfg.method, cfg.hparams, stats_config)
-    cases = load_cases(cfg.data, data_dir=cfg.data_dir, n=cfg.n, id_split=cfg.id_split).cases
-    if not cases:
-        raise InvalidRequestError(f"no cases in {cfg.data}")
+    cases = _load(cfg, cfg.n)
     sampler = passage_sampler(lm, cfg.suite)
-    near = NearSubjects(cases, lm.tokenizer) if "near_subject" in cfg.suite.tests else None
+    near = None
+    if "near_subject" in cfg.suite.tests:  # look-alikes come from the whole dataset
+        every = cases if cfg.n is None else _load(cfg, None)
+        near = NearSubjects(every, lm.tokenizer)
     rows: list[tuple[str, dict[str, float]]] = []
     for case, key in zip(cases, case_keys(cases), strict=True):
         items = case_items(lm, case, key, cfg.suite, sampler, near)

@@ -419,30 +419,64 @@ def training_forms(variants: Sequence[Variant]) -> list[Variant]:
 # --------------------------------------------------------------------------- look-alikes
 
 
-class NearSubjects:
-    """Other cases of a dataset whose subject looks like a given one: they share a subword token
-    of at least ``min_chars`` characters (Slovakia and Slovenia share ``Sl`` in SmolLM2's
-    vocabulary), an edit of the one must leave the other alone.
+#: function words that make no two subjects look alike
+_FUNCTION_WORDS = frozenset(
+    {
+        "the",
+        "and",
+        "for",
+        "von",
+        "van",
+        "der",
+        "den",
+        "des",
+        "del",
+        "della",
+        "les",
+        "los",
+        "las",
+        "une",
+        "und",
+        "with",
+        "from",
+    }
+)
 
-    Subjects are tokenised once, bare and after a space (how they appear at a sentence start
-    and inside one). Only cases with a true answer (``target_true``) can serve.
+
+class NearSubjects:
+    """Other cases of a dataset whose subject looks like a given one, so that an edit of the one
+    must leave the other alone: they share a subword token of at least ``min_chars``
+    characters (the subject tokenised bare and after a space), or a word beginning of
+    ``prefix_chars`` characters (Slovakia and Slovenia: ``slov``). Function words do not count.
+    Only cases with a true answer (``target_true``) can serve.
     """
 
-    def __init__(self, cases: Sequence[EditCase], tokenizer: Any, *, min_chars: int = 2):
+    def __init__(
+        self,
+        cases: Sequence[EditCase],
+        tokenizer: Any,
+        *,
+        min_chars: int = 3,
+        prefix_chars: int = 4,
+    ):
         self.min_chars = min_chars
+        self.prefix_chars = prefix_chars
         self._tok = tokenizer
         self._cases = [c for c in cases if c.request.target_true]
         self._pieces = [self.pieces(c.request.subject) for c in self._cases]
 
     def pieces(self, subject: str) -> frozenset[str]:
-        """The subject's token texts (case-folded, stripped) of at least ``min_chars``."""
+        """The subject's token texts and word beginnings (case-folded) that can be shared."""
         out = set()
         for form in (subject, " " + subject):
             for i in _token_ids(self._tok, form):
                 piece = self._tok.decode([i]).strip().casefold()
                 if len(piece) >= self.min_chars:
                     out.add(piece)
-        return frozenset(out)
+        for word in subject.casefold().split():
+            if len(word) >= self.prefix_chars:
+                out.add(word[: self.prefix_chars] + "…")
+        return frozenset(out - _FUNCTION_WORDS)
 
     def lookalikes(
         self, case: EditCase, n: int, *, key: str = "", seed: int = 0
