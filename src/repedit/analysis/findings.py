@@ -55,7 +55,7 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def summarize_findings(results: Sequence[CaseSimilarity]) -> dict[str, Any]:
-    """The paper's two findings (``docs/rep-method.md`` §2), tested on these results.
+    """The paper's two findings, tested on these results.
 
     Finding 1 ("paraphrased and scrambled subjects fall from 1.0 to < 0.4"): the pooled β̃ of
     subject-paraphrase (ID + OOD) and scrambled-subject keys. Verdict: *holds* if their median

@@ -5,12 +5,12 @@ For each request the pool holds (positives: the subject-last key should align wi
 * the editor's context templates × {original subject (bare template excluded), the in-domain
   subject paraphrases (the first ``case.id_split``), the first half of the scrambles};
 * ``n_long`` long-context examples ``passage + " " + prompt`` with the original subject: the
-  released code built these but dropped them (D1);
+  paper's released code built these but never trained on them;
 
 and, apart from the pool, the bare original prompt, which goes into *every* batch (its key
 ``k_o`` anchors the consistency loss). With ``negatives`` the pool also holds negative
 sequences (every token a gate negative): other subjects in the edit's templates, the case's
-neighbourhood prompts, general-text passages. Batches are drawn without repetition (D6).
+neighbourhood prompts, general-text passages. Batches are drawn without repetition.
 
 The paraphrases, scrambles and passages are the case's ``train`` forms from
 :func:`repedit.data.variants.case_variants` (through :func:`~repedit.data.variants.training_forms`),
@@ -206,7 +206,7 @@ class RepPool:
 
 class NoRepeatBatches:
     """Batches of indices into ``n`` items: each pass is a fresh permutation, no batch holds an
-    item twice, and the batch that spans two passes is not a repeat of another (D6)."""
+    item twice, and the batch that spans two passes is not a repeat of another."""
 
     def __init__(self, n: int, batch: int, rng: random.Random):
         self.n = n
