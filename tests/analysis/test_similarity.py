@@ -25,16 +25,13 @@ from repedit.analysis import (
     specificity_matrix,
     summarize_findings,
 )
-from repedit.analysis.similarity import (
-    case_keys,
-    point_biserial,
-    read_keys,
-    whitened_scores,
-)
+from repedit.analysis.keys import keys_at_positions as read_keys
+from repedit.analysis.keys import whitened_scores
+from repedit.analysis.success import point_biserial
 from repedit.data import EditCase, EditRequest, PassageSampler, builtin_facts, scrambled_subjects
 from repedit.editors import StatsConfig, make_editor
 from repedit.editors.keys import compute_keys
-from repedit.evaluation.probes import SuiteConfig, build_probes
+from repedit.evaluation.probes import SuiteConfig, build_probes, case_keys
 from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
 from repedit.models.tokens import prompt_ids
 from repedit.stats import SecondMoment, second_moments

@@ -8,13 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from repedit.analysis.similarity import (
-    PAPER_LEVEL,
-    VARIANTS,
-    CaseSimilarity,
-    SuccessAnalysis,
-    binned_success,
-)
+from repedit.analysis.records import PAPER_LEVEL, VARIANTS, CaseSimilarity
+from repedit.analysis.success import SuccessAnalysis, binned_success
 
 #: short axis labels per variant type
 LABELS = {

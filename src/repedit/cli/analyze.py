@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repedit.cli import common
 from repedit.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from repedit.analysis.pipeline import KeyAnalysis, KeyAnalysisConfig
 
 DESCRIPTION = """\
 Analyses of the keys an edit is written at.
@@ -19,7 +19,21 @@ Analyses of the keys an edit is written at.
          subjects) to the edit key k*, at the edit layer; tests the REP paper's two findings
          on the model; optionally joins β̃ with per-probe edit success.
 
-run 'repedit analyze keys --help' for its options.
+  ceiling  every probe of the suite scored plain, with REP (--rep), and with the edit key k*
+           written at the probe's subject token(s): how far the key path can reach.
+
+run 'repedit analyze keys --help' or 'repedit analyze ceiling --help' for the options.
+"""
+
+CEILING_DESCRIPTION = """\
+For each case: edit it alone with --method, score every probe of the suite plain, with REP
+(--rep), with oracle_key (the down-projection input at the probe's last subject token replaced
+by the edit's k* at every edited layer) and oracle_key_all (every subject token), then revert.
+Writes OUT/ceiling.json ({"tests": {TEST: {"plain", "rep", "oracle_key", "oracle_key_all",
+"gap_closed", "n"}}}, rates as fractions; scramble halves as their own tests) and OUT/ceiling.md.
+
+example:
+  repedit analyze ceiling --method rome --rep --data rep-counterfact --n 50 --out runs/ceiling
 """
 
 KEYS_DESCRIPTION = """\
@@ -63,6 +77,52 @@ def register(subparsers: Any) -> None:
         default=argparse.SUPPRESS,
         help="log details; show tracebacks on errors",
     )
+    _case_options(k)
+    _analysis_options(k)
+    _long_context_options(k)
+    _success_options(k)
+    common.add_model_options(k)
+    common.add_stats_options(k)
+    common.add_json_option(k)
+    _register_ceiling(sub)
+
+
+def _register_ceiling(sub: Any) -> None:
+    c = sub.add_parser(
+        "ceiling",
+        help="probes scored plain, with REP and with the edit key written in (the ceiling)",
+        description=CEILING_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details"
+    )
+    c.add_argument("--method", default="rome", help="editor (default %(default)s)")
+    c.add_argument("--data", default="demo", help="dataset name or JSON file (default: demo)")
+    c.add_argument("--data-dir", default=None, help="where dataset names resolve ($REPEDIT_DATA)")
+    c.add_argument("--n", type=common.positive_int, default=None, help="first N cases (all)")
+    c.add_argument("--id-split", type=int, default=5, help="in-domain subject paraphrases (5)")
+    c.add_argument("--tests", default="all", help="comma-separated suite tests (default: all)")
+    c.add_argument("--out", default="runs/ceiling", help="output folder (default %(default)s)")
+    c.add_argument(
+        "--batch-size", type=common.positive_int, default=32, help="sequences per forward (32)"
+    )
+    c.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="editor hyper-parameter override (repeatable)",
+    )
+    _long_context_options(c)
+    common.add_rep_options(c, sweep=False)
+    common.add_model_options(c)
+    common.add_stats_options(c)
+    common.add_json_option(c)
+
+
+def _case_options(k: argparse.ArgumentParser) -> None:
     g = k.add_argument_group("cases")
     g.add_argument("--data", default=None, help="dataset name or JSON file (default: demo)")
     g.add_argument("--data-dir", default=None, help="where dataset names resolve ($REPEDIT_DATA)")
@@ -72,6 +132,9 @@ def register(subparsers: Any) -> None:
         "--id-split", type=int, default=None, help="in-domain subject paraphrases (default 5)"
     )
     g.add_argument("--seed", type=int, default=None, help="seed for scrambles/passages (0)")
+
+
+def _analysis_options(k: argparse.ArgumentParser) -> None:
     a = k.add_argument_group("analysis")
     a.add_argument(
         "--layer", type=int, default=None, help="edit layer (default: ROME's layer for the model)"
@@ -93,6 +156,9 @@ def register(subparsers: Any) -> None:
         "--batch-size", type=common.positive_int, default=32, help="sequences per forward (32)"
     )
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _long_context_options(k: argparse.ArgumentParser) -> None:
     lc = k.add_argument_group("long context")
     length = lc.add_mutually_exclusive_group()
     length.add_argument(
@@ -110,6 +176,9 @@ def register(subparsers: Any) -> None:
     lc.add_argument(
         "--long-context-passages", type=int, default=None, help="passages per case (1; 0 = none)"
     )
+
+
+def _success_options(k: argparse.ArgumentParser) -> None:
     s = k.add_argument_group("edit success")
     s.add_argument("--run", default=None, metavar="RUN_DIR", help="a 'repedit eval' run directory")
     s.add_argument(
@@ -124,31 +193,18 @@ def register(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="editor hyper-parameter override (repeatable), e.g. --set value.steps=10",
     )
-    common.add_model_options(k)
-    common.add_stats_options(k)
-    common.add_json_option(k)
 
 
 # ----------------------------------------------------------------------------- options
 
 
-def _run_config(run: str) -> dict[str, Any]:
-    from repedit.evaluation.rundir import CONFIG
+def resolve_options(args: argparse.Namespace) -> KeyAnalysisConfig:
+    """The analysis settings: explicit options, else the evaluation run's, else defaults."""
+    from repedit.analysis.pipeline import KeyAnalysisConfig, read_run_config
 
-    path = Path(run).expanduser() / CONFIG
-    if not path.is_file():
-        raise InvalidRequestError(f"{run} is not an evaluation run directory (no {CONFIG})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InvalidRequestError(f"{path}: not valid JSON ({exc})") from None
-
-
-def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Case, variant and editor settings: explicit options, else the run's, else defaults."""
     if args.run and args.with_success:
         raise InvalidRequestError("use --run (join an evaluation) or --with-success, not both")
-    run = _run_config(args.run) if args.run else {}
+    run = read_run_config(args.run) if args.run else {}
 
     def pick(name: str, run_key: str, default: Any) -> Any:
         value = getattr(args, name, None)
@@ -161,58 +217,34 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         unit, length = "words", args.long_context_words
     elif args.long_context_tokens:
         unit, length = "tokens", args.long_context_tokens
-    opts = {
-        "data": pick("data", "data", "demo"),
-        "data_dir": pick("data_dir", "data_dir", None),
-        "n": pick("n", "n", None),
-        "skip_invalid": bool(args.skip_invalid or run.get("skip_invalid", False)),
-        "id_split": pick("id_split", "id_split", 5),
-        "seed": pick("seed", "seed", 0),
-        "method": pick("method", "method", "rome"),
-        "hparams": dict(run.get("hparams") or {}),
-        "long_context_unit": unit,
-        "long_context_length": length,
-        "long_context_corpus": args.long_context_corpus or run.get("long_context_corpus"),
-        "long_context_passages": pick("long_context_passages", "long_context_passages", 1),
-    }
-    opts["hparams"].update(common.parse_overrides(args.overrides))
+    hparams = dict(run.get("hparams") or {})
+    hparams.update(common.parse_overrides(args.overrides))
     if run and run.get("model") not in (None, args.model):
         common.console.print(
             f"[yellow]warning:[/] the run used model {run['model']!r}, analysing {args.model!r}"
         )
-    return opts
-
-
-def _sampler(lm: Any, opts: dict[str, Any]) -> Any:
-    from repedit.data.loaders import passage_corpus
-    from repedit.evaluation.probes import SuiteConfig, passage_sampler
-
-    if opts["long_context_passages"] <= 0:
-        return None
-    corpus = opts["long_context_corpus"]
-    if corpus is None:
-        found, _ = passage_corpus(None, opts["data_dir"])
-        corpus = str(found) if found is not None else None
-    cfg = SuiteConfig(
-        tests=("long_context",),
-        seed=opts["seed"],
-        long_context_corpus=corpus,
-        long_context_length=opts["long_context_length"],
-        long_context_unit=opts["long_context_unit"],
-        long_context_passages=opts["long_context_passages"],
+    return KeyAnalysisConfig(
+        data=pick("data", "data", "demo"),
+        data_dir=pick("data_dir", "data_dir", None),
+        n=pick("n", "n", None),
+        skip_invalid=bool(args.skip_invalid or run.get("skip_invalid", False)),
+        id_split=pick("id_split", "id_split", 5),
+        seed=pick("seed", "seed", 0),
+        method=pick("method", "method", "rome"),
+        hparams=hparams,
+        layer=args.layer,
+        n_unrelated=args.n_unrelated,
+        specificity_n=args.specificity_n,
+        batch_size=args.batch_size,
+        long_context_corpus=args.long_context_corpus or run.get("long_context_corpus"),
+        long_context_length=length,
+        long_context_unit=unit,
+        long_context_passages=pick("long_context_passages", "long_context_passages", 1),
+        run=args.run,
+        with_success=args.with_success,
+        out=args.out,
+        model=args.model,
     )
-    return passage_sampler(lm, cfg)
-
-
-def _layer(args: argparse.Namespace, lm: Any, editor: Any) -> int:
-    from repedit.editors import make_editor
-
-    if args.layer is not None:
-        lm.arch.check_layer(args.layer)
-        return args.layer
-    if editor.name not in ("rome", "r-rome"):
-        editor = make_editor("rome")
-    return editor.layers(lm, editor.resolved(lm))[0]
 
 
 # ----------------------------------------------------------------------------- run
@@ -221,6 +253,8 @@ def _layer(args: argparse.Namespace, lm: Any, editor: Any) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.analysis == "keys":
         return run_keys(args)
+    if args.analysis == "ceiling":
+        return run_ceiling(args)
     raise InvalidRequestError(f"unknown analysis {args.analysis!r}")  # pragma: no cover
 
 
@@ -229,145 +263,38 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from repedit.analysis import (
-        findings_markdown,
-        key_similarity,
-        plot_distributions,
-        plot_similarity_vs_success,
-        plot_specificity,
-        similarity_vs_success,
-        specificity_matrix,
-        summarize_findings,
-    )
-    from repedit.data import load_cases
-    from repedit.editors import make_editor
+    from repedit.analysis.pipeline import run_key_analysis
     from repedit.progress import progress_bar
 
-    opts = resolve_options(args)
-    editor = make_editor(opts["method"], opts["hparams"], common.stats_config(args))
-    loaded = load_cases(
-        opts["data"],
-        data_dir=opts["data_dir"],
-        n=opts["n"],
-        skip_invalid=opts["skip_invalid"],
-        id_split=opts["id_split"],
-    )
-    cases = loaded.cases
-    if not cases:
-        raise InvalidRequestError(f"no cases in {opts['data']}")
-    for msg in loaded.skipped:
-        common.log(f"skipped: {msg}")
-    data_name = Path(opts["data"]).stem if str(opts["data"]).endswith(".json") else opts["data"]
-    out = Path(args.out or Path("runs") / f"keys-{data_name}")
-    out.mkdir(parents=True, exist_ok=True)
-
+    cfg = resolve_options(args)
     lm = common.load(args)
-    layer = _layer(args, lm, editor)
-    t0 = time.perf_counter()
-    common.status(f"key statistics at layer {layer} (computed once, then cached)…")
-    stats = editor.second_moment(lm, [layer])[layer]
-    contexts = editor.contexts(lm, editor.resolved(lm))
-    sampler = _sampler(lm, opts)
-    timings: dict[str, float] = {"stats_and_contexts": time.perf_counter() - t0}
-
-    common.status(
-        f"analysing {len(cases)} cases at layer {layer} ({len(contexts)} contexts for k*, "
-        f"{args.n_unrelated} unrelated subjects, long context "
-        f"{'off' if sampler is None else f'{sampler.length} {sampler.unit}'})…"
-    )
-    t0 = time.perf_counter()
     with progress_bar(not args.no_progress) as bar:
-        tasks = {
-            "k*": bar.add_task("k*", total=len(cases)),
-            "variants": bar.add_task("variant keys", total=len(cases)),
-        }
-        results = key_similarity(
-            lm,
-            cases,
-            layer=layer,
-            stats=stats,
-            contexts=contexts,
-            seed=opts["seed"],
-            long_context=sampler,
-            n_long_context=opts["long_context_passages"],
-            n_unrelated=args.n_unrelated,
-            position=editor.hparams.position,
-            batch_size=args.batch_size,
-            progress=lambda stage, n: bar.advance(tasks[stage], n),
+
+        def progress(stage: str, total: int) -> Any:
+            task = bar.add_task(_STAGES.get(stage, stage), total=total)
+            return lambda n: bar.advance(task, n)
+
+        result = run_key_analysis(
+            cfg, lm, stats_config=common.stats_config(args), progress=progress, status=common.status
         )
-    timings["keys"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    subjects, matrix = specificity_matrix(
-        lm,
-        cases,
-        layer,
-        stats,
-        contexts,
-        position=editor.hparams.position,
-        max_cases=args.specificity_n,
-    )
-    timings["specificity"] = time.perf_counter() - t0
-    findings = summarize_findings(results)
-
-    success = None
-    if args.run:
-        common.status(f"joining with the evaluation run {args.run}…")
-        success = similarity_vs_success(results, run_dir=args.run)
-    elif args.with_success:
-        common.status(f"editing each case with {editor.name}, scoring its variants…")
-        t0 = time.perf_counter()
-        with progress_bar(not args.no_progress) as bar:
-            task = bar.add_task("edits", total=len(results))
-            success = similarity_vs_success(
-                results,
-                lm=lm,
-                cases=cases,
-                editor=editor,
-                batch_size=args.batch_size,
-                progress=lambda _stage, n: bar.advance(task, n),
-            )
-        timings["success"] = time.perf_counter() - t0
-    if success is not None:
-        for note in success.notes:
+    if result.success is not None:
+        for note in result.success.notes:
             common.log(f"note: {note}")
-
-    t0 = time.perf_counter()
-    pngs = [
-        plot_distributions(results, out / "beta_distribution.png"),
-        plot_specificity(subjects, matrix, out / "specificity.png"),
-    ]
-    if success is not None and success.rows:
-        pngs.append(plot_similarity_vs_success(success, out / "beta_vs_success.png"))
-    timings["plots"] = time.perf_counter() - t0
-    report = {
-        "model": args.model,
-        "fingerprint": lm.fingerprint,
-        "layer": layer,
-        "d_mlp": lm.arch.d_mlp,
-        "data": opts["data"],
-        "data_path": str(loaded.path) if loaded.path else None,
-        "n_cases": len(results),
-        "options": {
-            **{k: v for k, v in opts.items() if k != "hparams"},
-            "hparams": opts["hparams"],
-            "n_unrelated": args.n_unrelated,
-            "contexts": contexts,
-            "stats": {"corpus": args.corpus, "n_tokens": stats.n_tokens},
-            "run": args.run,
-            "with_success": args.with_success,
-        },
-        "timings": timings,
-        "findings": findings,
-        "specificity": {"subjects": subjects, "matrix": matrix.tolist()},
-        "success": success.to_dict() if success is not None else None,
-        "cases": [cs.to_dict() for cs in results],
-    }
-    (out / "similarity.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (out / "findings.md").write_text(findings_markdown(findings, success), encoding="utf-8")
-
     if args.json:
-        common.print_json({k: v for k, v in report.items() if k != "cases"})
+        common.print_json({k: v for k, v in result.report.items() if k != "cases"})
         return 0
+    _print_summary(args, lm, result)
+    for path in result.files:
+        common.log(f"  {path}")
+    return 0
+
+
+_STAGES = {"variants": "variant keys"}
+
+
+def _print_summary(args: argparse.Namespace, lm: Any, result: KeyAnalysis) -> None:
+    """The β̃ table per variant type and the findings' statements."""
+    findings, success = result.findings, result.success
     rows = []
     for v, s in findings["variants"].items():
         below = s["share_below_0.4"]
@@ -390,8 +317,9 @@ def run_keys(args: argparse.Namespace) -> int:
     common.print_table(
         rows,
         columns,
-        title=f"{args.model}, layer {layer}, {len(results)} cases: k*ᵀC⁻¹k* median "
-        f"{ss['median']:.1f} ({ss['median_over_d_mlp']:.2f}× d_mlp {lm.arch.d_mlp})",
+        title=f"{args.model}, layer {result.report['layer']}, {len(result.results)} cases: "
+        f"k*ᵀC⁻¹k* median {ss['median']:.1f} ({ss['median_over_d_mlp']:.2f}× d_mlp "
+        f"{lm.arch.d_mlp})",
     )
     common.out.print(findings["finding_1"]["statement"], soft_wrap=True, markup=False)
     common.out.print(findings["finding_2"]["statement"], soft_wrap=True, markup=False)
@@ -402,6 +330,41 @@ def run_keys(args: argparse.Namespace) -> int:
             soft_wrap=True,
             markup=False,
         )
-    for path in [out / "similarity.json", out / "findings.md", *pngs]:
-        common.log(f"  {path}")
+
+
+def run_ceiling(args: argparse.Namespace) -> int:
+    from repedit.analysis.ceiling import CeilingConfig, ceiling_markdown
+    from repedit.analysis.ceiling import run_ceiling as ceiling
+    from repedit.evaluation.probes import SuiteConfig
+    from repedit.rep import RepConfig
+
+    rep = common.rep_overrides(args)
+    suite = SuiteConfig(
+        tests=args.tests,
+        long_context_corpus=args.long_context_corpus,
+        long_context_length=args.long_context_words or args.long_context_tokens or 512,
+        long_context_unit="words" if args.long_context_words else "tokens",
+        long_context_passages=1
+        if args.long_context_passages is None
+        else args.long_context_passages,
+        batch_size=args.batch_size,
+    )
+    cfg = CeilingConfig(
+        data=args.data,
+        data_dir=args.data_dir,
+        n=args.n,
+        id_split=args.id_split,
+        method=args.method,
+        hparams=common.parse_overrides(args.overrides),
+        rep=None if rep is None else RepConfig().replace(**rep),
+        suite=suite,
+        out=args.out,
+    )
+    lm = common.load(args)
+    common.status(f"scoring the ceiling of {cfg.method} on {cfg.data}…")
+    doc = ceiling(cfg, lm, stats_config=common.stats_config(args), on_case=common.log)
+    if args.json:
+        common.print_json(doc)
+    else:
+        common.out.print(ceiling_markdown(doc), soft_wrap=True, markup=False)
     return 0

@@ -12,7 +12,7 @@ so a case's probes of all families can go through the model in one call. Test na
     the edit's relation template ``request.prompt``.
 ``scrambled_subject``
     reorderings of the subject's tokens (:func:`~repedit.data.scrambled_subjects`); the
-    in-domain / held-out halves (:func:`~repedit.data.split_half`) are kept in ``meta["half"]``.
+    in-domain / held-out halves are kept in ``meta["half"]`` (``"id"`` / ``"ood"``).
     A one-token subject has no scramble.
 ``long_context``
     ``passage + " " + prompt`` with passages cut by :class:`~repedit.data.PassageSampler`.
@@ -20,32 +20,36 @@ so a case's probes of all families can go through the model in one call. Test na
     the case's unrelated prompts with the dataset's answer as target: scored by agreement with
     the unedited model's predictions (``agree``) and, separately, by exact match to the answer
     (reported as ``neighbourhood_truth``).
+``near_subject``
+    look-alikes: other cases' edit prompts whose subject shares subword tokens with this one
+    (Slovakia for Slovenia), with that case's true answer as target (:class:`NearSubjects`);
+    scored like the neighbourhood, by agreement with the unedited model.
 ``fluency``
     not a probe: ROME's n-gram entropy of sampled text (:func:`fluency_prompts` gives the
     prompts, :func:`case_fluency` the score).
 
-Every success probe carries ``alt = target_true`` when the case knows it, so both metrics are
-available: ``exact`` (argmax matches every target token, the paper's) and ``beats_alt``
+The success probes are the case's :func:`~repedit.data.variants.case_variants`, mapped to
+probes here. Every success probe carries ``alt = target_true`` when the case knows it, so both
+metrics are available: ``exact`` (argmax matches every target token, the paper's) and ``beats_alt``
 (ROME's P(new) > P(true)).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from repedit.data.case import EditCase
-from repedit.data.loaders import DATA_ENV, passage_corpus
 from repedit.data.variants import (
+    NearSubjects,
     PassageSampler,
-    long_context_prompt,
-    scrambled_subjects,
-    split_half,
+    Variant,
+    case_variants,
     stable_rng,
 )
+from repedit.data.variants import passage_sampler as _passage_sampler
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.scoring import Probe
 
@@ -61,10 +65,13 @@ SUCCESS_TESTS: tuple[str, ...] = (
 )
 """Tests scored as success rates on ``target_new``."""
 
-TESTS: tuple[str, ...] = (*SUCCESS_TESTS, "neighbourhood", "fluency")
+LOCALITY_TESTS: tuple[str, ...] = ("neighbourhood", "near_subject")
+"""Tests scored by agreement with the unedited model (what the edit must leave alone)."""
+
+TESTS: tuple[str, ...] = (*SUCCESS_TESTS, *LOCALITY_TESTS, "fluency")
 """Every test name, in report order (the keys of ``summary.json["tests"]``)."""
 
-PROBE_TESTS: tuple[str, ...] = (*SUCCESS_TESTS, "neighbourhood")
+PROBE_TESTS: tuple[str, ...] = (*SUCCESS_TESTS, *LOCALITY_TESTS)
 """Tests that are probe families (fluency is not)."""
 
 
@@ -76,6 +83,8 @@ _ALIASES = {
     "long": "long_context",
     "locality": "neighbourhood",
     "neighborhood": "neighbourhood",
+    "near": "near_subject",
+    "lookalike": "near_subject",
 }
 
 
@@ -108,7 +117,8 @@ class SuiteConfig:
     ``$REPEDIT_DATA/wikitext/wiki.test.raw``. ``long_context_unit``: ``"tokens"`` (the paper,
     512) or ``"words"`` (the released code, 300). ``fluency_samples`` texts of
     ``fluency_tokens`` new tokens are sampled per case (top-k ``fluency_top_k``).
-    ``batch_size`` counts sequences per forward pass in scoring.
+    ``batch_size`` counts sequences per forward pass in scoring. ``near_subject_max``: at
+    most this many look-alike prompts per case.
     """
 
     tests: tuple[str, ...] = TESTS
@@ -122,6 +132,7 @@ class SuiteConfig:
     fluency_tokens: int = 100
     fluency_top_k: int = 5
     batch_size: int = 32
+    near_subject_max: int = 5
 
     def __post_init__(self) -> None:
         self.tests = parse_tests(self.tests)
@@ -132,7 +143,12 @@ class SuiteConfig:
         for name in ("long_context_length", "batch_size", "fluency_tokens", "fluency_top_k"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("long_context_passages", "fluency_samples", "scramble_max"):
+        for name in (
+            "long_context_passages",
+            "fluency_samples",
+            "scramble_max",
+            "near_subject_max",
+        ):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -146,35 +162,11 @@ class SuiteConfig:
 
 
 def passage_sampler(lm: Any, cfg: SuiteConfig) -> PassageSampler | None:
-    """A sampler for the long-context test, or None (with a warning) when no corpus is usable.
-
-    Tokenising a corpus takes a moment, so build one sampler per run and pass it to
-    :func:`build_probes`.
-    """
+    """The long-context test's sampler (:func:`repedit.data.variants.passage_sampler`), or None
+    when the test is not selected or no corpus is usable (with a warning)."""
     if "long_context" not in cfg.tests:
         return None
-    path, where = passage_corpus(cfg.long_context_corpus)
-    if path is None:
-        warnings.warn(
-            f"long-context corpus not found ({where}); the long_context test will have n = 0. "
-            f"Set {DATA_ENV} or pass a text file as the long-context corpus.",
-            stacklevel=2,
-        )
-        return None
-    try:
-        return PassageSampler.from_file(
-            path,
-            length=cfg.long_context_length,
-            unit=cfg.long_context_unit,
-            tokenizer=lm.tokenizer,
-            seed=cfg.seed,
-        )
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        warnings.warn(
-            f"long-context corpus {path} unusable ({exc}); the long_context test will have n = 0",
-            stacklevel=2,
-        )
-        return None
+    return _passage_sampler(lm.tokenizer, cfg, purpose="the long_context test runs")
 
 
 # --------------------------------------------------------------------------- building
@@ -207,6 +199,34 @@ def case_keys(cases: Sequence[EditCase]) -> list[str]:
 
 _AUTO: Any = object()
 
+#: variant kind → the success test that scores it
+TEST_OF_KIND: dict[str, str] = {
+    "original": "efficacy",
+    "prompt_paraphrase": "prompt_paraphrase",
+    "subject_paraphrase": "subject_paraphrase",
+    "ood_subject_paraphrase": "ood_subject_paraphrase",
+    "scrambled_subject": "scrambled_subject",
+    "long_context": "long_context",
+}
+
+_SCRAMBLE_HALF = {"train": "id", "heldout": "ood"}
+
+
+def variant_probe(v: Variant, case: EditCase, sampler: PassageSampler | None = None) -> Probe:
+    """The success probe that scores variant ``v`` (the meta the run records carry)."""
+    req = case.request
+    test = TEST_OF_KIND[v.kind]
+    meta: dict[str, Any] = {}
+    if v.kind != "original":
+        meta["index"] = v.index
+    if v.kind == "scrambled_subject":
+        meta["half"] = _SCRAMBLE_HALF[v.half]
+    if v.kind in ("subject_paraphrase", "ood_subject_paraphrase", "scrambled_subject"):
+        meta["subject"] = v.subject
+    if v.kind == "long_context" and sampler is not None:
+        meta.update(length=sampler.length, unit=sampler.unit)
+    return Probe(v.text, req.target_new, req.target_true, test, meta)
+
 
 def build_probes(
     case: EditCase,
@@ -215,81 +235,62 @@ def build_probes(
     *,
     sampler: PassageSampler | None = _AUTO,
     key: str | None = None,
+    near: NearSubjects | None = None,
 ) -> dict[str, list[Probe]]:
     """The probe families of ``case`` that ``cfg.tests`` selects (fluency excluded).
 
     ``sampler``: the long-context passage sampler (default: built from ``cfg`` on the spot;
     pass the one from :func:`passage_sampler` when building many cases; None disables the
-    family). ``key`` seeds scrambles and passages (default: the case id). A family the case
-    cannot feed is present with an empty list.
+    family). ``key`` seeds scrambles and passages (default: the case id). ``near``: the
+    dataset's look-alike index for ``near_subject`` (None: that family is empty). A family the
+    case cannot feed is present with an empty list.
     """
     cfg = cfg or SuiteConfig()
     key = key if key is not None else case_key(case)
-    req = case.request
-    alt = req.target_true
-    new = req.target_new
     tests = set(cfg.tests)
-    out: dict[str, list[Probe]] = {}
-
-    def success(test: str, prompt: str, **meta: Any) -> Probe:
-        return Probe(prompt, new, alt, test, dict(meta))
-
-    if "efficacy" in tests:
-        out["efficacy"] = [success("efficacy", req.text)]
-    if "prompt_paraphrase" in tests:
-        seen = {" ".join(req.text.split())}
-        probes = []
-        for i, text in enumerate(case.prompt_paraphrases):
-            norm = " ".join(text.split())
-            if norm and norm not in seen:
-                seen.add(norm)
-                probes.append(success("prompt_paraphrase", norm, index=i))
-        out["prompt_paraphrase"] = probes
-    if "subject_paraphrase" in tests:
-        out["subject_paraphrase"] = [
-            success("subject_paraphrase", req.prompt.format(s), index=i, subject=s)
-            for i, s in enumerate(case.id_paraphrases)
-        ]
-    if "ood_subject_paraphrase" in tests:
-        offset = len(case.id_paraphrases)
-        out["ood_subject_paraphrase"] = [
-            success("ood_subject_paraphrase", req.prompt.format(s), index=offset + i, subject=s)
-            for i, s in enumerate(case.ood_paraphrases)
-        ]
-    if "scrambled_subject" in tests:
-        scrambles = scrambled_subjects(
-            req.subject, lm.tokenizer, n_max=cfg.scramble_max, seed=cfg.seed, key=key
-        )
-        in_domain, held_out = split_half(scrambles)
-        out["scrambled_subject"] = [
-            success("scrambled_subject", req.prompt.format(s), index=i, half=half, subject=s)
-            for i, (s, half) in enumerate(
-                [(s, "id") for s in in_domain] + [(s, "ood") for s in held_out]
-            )
-        ]
-    if "long_context" in tests:
-        if sampler is _AUTO:
-            sampler = passage_sampler(lm, cfg)
-        probes = []
-        if sampler is not None and cfg.long_context_passages > 0:
-            for i, passage in enumerate(sampler.passages(f"{key}:test", cfg.long_context_passages)):
-                probes.append(
-                    success(
-                        "long_context",
-                        long_context_prompt(passage, req.text),
-                        index=i,
-                        length=sampler.length,
-                        unit=sampler.unit,
-                    )
-                )
-        out["long_context"] = probes
+    if "long_context" in tests and sampler is _AUTO:
+        sampler = passage_sampler(lm, cfg)
+    if "long_context" not in tests or sampler is _AUTO:
+        sampler = None
+    variants = case_variants(
+        case,
+        lm.tokenizer,
+        key=key,
+        seed=cfg.seed,
+        scramble_max=cfg.scramble_max if "scrambled_subject" in tests else 0,
+        sampler=sampler,
+        passages=cfg.long_context_passages,
+    )
+    out: dict[str, list[Probe]] = {t: [] for t in SUCCESS_TESTS if t in tests}
+    for v in variants:
+        test = TEST_OF_KIND[v.kind]
+        if test in out:
+            out[test].append(variant_probe(v, case, sampler))
     if "neighbourhood" in tests:
         out["neighbourhood"] = [
             Probe(nb.prompt, nb.target, None, "neighbourhood", {"index": i})
             for i, nb in enumerate(case.neighbourhood)
             if nb.prompt.strip() and nb.target.strip()
         ]
+    if "near_subject" in tests:
+        out["near_subject"] = near_probes(case, near, cfg.near_subject_max, key)
     return out
+
+
+def near_probes(case: EditCase, near: NearSubjects | None, n: int, key: str) -> list[Probe]:
+    """``near_subject`` probes: each look-alike case's edit prompt with its true answer."""
+    if near is None or n <= 0:
+        return []
+    return [
+        Probe(
+            other.request.text,
+            str(other.request.target_true),
+            None,
+            "near_subject",
+            {"index": i, "subject": other.request.subject, "shared": shared},
+        )
+        for i, (other, shared) in enumerate(near.lookalikes(case, n, key=key))
+    ]
 
 
 def fluency_prompts(case: EditCase, cfg: SuiteConfig | None = None) -> list[str]:

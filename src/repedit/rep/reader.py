@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from repedit.errors import RepeditError
+from repedit.models.batching import length_buckets
 from repedit.models.hooks import Hooks
 from repedit.models.runner import infer_calls, replay, without_hidden
 from repedit.models.tokens import pad_id, pad_right
@@ -26,22 +27,9 @@ CHUNK_TOKENS = 8192
 
 
 def length_chunks(examples: Sequence[RepExample]) -> list[list[int]]:
-    """Indices grouped by length so a forward pass carries little padding: a chunk holds at
-    most ``CHUNK_TOKENS`` padded tokens and its width is at most twice its shortest row plus 8
-    (a 450-token passage must not pad fifteen 20-token prompts to its length)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = len(examples[i].ids)
-        shortest = len(examples[cur[0]].ids) if cur else width
-        if cur and (width * (len(cur) + 1) > CHUNK_TOKENS or width > 2 * shortest + 8):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
+    """Indices grouped by length (:func:`~repedit.models.batching.length_buckets`), at most
+    ``CHUNK_TOKENS`` padded tokens a forward."""
+    return length_buckets([len(e.ids) for e in examples], max_tokens=CHUNK_TOKENS)
 
 
 def _chunk_forwards(

@@ -5,30 +5,36 @@ For each request the pool holds (positives: the subject-last key should align wi
 * the editor's context templates × {original subject (bare template excluded), the in-domain
   subject paraphrases (the first ``case.id_split``), the first half of the scrambles};
 * ``n_long`` long-context examples ``passage + " " + prompt`` with the original subject: the
-  the paper's released code built these but never trained on them;
+  paper's released code built these but never trained on them;
 
 and, apart from the pool, the bare original prompt, which goes into *every* batch (its key
 ``k_o`` anchors the consistency loss). With ``negatives`` the pool also holds negative
 sequences (every token a gate negative): other subjects in the edit's templates, the case's
 neighbourhood prompts, general-text passages. Batches are drawn without repetition.
 
-Scrambles and passages use the same seeded generators as the evaluation suite
-(:func:`repedit.data.scrambled_subjects` keyed by the case key; passages keyed
-``"<key>:rep-train"``, disjoint from the test draw ``"<key>:test"``), so the in-domain scrambles
-REP trains on are exactly the ones the suite labels ``half="id"``.
+The paraphrases, scrambles and passages are the case's ``train`` forms from
+:func:`repedit.data.variants.case_variants` (through :func:`~repedit.data.variants.training_forms`),
+the same function the evaluation suite builds its probes from: with the suite's seed and
+``scramble_max``, the scrambles REP trains on are exactly the ones the suite labels
+``half="id"``, and no form REP trains on is a held-out probe of the same case.
 """
 
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from repedit.data.case import EditCase, EditRequest
-from repedit.data.loaders import DATA_ENV, passage_corpus
-from repedit.data.variants import PassageSampler, scrambled_subjects, split_half
+from repedit.data.variants import (
+    PassageSampler,
+    Variant,
+    case_variants,
+    normalise,
+    training_forms,
+)
+from repedit.data.variants import passage_sampler as _passage_sampler
 from repedit.errors import InvalidRequestError
 from repedit.models.tokens import Position, locate, subject_span, subject_token_index
 from repedit.rep.adapter import RepConfig
@@ -64,12 +70,26 @@ class RepExample:
 @dataclass
 class RepItem:
     """What REP needs about one edit: the request, its in-domain subject paraphrases, its
-    neighbourhood prompts (texts) and the key that seeds its scrambles and passages."""
+    neighbourhood prompts (texts), the key that seeds its scrambles and passages, and the case
+    when there is one (its held-out forms are kept out of training)."""
 
     request: EditRequest
     paraphrases: list[str] = field(default_factory=list)
     neighbourhood: list[str] = field(default_factory=list)
     key: str = ""
+    case: EditCase | None = None
+
+    def as_case(self) -> EditCase:
+        """The case whose variants REP draws from: :attr:`case`, with :attr:`paraphrases` as its
+        in-domain subject paraphrases."""
+        held = self.case.ood_paraphrases if self.case is not None else []
+        base = self.case or EditCase(self.request)
+        return EditCase(
+            self.request,
+            prompt_paraphrases=list(base.prompt_paraphrases),
+            subject_paraphrases=[*self.paraphrases, *held],
+            id_split=len(self.paraphrases),
+        )
 
 
 def item_key(request: EditRequest) -> str:
@@ -94,31 +114,26 @@ def rep_items(
                 list(c.id_paraphrases),
                 [nb.prompt for nb in c.neighbourhood if nb.prompt.strip()],
                 item_key(c.request),
+                c,
             )
         elif isinstance(c, EditRequest):
             item = RepItem(c, [], [], item_key(c))
         else:
             raise InvalidRequestError(f"cannot train REP on {type(c).__name__} (item {i})")
         if keys is not None:
-            item = RepItem(item.request, item.paraphrases, item.neighbourhood, str(keys[i]))
+            item = replace(item, key=str(keys[i]))
         elif not item.key:
-            item = RepItem(
-                item.request, item.paraphrases, item.neighbourhood, item_key(item.request)
-            )
+            item = replace(item, key=item_key(item.request))
         out.append(item)
     if not out:
         raise InvalidRequestError("no edits to train REP on")
     return out
 
 
-def _escape(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
-
-
 def _unique(xs: Sequence[str], exclude: set[str]) -> list[str]:
     out, seen = [], set(exclude)
     for x in xs:
-        norm = " ".join(str(x).split())
+        norm = normalise(str(x))
         if norm and norm not in seen:
             seen.add(norm)
             out.append(norm)
@@ -126,21 +141,24 @@ def _unique(xs: Sequence[str], exclude: set[str]) -> list[str]:
 
 
 def passage_sampler(lm: Any, cfg: RepConfig) -> PassageSampler | None:
-    """The long-context passage sampler REP trains with, or None (with a warning)."""
-    path, where = passage_corpus(cfg.long_context_corpus)
-    if path is None:
-        warnings.warn(
-            f"REP: long-context corpus not found ({where}); training without long-context "
-            f"examples. Set {DATA_ENV} or RepConfig.long_context_corpus.",
-            stacklevel=2,
-        )
-        return None
-    return PassageSampler.from_file(
-        path,
-        length=cfg.long_context_length,
-        unit=cfg.long_context_unit,  # type: ignore[arg-type]
-        tokenizer=lm.tokenizer,
+    """The long-context passage sampler REP trains with, or None (with a warning) when no corpus
+    is found; an unusable corpus is an error."""
+    return _passage_sampler(lm.tokenizer, cfg, purpose="REP trains", strict=True)
+
+
+def item_variants(
+    lm: Any, item: RepItem, cfg: RepConfig, sampler: PassageSampler | None
+) -> list[Variant]:
+    """Every variant of the item's case, with REP's scramble count, seed and passages."""
+    n_long = cfg.n_long if cfg.long_context and sampler is not None else 0
+    return case_variants(
+        item.as_case(),
+        lm.tokenizer,
+        key=item.key,
         seed=cfg.seed,
+        scramble_max=cfg.scramble_max,
+        sampler=sampler,
+        train_passages=n_long,
     )
 
 
@@ -234,62 +252,85 @@ def build_pool(
     the count visible in :meth:`RepPool.counts`).
     """
     b = _Builder(lm, position)
-    bare = "{}"
-    ctxs = [c for c in contexts if c != bare]
-    prompts: list[RepExample] = []
-    positives: list[RepExample] = []
-    negatives: list[RepExample] = []
-    own_subjects = set()
+    ctxs = [c for c in contexts if c != "{}"]
+    pool = RepPool(prompts=[], positives=[], negatives=[])
+    own_subjects: set[str] = set()
     for r, item in enumerate(items):
-        req = item.request
-        own_subjects.add(" ".join(req.subject.split()))
-        prompt = b.positive(req.prompt, req.subject, "prompt", r)
-        if prompt is None:
-            raise InvalidRequestError(
-                f"REP: cannot locate subject {req.subject!r} in prompt {req.prompt!r}"
-            )
-        prompts.append(prompt)
-        templates = [c.replace("{}", req.prompt) for c in ctxs]
-        for t in templates:
-            positives.append(b.positive(t, req.subject, "original", r))  # type: ignore[arg-type]
-        paraphrases = _unique(item.paraphrases, {" ".join(req.subject.split())})
-        scrambles_all = scrambled_subjects(
-            req.subject, lm.tokenizer, n_max=cfg.scramble_max, seed=cfg.seed, key=item.key
-        )
-        scrambles = _unique(split_half(scrambles_all)[0], {req.subject, *paraphrases})
-        for kind, subjects in (("paraphrase", paraphrases), ("scramble", scrambles)):
-            for s in subjects:
-                own_subjects.add(s)
-                for t in [req.prompt, *templates]:
-                    positives.append(b.positive(t, s, kind, r))  # type: ignore[arg-type]
-        if cfg.long_context and sampler is not None and cfg.n_long > 0:
-            for passage in sampler.passages(f"{item.key}:rep-train", cfg.n_long):
-                t = _escape(passage) + " " + req.prompt
-                positives.append(b.positive(t, req.subject, "long", r))  # type: ignore[arg-type]
+        pool.prompts.append(_prompt_example(b, item.request, r))
+        own_subjects.add(normalise(item.request.subject))
+        forms = training_forms(item_variants(lm, item, cfg, sampler))
+        own_subjects.update(_add_positives(b, pool.positives, item.request, forms, ctxs, r))
         if cfg.negatives:
-            if "neighbourhood" in cfg.negative_sources:
-                for text in item.neighbourhood:
-                    negatives.append(b.negative(text, "neighbourhood", r))
-            if "text" in cfg.negative_sources and sampler is not None and cfg.n_negative_text:
-                for passage in sampler.passages(f"{item.key}:rep-negative", cfg.n_negative_text):
-                    negatives.append(b.negative(passage, "text", r))
+            pool.negatives.extend(_item_negatives(b, item, cfg, sampler, r))
     if cfg.negatives and "subjects" in cfg.negative_sources:
         others = _unique(negative_subjects, own_subjects)
-        for r, item in enumerate(items):
-            for s in others:
-                for t in [
-                    item.request.prompt,
-                    *[c.replace("{}", item.request.prompt) for c in ctxs],
-                ]:
-                    ex = b.positive(t, s, "subject_negative", r)
-                    if ex is not None:
-                        negatives.append(RepExample(ex.ids, None, ex.kind, r, ex.text))
-    return RepPool(
-        prompts=prompts,
-        positives=[p for p in positives if p is not None],
-        negatives=negatives,
-        skipped=b.skipped,
+        pool.negatives.extend(_subject_negatives(b, items, others, ctxs))
+    pool.skipped = b.skipped
+    return pool
+
+
+def _prompt_example(b: _Builder, req: EditRequest, r: int) -> RepExample:
+    prompt = b.positive(req.prompt, req.subject, "prompt", r)
+    if prompt is None:
+        raise InvalidRequestError(
+            f"REP: cannot locate subject {req.subject!r} in prompt {req.prompt!r}"
+        )
+    return prompt
+
+
+def _add_positives(
+    b: _Builder,
+    out: list[RepExample],
+    req: EditRequest,
+    forms: Sequence[Variant],
+    ctxs: Sequence[str],
+    r: int,
+) -> list[str]:
+    """The subject in every context, the training subjects in the prompt and every context,
+    the training passages; returns the subject forms trained on."""
+    templates = [c.replace("{}", req.prompt) for c in ctxs]
+    made = [b.positive(t, req.subject, "original", r) for t in templates]
+    paraphrases = _unique(
+        [v.subject for v in forms if v.kind == "subject_paraphrase"], {normalise(req.subject)}
     )
+    scrambles = _unique(
+        [v.subject for v in forms if v.kind == "scrambled_subject"], {req.subject, *paraphrases}
+    )
+    for kind, subjects in (("paraphrase", paraphrases), ("scramble", scrambles)):
+        for s in subjects:
+            made.extend(b.positive(t, s, kind, r) for t in [req.prompt, *templates])
+    for v in forms:
+        if v.kind == "long_context":
+            made.append(b.positive(v.template, req.subject, "long", r))
+    out.extend(ex for ex in made if ex is not None)
+    return [*paraphrases, *scrambles]
+
+
+def _item_negatives(
+    b: _Builder, item: RepItem, cfg: RepConfig, sampler: PassageSampler | None, r: int
+) -> list[RepExample]:
+    out: list[RepExample] = []
+    if "neighbourhood" in cfg.negative_sources:
+        out.extend(b.negative(text, "neighbourhood", r) for text in item.neighbourhood)
+    if "text" in cfg.negative_sources and sampler is not None and cfg.n_negative_text:
+        for passage in sampler.passages(f"{item.key}:rep-negative", cfg.n_negative_text):
+            out.append(b.negative(passage, "text", r))
+    return out
+
+
+def _subject_negatives(
+    b: _Builder, items: Sequence[RepItem], others: Sequence[str], ctxs: Sequence[str]
+) -> list[RepExample]:
+    """Other subjects in each item's prompt and contexts, every token a negative."""
+    out: list[RepExample] = []
+    for r, item in enumerate(items):
+        prompt = item.request.prompt
+        for s in others:
+            for t in [prompt, *[c.replace("{}", prompt) for c in ctxs]]:
+                ex = b.positive(t, s, "subject_negative", r)
+                if ex is not None:
+                    out.append(RepExample(ex.ids, None, ex.kind, r, ex.text))
+    return out
 
 
 def heldout_examples(
@@ -305,37 +346,40 @@ def heldout_examples(
 ) -> dict[str, list[RepExample]]:
     """Probing sequences for gate reports, in the bare relation template:
     ``efficacy``, ``id_paraphrase``, ``ood_paraphrase``, ``id_scramble``, ``ood_scramble``,
-    ``long_test`` (passages keyed ``"<key>:test"``, as the suite draws them) as positives, and
-    ``neighbourhood`` prompts (every token a negative)."""
+    ``long_test`` (the suite's held-out passages) as positives, and ``neighbourhood`` prompts
+    (every token a negative)."""
     if isinstance(case, EditCase):
-        req = case.request
-        id_para, ood_para = list(case.id_paraphrases), list(case.ood_paraphrases)
-        nbr = [nb.prompt for nb in case.neighbourhood if nb.prompt.strip()]
-    else:
-        req, id_para, ood_para, nbr = case.request, list(case.paraphrases), [], case.neighbourhood
-    key = key if key is not None else item_key(req)
-    b = _Builder(lm, position)
-    subj = " ".join(req.subject.split())
-    id_s, ood_s = split_half(
-        scrambled_subjects(req.subject, lm.tokenizer, n_max=scramble_max, seed=seed, key=key)
+        case = rep_items(case)[0]
+    req = case.request
+    key = key if key is not None else case.key
+    variants = case_variants(
+        case.as_case(),
+        lm.tokenizer,
+        key=key,
+        seed=seed,
+        scramble_max=scramble_max,
+        sampler=sampler,
+        passages=n_long,
     )
+    b = _Builder(lm, position)
+    subj = normalise(req.subject)
 
-    def pos(kind: str, subjects: Sequence[str]) -> list[RepExample]:
-        out = [b.positive(req.prompt, s, kind, 0) for s in subjects]
+    def pos(kind: str, subjects: Sequence[str], template: str = req.prompt) -> list[RepExample]:
+        out = [b.positive(template, s, kind, 0) for s in subjects]
         return [e for e in out if e is not None]
 
-    out = {
+    def subjects(kind: str, half: str) -> list[str]:
+        return [v.subject for v in variants if v.kind == kind and v.half == half]
+
+    passages = [v for v in variants if v.kind == "long_context"]
+    return {
         "efficacy": pos("prompt", [req.subject]),
-        "id_paraphrase": pos("paraphrase", _unique(id_para, {subj})),
-        "ood_paraphrase": pos("paraphrase", _unique(ood_para, {subj})),
-        "id_scramble": pos("scramble", id_s),
-        "ood_scramble": pos("scramble", ood_s),
-        "long_test": [],
-        "neighbourhood": [b.negative(t, "neighbourhood", 0) for t in nbr],
+        "id_paraphrase": pos("paraphrase", _unique(case.paraphrases, {subj})),
+        "ood_paraphrase": pos(
+            "paraphrase", _unique(subjects("ood_subject_paraphrase", "heldout"), {subj})
+        ),
+        "id_scramble": pos("scramble", subjects("scrambled_subject", "train")),
+        "ood_scramble": pos("scramble", subjects("scrambled_subject", "heldout")),
+        "long_test": [ex for v in passages for ex in pos("long", [req.subject], v.template)],
+        "neighbourhood": [b.negative(t, "neighbourhood", 0) for t in case.neighbourhood],
     }
-    if sampler is not None and n_long > 0:
-        for passage in sampler.passages(f"{key}:test", n_long):
-            ex = b.positive(_escape(passage) + " " + req.prompt, req.subject, "long", 0)
-            if ex is not None:
-                out["long_test"].append(ex)
-    return out

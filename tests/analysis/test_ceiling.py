@@ -1,0 +1,154 @@
+"""``repedit analyze ceiling`` on tiny models: oracle positions, the key rewrite, the tally and the
+command end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from repedit.analysis.ceiling import (
+    _Item,
+    _oracle_scores,
+    _reference,
+    _score,
+    case_items,
+    ceiling_markdown,
+    tally,
+)
+from repedit.data import load_cases
+from repedit.data.variants import NearSubjects
+from repedit.editors.keys import keys_at
+from repedit.evaluation.probes import SuiteConfig, case_keys
+from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
+from repedit.models.tokens import locate
+
+CASES = Path(__file__).parents[1] / "golden" / "analysis" / "cases.json"
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_loaded("llama")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return load_cases(str(CASES), id_split=2).cases
+
+
+def _items(lm, cases) -> list[_Item]:
+    near = NearSubjects(cases, lm.tokenizer)
+    suite = SuiteConfig(long_context_passages=0)
+    return case_items(lm, cases[3], case_keys(cases)[3], suite, None, near)
+
+
+def test_oracle_positions_are_the_subject_tokens(lm, cases) -> None:
+    items = _items(lm, cases)
+    eff = next(i for i in items if i.test == "efficacy")
+    req = cases[3].request
+    _, pos = locate(lm.tokenizer, req.prompt, req.subject)
+    assert eff.last == (pos,)
+    assert eff.every is not None and eff.every[-1] == pos and len(eff.every) >= 1
+    tests = {i.test for i in items}
+    assert {"scrambled_subject_id", "near_subject", "neighbourhood"} <= tests
+    assert "scrambled_subject" not in tests
+    assert all(i.last is None for i in items if i.test in ("neighbourhood", "near_subject"))
+
+
+def test_writing_a_probes_own_key_changes_nothing(lm, cases) -> None:
+    """The oracle rewrite at the right token: writing the key the probe already has there
+    leaves every score as it was; writing a large foreign key changes the token's output."""
+    items = [i for i in _items(lm, cases) if i.test == "efficacy"]
+    ref = _reference(lm, items, 8)
+    plain = _score(lm, items, ref, 8)
+    ids, pos = locate(lm.tokenizer, cases[3].request.prompt, cases[3].request.subject)
+    own = keys_at(lm, [LAYER], [ids], [pos])[LAYER][0]
+    same = _oracle_scores(lm, items, ref, {LAYER: own}, "oracle_key", 8, plain)
+    assert same == plain
+    # and the hook really reaches the model: a huge key flips the greedy continuation
+    from repedit.evaluation.scoring import score_probes
+    from repedit.models.hooks import Hooks
+
+    def huge(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, pos] = 1e3
+        return x
+
+    before = score_probes(lm, [items[0].probe])[0].logprob
+    with Hooks() as h:
+        h.rewrite(lm.arch.down_proj(LAYER), huge)
+        after = score_probes(lm, [items[0].probe])[0].logprob
+    assert before != after
+
+
+def test_tally_rates_and_gap_closed() -> None:
+    rows = [
+        ("efficacy", {"plain": 0.0, "rep": 1.0, "oracle_key": 1.0, "oracle_key_all": 0.0}),
+        ("efficacy", {"plain": 0.0, "rep": 0.0, "oracle_key": 1.0, "oracle_key_all": 1.0}),
+        ("neighbourhood", {"plain": 1.0, "rep": 1.0, "oracle_key": 1.0, "oracle_key_all": 1.0}),
+    ]
+    doc = tally(rows, with_rep=True)
+    eff = doc["tests"]["efficacy"]
+    assert eff == {
+        "n": 2,
+        "plain": 0.0,
+        "rep": 0.5,
+        "oracle_key": 1.0,
+        "oracle_key_all": 0.5,
+        "gap_closed": 0.5,
+    }
+    assert doc["tests"]["neighbourhood"]["gap_closed"] is None  # no gap to close
+    assert "rep" not in tally(rows, with_rep=False)["tests"]["efficacy"]
+    assert "| efficacy | 2 | 0.0 | 50.0 | 100.0 | 50.0 | 50 % |" in ceiling_markdown(doc)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ceiling-tiny")
+    tiny_model("llama", seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = random.Random(0)
+    vocab = tiny_tokenizer().get_vocab()
+    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
+    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
+    path = tmp_path_factory.mktemp("ceiling-corpus") / "corpus.txt"
+    path.write_text("\n\n".join(lines))
+    return path
+
+
+def test_cli_analyze_ceiling_end_to_end(tmp_path, tiny_dir, corpus, tmp_cache, capsys) -> None:
+    from repedit.cli import main
+
+    out = tmp_path / "ceiling"
+    argv = [
+        "analyze", "ceiling", "--model", str(tiny_dir), "--threads", "1",
+        "--corpus", str(corpus), "--stats-tokens", "2000", "--cache-dir", str(tmp_cache),
+        "--data", str(CASES), "--n", "2", "--id-split", "2",
+        "--long-context-corpus", str(corpus), "--long-context-tokens", "30",
+        "--set", "contexts=[[3, 2]]", "--set", "value.steps=6",
+        "--rep", "--rep-set", "steps=3", "--rep-set", "long_context=false",
+        "--out", str(out), "--json",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    doc = json.loads((out / "ceiling.json").read_text())
+    assert doc == json.loads(capsys.readouterr().out)
+    tests = doc["tests"]
+    assert {"efficacy", "subject_paraphrase", "long_context", "neighbourhood"} <= set(tests)
+    assert "scrambled_subject_id" in tests and "scrambled_subject" not in tests
+    for t in tests.values():
+        assert {"plain", "rep", "oracle_key", "oracle_key_all", "n"} <= set(t)
+        assert t["n"] > 0
+        assert all(0.0 <= t[m] <= 1.0 for m in ("plain", "rep", "oracle_key", "oracle_key_all"))
+    nb = tests["neighbourhood"]
+    assert nb["oracle_key"] == nb["plain"] == nb["oracle_key_all"]
+    assert tests["efficacy"]["n"] == 2
+    assert "| efficacy | 2 |" in (out / "ceiling.md").read_text()
