@@ -37,11 +37,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from repedit.errors import InvalidRequestError
+from repedit.evaluation import packing
 from repedit.models.hooks import Hooks
 from repedit.models.spans import declare_prompt
 
@@ -235,6 +236,79 @@ def _score_sequences(
 
 # --------------------------------------------------------------------------- public API
 
+#: ``fast``: packed rows, each prompt once for all its answers (:mod:`.packing`);
+#: ``reference``: right-padded batches, one row per answer (the original path, kept to check
+#: the fast one against)
+Impl = Literal["fast", "reference"]
+
+
+def _forward_scores(
+    lm: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int, impl: Impl
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence ``(target log-probs, argmax ids)`` by the chosen implementation."""
+    if impl not in ("fast", "reference"):
+        raise InvalidRequestError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    if batch_size < 1:
+        raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}")
+    if impl == "fast" and seqs and packing.packable(lm, seqs):
+        return packing.score_rows(lm, seqs, _lm_head(lm))
+    return _score_sequences(lm, seqs, batch_size)
+
+
+def _expand(probes: list[Probe]) -> tuple[list[str], list[str], list[str], list[tuple[int, str]]]:
+    """The sequences to score: each probe's target, then its ``alt`` if any; ``owner`` says
+    which probe and which answer each one is."""
+    prompts, targets, names, owner = [], [], [], []
+    for n, probe in enumerate(probes):
+        answers = [("target", probe.target)]
+        if probe.alt is not None:
+            answers.append(("alt", probe.alt))
+        for kind, answer in answers:
+            prompts.append(probe.prompt)
+            targets.append(answer)
+            alt = f" alt={probe.alt!r}" if kind == "alt" else ""
+            names.append(_describe(probe) + alt)
+            owner.append((n, kind))
+    return prompts, targets, names, owner
+
+
+def _agreement(probe: Probe, pred: torch.Tensor, n_target: int, ref: list[int]) -> float:
+    """Share of target positions whose argmax equals the unedited model's."""
+    if len(ref) != n_target:
+        raise InvalidRequestError(
+            f"reference has {len(ref)} tokens, target {n_target} in {_describe(probe)}"
+        )
+    return float((pred == torch.tensor(ref)).float().mean())
+
+
+def _probe_score(
+    probe: Probe,
+    t_ids: list[int],
+    logp: torch.Tensor,
+    pred: torch.Tensor,
+    alt: torch.Tensor | None,
+    ref: list[int] | None,
+) -> ProbeScore:
+    """One probe's :class:`ProbeScore` from its target's and alt's per-token scores."""
+    hits = pred == torch.tensor(t_ids)
+    mean_lp = float(logp.mean())
+    alt_lp = alt_mean = beats = None
+    if alt is not None:
+        alt_lp, alt_mean = float(alt.sum()), float(alt.mean())
+        beats = mean_lp > alt_mean  # mean NLL(target) < mean NLL(alt), as in ROME
+    return ProbeScore(
+        exact=bool(hits.all()),
+        token_acc=float(hits.float().mean()),
+        logprob=float(logp.sum()),
+        mean_logprob=mean_lp,
+        alt_logprob=alt_lp,
+        beats_alt=beats,
+        pred_tokens=pred.tolist(),
+        target_tokens=list(t_ids),
+        alt_mean_logprob=alt_mean,
+        agree=None if ref is None else _agreement(probe, pred, len(t_ids), list(ref)),
+    )
+
 
 def score_probes(
     lm: Any,
@@ -242,32 +316,24 @@ def score_probes(
     *,
     batch_size: int = 32,
     reference: list[list[int]] | None = None,
+    impl: Impl = "fast",
 ) -> list[ProbeScore]:
-    """Teacher-forced scores of ``probes`` (and their ``alt`` answers, in the same batches).
+    """Teacher-forced scores of ``probes`` (and their ``alt`` answers, in the same forwards).
 
     ``lm`` is a :class:`~repedit.models.LoadedModel` (anything with ``.model``, ``.tokenizer``
     and ``.device``). ``reference``: the unedited model's ``pred_tokens`` per probe; when
     given, each score's ``agree`` is the share of positions whose argmax is unchanged.
-    ``batch_size`` counts sequences (a probe with ``alt`` contributes two).
+    ``batch_size`` counts sequences per forward in the reference path (a probe with ``alt``
+    contributes two); the fast path packs rows by tokens instead (:mod:`.packing`).
     """
     probes = list(probes)
     if reference is not None and len(reference) != len(probes):
         raise InvalidRequestError(
             f"reference has {len(reference)} entries for {len(probes)} probes"
         )
-    prompts, targets, names, owner = [], [], [], []
-    for n, probe in enumerate(probes):
-        prompts.append(probe.prompt)
-        targets.append(probe.target)
-        names.append(_describe(probe))
-        owner.append((n, "target"))
-        if probe.alt is not None:
-            prompts.append(probe.prompt)
-            targets.append(probe.alt)
-            names.append(_describe(probe) + f" alt={probe.alt!r}")
-            owner.append((n, "alt"))
+    prompts, targets, names, owner = _expand(probes)
     seqs = _tokenize_batch(lm.tokenizer, prompts, targets, names)
-    scored = _score_sequences(lm, seqs, batch_size)
+    scored = _forward_scores(lm, seqs, batch_size, impl)
     main: dict[int, tuple] = {}
     alt: dict[int, torch.Tensor] = {}
     for (n, kind), (_, t_ids), (logp, pred) in zip(owner, seqs, scored, strict=True):
@@ -275,48 +341,27 @@ def score_probes(
             main[n] = (t_ids, logp, pred)
         else:
             alt[n] = logp
-    out = []
-    for n, probe in enumerate(probes):
-        t_ids, logp, pred = main[n]
-        hits = pred == torch.tensor(t_ids)
-        mean_lp = float(logp.mean())
-        alt_lp = alt_mean = beats = None
-        if n in alt:
-            alt_lp, alt_mean = float(alt[n].sum()), float(alt[n].mean())
-            beats = mean_lp > alt_mean  # mean NLL(target) < mean NLL(alt), as in ROME
-        agree = None
-        if reference is not None:
-            ref = list(reference[n])
-            if len(ref) != len(t_ids):
-                raise InvalidRequestError(
-                    f"reference has {len(ref)} tokens, target {len(t_ids)} in {_describe(probe)}"
-                )
-            agree = float((pred == torch.tensor(ref)).float().mean())
-        out.append(
-            ProbeScore(
-                exact=bool(hits.all()),
-                token_acc=float(hits.float().mean()),
-                logprob=float(logp.sum()),
-                mean_logprob=mean_lp,
-                alt_logprob=alt_lp,
-                beats_alt=beats,
-                pred_tokens=pred.tolist(),
-                target_tokens=list(t_ids),
-                alt_mean_logprob=alt_mean,
-                agree=agree,
-            )
-        )
-    return out
+    return [
+        _probe_score(probe, *main[n], alt.get(n), None if reference is None else reference[n])
+        for n, probe in enumerate(probes)
+    ]
 
 
-def predictions(lm: Any, probes: Sequence[Probe], *, batch_size: int = 32) -> list[list[int]]:
+def predictions(
+    lm: Any, probes: Sequence[Probe], *, batch_size: int = 32, impl: Impl = "fast"
+) -> list[list[int]]:
     """The argmax ids at each probe's target positions (cache these once for locality)."""
     probes = [Probe(p.prompt, p.target, None, p.test, p.meta) for p in probes]
-    return [s.pred_tokens for s in score_probes(lm, probes, batch_size=batch_size)]
+    return [s.pred_tokens for s in score_probes(lm, probes, batch_size=batch_size, impl=impl)]
 
 
 def next_token_probs(
-    lm: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+    lm: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 32,
+    impl: Impl = "fast",
 ) -> list[float]:
     """Probability of each target's *first* token right after its prompt."""
     prompts, targets = list(prompts), list(targets)
@@ -324,7 +369,7 @@ def next_token_probs(
         raise InvalidRequestError(f"{len(prompts)} prompts but {len(targets)} targets")
     names = [f"prompt={p!r} target={t!r}" for p, t in zip(prompts, targets, strict=True)]
     seqs = [(p, t[:1]) for p, t in _tokenize_batch(lm.tokenizer, prompts, targets, names)]
-    return [float(lp[0].exp()) for lp, _ in _score_sequences(lm, seqs, batch_size)]
+    return [float(lp[0].exp()) for lp, _ in _forward_scores(lm, seqs, batch_size, impl)]
 
 
 class _LeftPadding:
