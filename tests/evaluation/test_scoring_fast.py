@@ -10,6 +10,7 @@ and the layers add their perturbations. The tolerance is that bound,
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -181,7 +182,8 @@ def test_fast_equals_reference_on_rep_counterfact(smollm2, shared_data: Path):
         # the harness scores long passages apart in the reference path (padding)
         short = [p for p in flat if p.test != "long_context"]
         long = [p for p in flat if p.test == "long_context"]
-        with rep_applied(smollm2, adapters if n == 0 else {}):  # case 0: REP injected
+        injected = rep_applied(smollm2, adapters) if n == 0 else contextlib.nullcontext()
+        with injected:  # case 0: REP injected
             ref = score_probes(smollm2, short, impl="reference")
             ref += score_probes(smollm2, long, impl="reference") if long else []
             fast = score_probes(smollm2, short + long, impl="fast")
