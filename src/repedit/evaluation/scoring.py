@@ -431,3 +431,81 @@ def greedy_completion(
         top_p=None,
         temperature=None,
     )
+
+
+# --------------------------------------------------------------------------- generate-scored
+
+
+@dataclass
+class GenerateScore:
+    """Generation-scored probe: the greedy ``continuation`` of the prompt; ``exact`` when it
+    begins with the target (:func:`begins_with`); ``agree`` (with a reference)
+    when it equals the unedited model's continuation, normalised the same way."""
+
+    continuation: str
+    exact: bool
+    agree: bool | None = None
+
+
+def normalise(text: str) -> str:
+    """Whitespace runs to one space, ends stripped, case folded (generate-scoring's rule)."""
+    return " ".join(text.split()).casefold()
+
+
+def begins_with(text: str, target: str) -> bool:
+    """Whether ``text`` begins with ``target`` once both are normalised, ending at a word
+    boundary (``"Parisian"`` does not begin with ``"Paris"``)."""
+    text, target = normalise(text), normalise(target)
+    if not target or not text.startswith(target):
+        return False
+    rest = text[len(target) :]
+    return not rest or not (rest[0].isalnum() and target[-1].isalnum())
+
+
+def continuations(
+    lm: Any, probes: Sequence[Probe], *, extra_tokens: int = 2, batch_size: int = 32
+) -> list[str]:
+    """Each probe's greedy continuation, ``len(target tokens) + extra_tokens`` tokens long
+    (probes needing the same length share batches)."""
+    probes = list(probes)
+    names = [_describe(p) for p in probes]
+    seqs = _tokenize_batch(
+        lm.tokenizer, [p.prompt for p in probes], [p.target for p in probes], names
+    )
+    by_length: dict[int, list[int]] = {}
+    for i, (_, t_ids) in enumerate(seqs):
+        by_length.setdefault(len(t_ids) + extra_tokens, []).append(i)
+    out = [""] * len(probes)
+    for n_new, idx in by_length.items():
+        texts = greedy_completion(lm, [probes[i].prompt for i in idx], n_new, batch_size=batch_size)
+        for i, text in zip(idx, texts, strict=True):
+            out[i] = text
+    return out
+
+
+def generate_scores(
+    lm: Any,
+    probes: Sequence[Probe],
+    *,
+    reference: Sequence[str] | None = None,
+    extra_tokens: int = 2,
+    batch_size: int = 32,
+) -> list[GenerateScore]:
+    """Generation-scored probes: success when the greedy continuation of the target's token
+    count plus ``extra_tokens`` begins with the target. ``reference``: the unedited model's
+    :func:`continuations` per probe, for neighbourhood agreement. Scores what the model says,
+    where teacher forcing scores what it would say if given the right first tokens."""
+    probes = list(probes)
+    if reference is not None and len(reference) != len(probes):
+        raise InvalidRequestError(
+            f"reference has {len(reference)} continuations for {len(probes)} probes"
+        )
+    texts = continuations(lm, probes, extra_tokens=extra_tokens, batch_size=batch_size)
+    return [
+        GenerateScore(
+            continuation=text,
+            exact=begins_with(text, probe.target),
+            agree=None if reference is None else normalise(text) == normalise(reference[i]),
+        )
+        for i, (probe, text) in enumerate(zip(probes, texts, strict=True))
+    ]
