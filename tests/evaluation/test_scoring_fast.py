@@ -16,8 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from repedit.errors import InvalidRequestError
 from repedit.evaluation.packing import build_rows, group_by_prompt, pack
-from repedit.evaluation.scoring import Probe, ProbeScore, score_probes, tokenize_probe
+from repedit.evaluation.scoring import (
+    Probe,
+    ProbeScore,
+    greedy_completion,
+    score_probes,
+    tokenize_probe,
+)
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 from repedit.rep.adapter import RepAdapter, RepConfig
 from repedit.rep.inject import rep_applied
@@ -123,8 +130,6 @@ def test_lm_head_reads_each_shared_position_once():
 
 
 def test_unknown_impl_is_refused():
-    from repedit.errors import InvalidRequestError
-
     with pytest.raises(InvalidRequestError, match="impl"):
         score_probes(tiny_loaded("llama"), PROBES[:1], impl="slow")  # type: ignore[arg-type]
 
@@ -188,3 +193,28 @@ def test_fast_equals_reference_on_rep_counterfact(smollm2, shared_data: Path):
             ref += score_probes(smollm2, long, impl="reference") if long else []
             fast = score_probes(smollm2, short + long, impl="fast")
         assert_same_records(smollm2, short + long, fast, ref)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_bfloat16_precision_runs_the_forward_under_autocast():
+    lm = tiny_loaded("llama")
+    seen: list[torch.dtype] = []
+    linear = lm.arch.down_proj(0)
+    hook = linear.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    try:
+        plain = score_probes(lm, PROBES[:2])
+        assert seen and set(seen) == {torch.float32}
+        seen.clear()
+        half = score_probes(lm, PROBES[:2], precision="bfloat16")
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        greedy_completion(lm, ["Rome is"], 2, precision="bfloat16")
+        assert seen and set(seen) == {torch.bfloat16}
+    finally:
+        hook.remove()
+    for h, p in zip(half, plain, strict=True):
+        assert h.target_tokens == p.target_tokens and torch.isfinite(torch.tensor(h.logprob))
+    with pytest.raises(InvalidRequestError, match="precision"):
+        score_probes(lm, PROBES[:1], precision="half")  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ such as REP's leaves the answer's tokens alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -241,18 +242,36 @@ def _score_sequences(
 #: the fast one against)
 Impl = Literal["fast", "reference"]
 
+#: ``model``: the model's own dtype; ``bfloat16``: the forwards under bfloat16 autocast (CPU
+#: with AVX-512 BF16/AMX, or CUDA); opt-in, since results then depend on the machine
+Precision = Literal["model", "bfloat16"]
+
+
+def precision_context(lm: Any, precision: Precision) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for ``precision`` on ``lm``'s device (a no-op for ``model``)."""
+    if precision == "model":
+        return contextlib.nullcontext()
+    if precision != "bfloat16":
+        raise InvalidRequestError(f"precision must be 'model' or 'bfloat16', got {precision!r}")
+    return torch.autocast(lm.device.type, dtype=torch.bfloat16)
+
 
 def _forward_scores(
-    lm: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int, impl: Impl
+    lm: Any,
+    seqs: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    impl: Impl,
+    precision: Precision = "model",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence ``(target log-probs, argmax ids)`` by the chosen implementation."""
     if impl not in ("fast", "reference"):
         raise InvalidRequestError(f"impl must be 'fast' or 'reference', got {impl!r}")
     if batch_size < 1:
         raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}")
-    if impl == "fast" and seqs and packing.packable(lm, seqs):
-        return packing.score_rows(lm, seqs, _lm_head(lm))
-    return _score_sequences(lm, seqs, batch_size)
+    with precision_context(lm, precision):
+        if impl == "fast" and seqs and packing.packable(lm, seqs):
+            return packing.score_rows(lm, seqs, _lm_head(lm))
+        return _score_sequences(lm, seqs, batch_size)
 
 
 def _expand(probes: list[Probe]) -> tuple[list[str], list[str], list[str], list[tuple[int, str]]]:
@@ -317,6 +336,7 @@ def score_probes(
     batch_size: int = 32,
     reference: list[list[int]] | None = None,
     impl: Impl = "fast",
+    precision: Precision = "model",
 ) -> list[ProbeScore]:
     """Teacher-forced scores of ``probes`` (and their ``alt`` answers, in the same forwards).
 
@@ -325,6 +345,7 @@ def score_probes(
     given, each score's ``agree`` is the share of positions whose argmax is unchanged.
     ``batch_size`` counts sequences per forward in the reference path (a probe with ``alt``
     contributes two); the fast path packs rows by tokens instead (:mod:`.packing`).
+    ``precision``: see :data:`Precision`.
     """
     probes = list(probes)
     if reference is not None and len(reference) != len(probes):
@@ -333,7 +354,7 @@ def score_probes(
         )
     prompts, targets, names, owner = _expand(probes)
     seqs = _tokenize_batch(lm.tokenizer, prompts, targets, names)
-    scored = _forward_scores(lm, seqs, batch_size, impl)
+    scored = _forward_scores(lm, seqs, batch_size, impl, precision)
     main: dict[int, tuple] = {}
     alt: dict[int, torch.Tensor] = {}
     for (n, kind), (_, t_ids), (logp, pred) in zip(owner, seqs, scored, strict=True):
@@ -348,11 +369,17 @@ def score_probes(
 
 
 def predictions(
-    lm: Any, probes: Sequence[Probe], *, batch_size: int = 32, impl: Impl = "fast"
+    lm: Any,
+    probes: Sequence[Probe],
+    *,
+    batch_size: int = 32,
+    impl: Impl = "fast",
+    precision: Precision = "model",
 ) -> list[list[int]]:
     """The argmax ids at each probe's target positions (cache these once for locality)."""
     probes = [Probe(p.prompt, p.target, None, p.test, p.meta) for p in probes]
-    return [s.pred_tokens for s in score_probes(lm, probes, batch_size=batch_size, impl=impl)]
+    scores = score_probes(lm, probes, batch_size=batch_size, impl=impl, precision=precision)
+    return [s.pred_tokens for s in scores]
 
 
 def next_token_probs(
@@ -362,6 +389,7 @@ def next_token_probs(
     *,
     batch_size: int = 32,
     impl: Impl = "fast",
+    precision: Precision = "model",
 ) -> list[float]:
     """Probability of each target's *first* token right after its prompt."""
     prompts, targets = list(prompts), list(targets)
@@ -369,7 +397,8 @@ def next_token_probs(
         raise InvalidRequestError(f"{len(prompts)} prompts but {len(targets)} targets")
     names = [f"prompt={p!r} target={t!r}" for p, t in zip(prompts, targets, strict=True)]
     seqs = [(p, t[:1]) for p, t in _tokenize_batch(lm.tokenizer, prompts, targets, names)]
-    return [float(lp[0].exp()) for lp, _ in _forward_scores(lm, seqs, batch_size, impl)]
+    scored = _forward_scores(lm, seqs, batch_size, impl, precision)
+    return [float(lp[0].exp()) for lp, _ in scored]
 
 
 class _LeftPadding:
@@ -399,15 +428,26 @@ def encode_left_padded(lm: Any, prompts: Sequence[str]) -> dict[str, torch.Tenso
 
 
 def generate(
-    lm: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32, **kwargs: Any
+    lm: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    precision: Precision = "model",
+    **kwargs: Any,
 ) -> list[str]:
-    """Batched ``model.generate`` with left padding; returns only the new text per prompt."""
+    """Batched ``model.generate`` (its KV cache, left padding); returns only the new text per
+    prompt. ``precision``: see :data:`Precision`."""
     prompts = list(prompts)
     texts: list[str] = []
     pad = _pad_id(lm.tokenizer)
     for start in range(0, len(prompts), batch_size):
         enc = encode_left_padded(lm, prompts[start : start + batch_size])
-        with torch.inference_mode(), declare_prompt(lm):  # the prefill is the prompt
+        with (
+            torch.inference_mode(),
+            precision_context(lm, precision),
+            declare_prompt(lm),  # the prefill is the prompt
+        ):
             out = lm.model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs
             )
@@ -417,7 +457,12 @@ def generate(
 
 
 def greedy_completion(
-    lm: Any, prompts: Sequence[str], max_new_tokens: int = 5, *, batch_size: int = 32
+    lm: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 5,
+    *,
+    batch_size: int = 32,
+    precision: Precision = "model",
 ) -> list[str]:
     """Greedy continuation of each prompt (new text only), batched with left padding."""
     return generate(
@@ -425,6 +470,7 @@ def greedy_completion(
         prompts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        precision=precision,
         do_sample=False,
         num_beams=1,
         top_k=None,
