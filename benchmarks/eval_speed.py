@@ -10,8 +10,11 @@ them too). Timed, in the same run:
   probes in a call of their own, the rest together);
 * ``fast``: one ``score_probes(impl="fast")`` call over every probe;
 * ``plain``: the same model's plain forward (``logits_to_keep=1`` where the model takes it) of
-  every unpadded ``prompt + answer`` sequence on its own: the efficiency is the fast path's
-  unpadded tokens/s over this one's;
+  every unpadded ``prompt + answer`` sequence on its own: ``efficiency`` is the fast path's
+  unpadded tokens/s over this one's (above 1: sharing prompts and packing beat running each
+  sequence alone);
+* ``packed plain``: the plain forward of the fast path's own packed rows:
+  ``efficiency_vs_packed_forward`` is the share of the fast path's time that is forward;
 * ``fluency``: the case's fluency sample (``generate_texts``), once, added to both paths'
   scoring seconds (both generate the same way); its tokens/s are reported apart.
 
@@ -107,6 +110,27 @@ def plain_forward(lm: Any, seqs: list[tuple[list[int], list[int]]]) -> float:
     return time.perf_counter() - t0
 
 
+def packed_forward(lm: Any, seqs: list[tuple[list[int], list[int]]]) -> float:
+    """Seconds of a plain forward of the fast path's packed rows (same masks, no scoring):
+    the floor for the fast path on this machine."""
+    from repedit.evaluation.packing import build_rows
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for row in build_rows(seqs):
+            inputs = {
+                "input_ids": torch.tensor([row.ids], device=lm.device),
+                "position_ids": torch.tensor([row.positions], device=lm.device),
+                "attention_mask": row.attention(lm.dtype).to(lm.device),
+                "use_cache": False,
+            }
+            try:
+                lm.model(**inputs, logits_to_keep=1)
+            except TypeError:
+                lm.model(**inputs)
+    return time.perf_counter() - t0
+
+
 def _same(fast: list[Any], ref: list[Any]) -> tuple[bool, float]:
     flags = ("exact", "token_acc", "beats_alt", "agree", "pred_tokens")
     same = all(
@@ -164,6 +188,7 @@ def timed_case(lm: Any, case: Any, suite: Any, sampler: Any, batch_size: int) ->
 
     seqs = sequences(lm, probes)
     plain_s = plain_forward(lm, seqs)
+    packed_s = packed_forward(lm, seqs)
     prompts = fluency_prompts(case, suite)
     t0 = time.perf_counter()
     texts = generate_texts(
@@ -177,7 +202,9 @@ def timed_case(lm: Any, case: Any, suite: Any, sampler: Any, batch_size: int) ->
     flu_s = time.perf_counter() - t0
     gen_tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     same, diff = _same(fast, ref)
-    ref_tokens = sum(padded_tokens([seqs[i] for i in g], batch_size) for g in groups if g)
+    ref_tokens = sum(
+        padded_tokens(sequences(lm, [probes[i] for i in g]), batch_size) for g in groups if g
+    )
     return {
         "case_id": key,
         "probes": len(probes),
@@ -188,6 +215,7 @@ def timed_case(lm: Any, case: Any, suite: Any, sampler: Any, batch_size: int) ->
         "reference_s": ref_s,
         "fast_s": fast_s,
         "plain_s": plain_s,
+        "packed_plain_s": packed_s,
         "fluency_s": flu_s,
         "generated_tokens": gen_tokens,
         "records_match": same,
@@ -225,7 +253,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "plain_forward": unpadded / total("plain_s"),
         },
         "efficiency": total("plain_s") / total("fast_s"),
+        "efficiency_vs_packed_forward": total("packed_plain_s") / total("fast_s"),
         "generation_tokens_per_s": total("generated_tokens") / flu if flu else None,
+        "generated_tokens_per_case": total("generated_tokens") / n,
         "records_match": all(r["records_match"] for r in runs),
         "max_abs_logprob_diff": max(r["max_abs_logprob_diff"] for r in runs),
     }
@@ -266,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "cpu_flags": cpu_flags(),
+        "weights_mb": sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -307,9 +338,11 @@ def table(report: dict[str, Any]) -> str:
         f"speedup_vs_reference {s['speedup_vs_reference']:.2f}x "
         f"(probes alone {s['probe_speedup_vs_reference']:.2f}x); "
         f"efficiency {s['efficiency']:.2f} (plain forward "
-        f"{s['unpadded_tokens_per_s']['plain_forward']:.0f} unpadded tok/s)",
+        f"{s['unpadded_tokens_per_s']['plain_forward']:.0f} unpadded tok/s); "
+        f"vs the packed rows' plain forward {s['efficiency_vs_packed_forward']:.2f}",
         f"fluency {s['fluency_s_per_case']:.2f} s/case, generation "
-        f"{s['generation_tokens_per_s'] or 0:.1f} tok/s; records match: {s['records_match']} "
+        f"{s['generation_tokens_per_s'] or 0:.1f} tok/s (each step reads "
+        f"{report['weights_mb']:.0f} MiB of weights); records match: {s['records_match']} "
         f"(max |dlogprob| {s['max_abs_logprob_diff']:.2g})",
         f"({s['cases']} cases; {report['device']}, {report['dtype']}, {report['threads']} "
         f"thread(s), flags {' '.join(report['cpu_flags'])}, {report['model']})",
