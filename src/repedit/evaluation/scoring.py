@@ -355,17 +355,19 @@ def score_probes(
     prompts, targets, names, owner = _expand(probes)
     seqs = _tokenize_batch(lm.tokenizer, prompts, targets, names)
     scored = _forward_scores(lm, seqs, batch_size, impl, precision)
-    main: dict[int, tuple] = {}
+    main: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
     alt: dict[int, torch.Tensor] = {}
     for (n, kind), (_, t_ids), (logp, pred) in zip(owner, seqs, scored, strict=True):
         if kind == "target":
             main[n] = (t_ids, logp, pred)
         else:
             alt[n] = logp
-    return [
-        _probe_score(probe, *main[n], alt.get(n), None if reference is None else reference[n])
-        for n, probe in enumerate(probes)
-    ]
+    out = []
+    for n, probe in enumerate(probes):
+        t_ids, logp, pred = main[n]
+        ref = None if reference is None else reference[n]
+        out.append(_probe_score(probe, t_ids, logp, pred, alt.get(n), ref))
+    return out
 
 
 def predictions(
