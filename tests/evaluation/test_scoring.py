@@ -75,7 +75,7 @@ class TableLM(nn.Module):
         self.table = nn.Parameter(table)
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, use_cache=None, position_ids=None):
         self.seen.append(input_ids.clone())
         return SimpleNamespace(logits=self.table[input_ids])
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from repedit.errors import InvalidRequestError
-from repedit.evaluation.scoring import generate
+from repedit.evaluation.scoring import Precision, generate
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -78,12 +78,15 @@ def generate_texts(
     seed: int = 0,
     include_prompt: bool = True,
     batch_size: int = 32,
+    precision: Precision = "model",
 ) -> list[str]:
     """One top-k sample per prompt, reproducible for a given ``seed`` (and batch).
 
     Sampling runs under a forked RNG seeded with ``seed``, so the result does not depend on,
     and does not disturb, the global random state. Batches are left-padded. Generation may
     stop early at EOS. ``include_prompt`` (default, as ROME) returns ``prompt + sample``.
+    Rows share batches (``batch_size``) and ``model.generate``'s KV cache; ``precision``:
+    :data:`~repedit.evaluation.scoring.Precision`.
     """
     prompts = list(prompts)
     device = lm.device
@@ -97,6 +100,7 @@ def generate_texts(
             prompts,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
+            precision=precision,
             do_sample=True,
             top_k=top_k,
             top_p=None,

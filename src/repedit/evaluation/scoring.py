@@ -35,13 +35,15 @@ such as REP's leaves the answer's tokens alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from repedit.errors import InvalidRequestError
+from repedit.evaluation import packing
 from repedit.models.hooks import Hooks
 from repedit.models.spans import declare_prompt
 
@@ -235,6 +237,97 @@ def _score_sequences(
 
 # --------------------------------------------------------------------------- public API
 
+#: ``fast``: packed rows, each prompt once for all its answers (:mod:`.packing`);
+#: ``reference``: right-padded batches, one row per answer (the original path, kept to check
+#: the fast one against)
+Impl = Literal["fast", "reference"]
+
+#: ``model``: the model's own dtype; ``bfloat16``: the forwards under bfloat16 autocast (CPU
+#: with AVX-512 BF16/AMX, or CUDA); opt-in, since results then depend on the machine
+Precision = Literal["model", "bfloat16"]
+
+
+def precision_context(lm: Any, precision: Precision) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for ``precision`` on ``lm``'s device (a no-op for ``model``)."""
+    if precision == "model":
+        return contextlib.nullcontext()
+    if precision != "bfloat16":
+        raise InvalidRequestError(f"precision must be 'model' or 'bfloat16', got {precision!r}")
+    return torch.autocast(lm.device.type, dtype=torch.bfloat16)
+
+
+def _forward_scores(
+    lm: Any,
+    seqs: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    impl: Impl,
+    precision: Precision = "model",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence ``(target log-probs, argmax ids)`` by the chosen implementation."""
+    if impl not in ("fast", "reference"):
+        raise InvalidRequestError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    if batch_size < 1:
+        raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}")
+    with precision_context(lm, precision):
+        if impl == "fast" and seqs and packing.packable(lm, seqs):
+            return packing.score_rows(lm, seqs, _lm_head(lm))
+        return _score_sequences(lm, seqs, batch_size)
+
+
+def _expand(probes: list[Probe]) -> tuple[list[str], list[str], list[str], list[tuple[int, str]]]:
+    """The sequences to score: each probe's target, then its ``alt`` if any; ``owner`` says
+    which probe and which answer each one is."""
+    prompts, targets, names, owner = [], [], [], []
+    for n, probe in enumerate(probes):
+        answers = [("target", probe.target)]
+        if probe.alt is not None:
+            answers.append(("alt", probe.alt))
+        for kind, answer in answers:
+            prompts.append(probe.prompt)
+            targets.append(answer)
+            alt = f" alt={probe.alt!r}" if kind == "alt" else ""
+            names.append(_describe(probe) + alt)
+            owner.append((n, kind))
+    return prompts, targets, names, owner
+
+
+def _agreement(probe: Probe, pred: torch.Tensor, n_target: int, ref: list[int]) -> float:
+    """Share of target positions whose argmax equals the unedited model's."""
+    if len(ref) != n_target:
+        raise InvalidRequestError(
+            f"reference has {len(ref)} tokens, target {n_target} in {_describe(probe)}"
+        )
+    return float((pred == torch.tensor(ref)).float().mean())
+
+
+def _probe_score(
+    probe: Probe,
+    t_ids: list[int],
+    logp: torch.Tensor,
+    pred: torch.Tensor,
+    alt: torch.Tensor | None,
+    ref: list[int] | None,
+) -> ProbeScore:
+    """One probe's :class:`ProbeScore` from its target's and alt's per-token scores."""
+    hits = pred == torch.tensor(t_ids)
+    mean_lp = float(logp.mean())
+    alt_lp = alt_mean = beats = None
+    if alt is not None:
+        alt_lp, alt_mean = float(alt.sum()), float(alt.mean())
+        beats = mean_lp > alt_mean  # mean NLL(target) < mean NLL(alt), as in ROME
+    return ProbeScore(
+        exact=bool(hits.all()),
+        token_acc=float(hits.float().mean()),
+        logprob=float(logp.sum()),
+        mean_logprob=mean_lp,
+        alt_logprob=alt_lp,
+        beats_alt=beats,
+        pred_tokens=pred.tolist(),
+        target_tokens=list(t_ids),
+        alt_mean_logprob=alt_mean,
+        agree=None if ref is None else _agreement(probe, pred, len(t_ids), list(ref)),
+    )
+
 
 def score_probes(
     lm: Any,
@@ -242,33 +335,27 @@ def score_probes(
     *,
     batch_size: int = 32,
     reference: list[list[int]] | None = None,
+    impl: Impl = "fast",
+    precision: Precision = "model",
 ) -> list[ProbeScore]:
-    """Teacher-forced scores of ``probes`` (and their ``alt`` answers, in the same batches).
+    """Teacher-forced scores of ``probes`` (and their ``alt`` answers, in the same forwards).
 
     ``lm`` is a :class:`~repedit.models.LoadedModel` (anything with ``.model``, ``.tokenizer``
     and ``.device``). ``reference``: the unedited model's ``pred_tokens`` per probe; when
     given, each score's ``agree`` is the share of positions whose argmax is unchanged.
-    ``batch_size`` counts sequences (a probe with ``alt`` contributes two).
+    ``batch_size`` counts sequences per forward in the reference path (a probe with ``alt``
+    contributes two); the fast path packs rows by tokens instead (:mod:`.packing`).
+    ``precision``: see :data:`Precision`.
     """
     probes = list(probes)
     if reference is not None and len(reference) != len(probes):
         raise InvalidRequestError(
             f"reference has {len(reference)} entries for {len(probes)} probes"
         )
-    prompts, targets, names, owner = [], [], [], []
-    for n, probe in enumerate(probes):
-        prompts.append(probe.prompt)
-        targets.append(probe.target)
-        names.append(_describe(probe))
-        owner.append((n, "target"))
-        if probe.alt is not None:
-            prompts.append(probe.prompt)
-            targets.append(probe.alt)
-            names.append(_describe(probe) + f" alt={probe.alt!r}")
-            owner.append((n, "alt"))
+    prompts, targets, names, owner = _expand(probes)
     seqs = _tokenize_batch(lm.tokenizer, prompts, targets, names)
-    scored = _score_sequences(lm, seqs, batch_size)
-    main: dict[int, tuple] = {}
+    scored = _forward_scores(lm, seqs, batch_size, impl, precision)
+    main: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
     alt: dict[int, torch.Tensor] = {}
     for (n, kind), (_, t_ids), (logp, pred) in zip(owner, seqs, scored, strict=True):
         if kind == "target":
@@ -278,45 +365,33 @@ def score_probes(
     out = []
     for n, probe in enumerate(probes):
         t_ids, logp, pred = main[n]
-        hits = pred == torch.tensor(t_ids)
-        mean_lp = float(logp.mean())
-        alt_lp = alt_mean = beats = None
-        if n in alt:
-            alt_lp, alt_mean = float(alt[n].sum()), float(alt[n].mean())
-            beats = mean_lp > alt_mean  # mean NLL(target) < mean NLL(alt), as in ROME
-        agree = None
-        if reference is not None:
-            ref = list(reference[n])
-            if len(ref) != len(t_ids):
-                raise InvalidRequestError(
-                    f"reference has {len(ref)} tokens, target {len(t_ids)} in {_describe(probe)}"
-                )
-            agree = float((pred == torch.tensor(ref)).float().mean())
-        out.append(
-            ProbeScore(
-                exact=bool(hits.all()),
-                token_acc=float(hits.float().mean()),
-                logprob=float(logp.sum()),
-                mean_logprob=mean_lp,
-                alt_logprob=alt_lp,
-                beats_alt=beats,
-                pred_tokens=pred.tolist(),
-                target_tokens=list(t_ids),
-                alt_mean_logprob=alt_mean,
-                agree=agree,
-            )
-        )
+        ref = None if reference is None else reference[n]
+        out.append(_probe_score(probe, t_ids, logp, pred, alt.get(n), ref))
     return out
 
 
-def predictions(lm: Any, probes: Sequence[Probe], *, batch_size: int = 32) -> list[list[int]]:
+def predictions(
+    lm: Any,
+    probes: Sequence[Probe],
+    *,
+    batch_size: int = 32,
+    impl: Impl = "fast",
+    precision: Precision = "model",
+) -> list[list[int]]:
     """The argmax ids at each probe's target positions (cache these once for locality)."""
     probes = [Probe(p.prompt, p.target, None, p.test, p.meta) for p in probes]
-    return [s.pred_tokens for s in score_probes(lm, probes, batch_size=batch_size)]
+    scores = score_probes(lm, probes, batch_size=batch_size, impl=impl, precision=precision)
+    return [s.pred_tokens for s in scores]
 
 
 def next_token_probs(
-    lm: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+    lm: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 32,
+    impl: Impl = "fast",
+    precision: Precision = "model",
 ) -> list[float]:
     """Probability of each target's *first* token right after its prompt."""
     prompts, targets = list(prompts), list(targets)
@@ -324,7 +399,8 @@ def next_token_probs(
         raise InvalidRequestError(f"{len(prompts)} prompts but {len(targets)} targets")
     names = [f"prompt={p!r} target={t!r}" for p, t in zip(prompts, targets, strict=True)]
     seqs = [(p, t[:1]) for p, t in _tokenize_batch(lm.tokenizer, prompts, targets, names)]
-    return [float(lp[0].exp()) for lp, _ in _score_sequences(lm, seqs, batch_size)]
+    scored = _forward_scores(lm, seqs, batch_size, impl, precision)
+    return [float(lp[0].exp()) for lp, _ in scored]
 
 
 class _LeftPadding:
@@ -354,15 +430,26 @@ def encode_left_padded(lm: Any, prompts: Sequence[str]) -> dict[str, torch.Tenso
 
 
 def generate(
-    lm: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32, **kwargs: Any
+    lm: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    precision: Precision = "model",
+    **kwargs: Any,
 ) -> list[str]:
-    """Batched ``model.generate`` with left padding; returns only the new text per prompt."""
+    """Batched ``model.generate`` (its KV cache, left padding); returns only the new text per
+    prompt. ``precision``: see :data:`Precision`."""
     prompts = list(prompts)
     texts: list[str] = []
     pad = _pad_id(lm.tokenizer)
     for start in range(0, len(prompts), batch_size):
         enc = encode_left_padded(lm, prompts[start : start + batch_size])
-        with torch.inference_mode(), declare_prompt(lm):  # the prefill is the prompt
+        with (
+            torch.inference_mode(),
+            precision_context(lm, precision),
+            declare_prompt(lm),  # the prefill is the prompt
+        ):
             out = lm.model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs
             )
@@ -372,7 +459,12 @@ def generate(
 
 
 def greedy_completion(
-    lm: Any, prompts: Sequence[str], max_new_tokens: int = 5, *, batch_size: int = 32
+    lm: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 5,
+    *,
+    batch_size: int = 32,
+    precision: Precision = "model",
 ) -> list[str]:
     """Greedy continuation of each prompt (new text only), batched with left padding."""
     return generate(
@@ -380,9 +472,88 @@ def greedy_completion(
         prompts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        precision=precision,
         do_sample=False,
         num_beams=1,
         top_k=None,
         top_p=None,
         temperature=None,
     )
+
+
+# --------------------------------------------------------------------------- generate-scored
+
+
+@dataclass
+class GenerateScore:
+    """Generation-scored probe: the greedy ``continuation`` of the prompt; ``exact`` when it
+    begins with the target (:func:`begins_with`); ``agree`` (with a reference)
+    when it equals the unedited model's continuation, normalised the same way."""
+
+    continuation: str
+    exact: bool
+    agree: bool | None = None
+
+
+def normalise(text: str) -> str:
+    """Whitespace runs to one space, ends stripped, case folded (generate-scoring's rule)."""
+    return " ".join(text.split()).casefold()
+
+
+def begins_with(text: str, target: str) -> bool:
+    """Whether ``text`` begins with ``target`` once both are normalised, ending at a word
+    boundary (``"Parisian"`` does not begin with ``"Paris"``)."""
+    text, target = normalise(text), normalise(target)
+    if not target or not text.startswith(target):
+        return False
+    rest = text[len(target) :]
+    return not rest or not (rest[0].isalnum() and target[-1].isalnum())
+
+
+def continuations(
+    lm: Any, probes: Sequence[Probe], *, extra_tokens: int = 2, batch_size: int = 32
+) -> list[str]:
+    """Each probe's greedy continuation, ``len(target tokens) + extra_tokens`` tokens long
+    (probes needing the same length share batches)."""
+    probes = list(probes)
+    names = [_describe(p) for p in probes]
+    seqs = _tokenize_batch(
+        lm.tokenizer, [p.prompt for p in probes], [p.target for p in probes], names
+    )
+    by_length: dict[int, list[int]] = {}
+    for i, (_, t_ids) in enumerate(seqs):
+        by_length.setdefault(len(t_ids) + extra_tokens, []).append(i)
+    out = [""] * len(probes)
+    for n_new, idx in by_length.items():
+        texts = greedy_completion(lm, [probes[i].prompt for i in idx], n_new, batch_size=batch_size)
+        for i, text in zip(idx, texts, strict=True):
+            out[i] = text
+    return out
+
+
+def generate_scores(
+    lm: Any,
+    probes: Sequence[Probe],
+    *,
+    reference: Sequence[str] | None = None,
+    extra_tokens: int = 2,
+    batch_size: int = 32,
+) -> list[GenerateScore]:
+    """Generation-scored probes: success when the greedy continuation of the target's token
+    count plus ``extra_tokens`` begins with the target. ``reference``: the unedited model's
+    :func:`continuations` per probe, for neighbourhood agreement. Scores what the model says,
+    where teacher forcing scores what it would say if given the right first tokens."""
+    probes = list(probes)
+    if reference is not None and len(reference) != len(probes):
+        raise InvalidRequestError(
+            f"reference has {len(reference)} continuations for {len(probes)} probes"
+        )
+    texts = continuations(lm, probes, extra_tokens=extra_tokens, batch_size=batch_size)
+    return [
+        GenerateScore(
+            continuation=text,
+            exact=begins_with(text, probe.target),
+            agree=None if reference is None else normalise(text) == normalise(reference[i]),
+        )
+        for i, (probe, text) in enumerate(zip(probes, texts, strict=True))
+    ]

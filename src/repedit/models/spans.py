@@ -37,11 +37,13 @@ class PromptSpan:
 
     ``lengths``: per row, how many leading tokens are prompt (right padding); None: every
     position of the first forward is prompt (left-padded generation, whose prefill is all
-    prompt and padding).
+    prompt and padding). ``where``: instead, an explicit bool ``[batch, seq]`` mask of the
+    prompt tokens (packed rows, where prompts and answers interleave).
     """
 
     lengths: torch.Tensor | None = None
     seen: set[Hashable] = field(default_factory=set)
+    where: torch.Tensor | None = None
 
     def mask(self, key: Hashable, x: torch.Tensor) -> torch.Tensor | None:
         """Prompt positions of ``x`` ([batch, seq, ...]) for hook ``key``: a bool [batch, seq]
@@ -50,6 +52,13 @@ class PromptSpan:
         if key in self.seen:
             return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         self.seen.add(key)
+        if self.where is not None:
+            if tuple(self.where.shape) != tuple(x.shape[:2]):
+                raise RepeditError(
+                    f"a prompt mask of shape {tuple(self.where.shape)} was declared, but the "
+                    f"forward has shape {tuple(x.shape)}"
+                )
+            return self.where.to(x.device)
         if self.lengths is None:
             return None
         if x.dim() < 2 or x.shape[0] != self.lengths.numel():
@@ -67,10 +76,14 @@ def prompt_span(lm: Any) -> PromptSpan | None:
 
 
 @contextlib.contextmanager
-def declare_prompt(lm: Any, lengths: torch.Tensor | None = None) -> Iterator[PromptSpan]:
-    """Declare the prompt of the forward(s) run in the block (see the module doc); the previous
-    declaration, if any, is restored on exit."""
+def declare_prompt(
+    lm: Any, lengths: torch.Tensor | None = None, *, where: torch.Tensor | None = None
+) -> Iterator[PromptSpan]:
+    """Declare the prompt of the forward(s) run in the block (see the module doc): by row
+    ``lengths`` or by an explicit bool ``where`` mask; the previous declaration, if any, is
+    restored on exit."""
     span = PromptSpan(None if lengths is None else torch.as_tensor(lengths).reshape(-1))
+    span.where = None if where is None else torch.as_tensor(where, dtype=torch.bool)
     previous = prompt_span(lm)
     setattr(lm, ATTRIBUTE, span)
     try:
