@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from repedit.errors import WriteError
@@ -69,6 +71,53 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+#: what writing a model directory may raise when the disk fills (torch, safetensors, the OS)
+WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; on success it takes ``path``'s place.
+
+    Everything in it is flushed to disk before the rename. An existing ``path`` is moved aside
+    and deleted only once the new directory is in place: a crash leaves the old directory, the
+    new one, or (between the two renames) none, never a mixture. A failure while writing
+    raises ``WriteError`` and removes the temporary directory.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise WriteError(f"cannot write the directory {target}: a file of that name exists")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        for file in sorted(tmp.rglob("*")):
+            fsync_path(file)
+        fsync_path(tmp)
+        kill_point("export.rename")
+        _swap_in(tmp, target)
+    except WRITE_FAILURES as exc:
+        raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``, replacing an existing directory there."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old)  # onto the empty placeholder
+    os.replace(new, target)
+    fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
@@ -82,9 +131,7 @@ def write_safetensors(
     with atomic_path(path) as tmp:
         try:
             save_file(flat, str(tmp), metadata={"repedit": json.dumps(metadata, sort_keys=True)})
-        except OSError:
-            raise
-        except Exception as exc:  # safetensors reports I/O failures from Rust as its own type
+        except SafetensorError as exc:  # I/O failures in safetensors' Rust code
             raise WriteError(f"cannot write {path}: {_reason(exc)}") from None
 
 

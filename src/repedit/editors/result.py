@@ -16,7 +16,8 @@ import torch
 
 from repedit import __version__
 from repedit.errors import EditError, FingerprintMismatchError, RepeditError
-from repedit.io import read_safetensors, write_safetensors
+from repedit.faults import kill_point
+from repedit.io import atomic_dir, read_safetensors, write_safetensors
 from repedit.models.registry import get_attr
 
 
@@ -125,18 +126,28 @@ class EditResult:
         return result
 
     def export(self, lm: Any, directory: str | Path) -> Path:
-        """Write the edited model as a Hugging Face directory (safetensors) + tokenizer."""
-        directory = Path(directory)
+        """Write the edited model as a Hugging Face directory (safetensors) + tokenizer.
+
+        Built in a temporary directory beside ``directory`` and renamed into place once
+        complete (see :func:`repedit.io.atomic_dir`), so a crash or a full disk never leaves
+        a directory that loads as a model but holds half of one.
+        """
+        with atomic_dir(directory) as tmp:
+            self.write_model(lm, tmp)
+        return Path(directory)
+
+    def write_model(self, lm: Any, directory: Path) -> None:
+        """Save ``lm`` with this edit applied into ``directory`` (not atomic on its own)."""
         was_applied = self.applied
         if not was_applied:
             self.apply(lm)
         try:
             lm.model.save_pretrained(directory)
+            kill_point("export.weights")
             lm.tokenizer.save_pretrained(directory)
         finally:
             if not was_applied:
                 self.revert(lm)
-        return directory
 
 
 def merge_results(results: list[EditResult]) -> EditResult:
