@@ -14,6 +14,9 @@ one dictionary lookup. Points:
     an export, after the weights are in the temporary directory and before the tokenizer.
 ``export.rename``
     an export, when the temporary directory is complete, just before it is renamed into place.
+``export.swap``
+    an export over an existing directory, after that one is moved aside and before the new
+    one takes its place.
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ def _swap_in(new: Path, target: Path) -> None:
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         os.replace(target, old)  # onto the empty placeholder
+        kill_point("export.swap")
     os.replace(new, target)
     fsync_path(target.parent)
     if old is not None:
