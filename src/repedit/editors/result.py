@@ -59,7 +59,7 @@ class EditResult:
             raise EditError("this edit is already applied")
         originals = {}
         with torch.no_grad():
-            params = {name: get_attr(lm.model, name) for name in self.deltas}
+            params = {name: _weight(lm, name) for name in self.deltas}
             for name, param in params.items():
                 if param.shape != self.deltas[name].shape:
                     raise FingerprintMismatchError(
@@ -112,6 +112,7 @@ class EditResult:
             raise RepeditError(f"{path} is not a readable repedit edit file: {exc}") from exc
         if "method" not in meta or "fingerprint" not in meta:
             raise RepeditError(f"{path} has no repedit metadata (not an edit file?)")
+        _check_metadata(path, meta)
         result = cls(
             method=meta["method"],
             fingerprint=meta["fingerprint"],
@@ -148,6 +149,41 @@ class EditResult:
         finally:
             if not was_applied:
                 self.revert(lm)
+
+
+#: metadata fields of an edit file and the JSON type each must have
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "method": str,
+    "fingerprint": str,
+    "requests": list,
+    "hparams": dict,
+    "info": dict,
+}
+
+
+def _check_metadata(path: str | Path, meta: dict[str, Any]) -> None:
+    """Refuse an edit file whose metadata has the wrong shape (hand-edited or damaged)."""
+    for key, kind in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise RepeditError(
+                f"{path}: metadata field {key!r} should be a {getattr(kind, '__name__', kind)}, "
+                f"not {type(meta[key]).__name__} (a damaged or hand-edited edit file?)"
+            )
+    if not all(isinstance(r, dict) for r in meta.get("requests", [])):
+        raise RepeditError(f"{path}: metadata field 'requests' should hold objects")
+
+
+def _weight(lm: Any, name: str) -> torch.Tensor:
+    """The parameter ``name`` of ``lm``, or a RepeditError if the model has none."""
+    try:
+        param = get_attr(lm.model, name)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        param = None
+    if not isinstance(param, torch.Tensor):
+        raise FingerprintMismatchError(
+            f"the edit changes {name!r}, which is not a weight of model {getattr(lm, 'name', '')!r}"
+        )
+    return param
 
 
 def merge_results(results: list[EditResult]) -> EditResult:

@@ -605,6 +605,19 @@ def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]
                 f"these REP adapters were trained for base model {saved}, but the model "
                 f"{getattr(lm, 'name', '')!r} has fingerprint {lm.fingerprint}; refusing to load"
             )
+    try:
+        return _build_adapters(tensors, meta, lm)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise RepeditError(
+            f"{path}: malformed REP adapter file ({exc.__class__.__name__}: {exc}; damaged or "
+            "hand-edited?)"
+        ) from None
+
+
+def _build_adapters(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], lm: Any | None
+) -> dict[int, Adapter]:
+    """The adapters described by an adapter file's metadata, filled with its tensors."""
     device = lm.device if lm is not None else None
     out: dict[int, Adapter] = {}
     for key, spec in meta["layers"].items():
@@ -619,16 +632,31 @@ def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]
         configs = meta.get("member_configs", {}).get(key) or [meta["config"]] * spec["n"]
         members = []
         for i in range(spec["n"]):
-            adapter = RepAdapter(spec["d_mlp"], _config_from(configs[i]))
+            cfg = _config_from(configs[i])
             prefix = f"layer.{layer}.{i}."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            _check_shapes(spec["d_mlp"], cfg, state, f"layer {layer} member {i}")
+            adapter = RepAdapter(spec["d_mlp"], cfg)
             adapter.set_guard(state.pop("guard_w", torch.zeros(0, spec["d_mlp"])))
             adapter.set_prompt_keys(state.pop("prompt_k", torch.zeros(0, spec["d_mlp"])))
             state["guard_w"], state["prompt_k"] = adapter.guard_w, adapter.prompt_k
             adapter.load_state_dict(state)
             members.append(adapter.to(device=device, dtype=torch.float32).eval())
+        if not members:
+            raise ValueError(f"layer {layer} has no adapter")
         out[layer] = stack_adapters(members)
     return out
+
+
+def _check_shapes(d_mlp: int, cfg: RepConfig, state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse tensors that do not match ``cfg`` before allocating anything (sizes in a damaged
+    file could ask for any amount of memory): the adapter is first built on the meta device."""
+    with torch.device("meta"):
+        probe = RepAdapter(d_mlp, cfg).state_dict()
+    want = {k: tuple(v.shape) for k, v in probe.items() if k not in ("guard_w", "prompt_k")}
+    have = {k: tuple(v.shape) for k, v in state.items() if k not in ("guard_w", "prompt_k")}
+    if want != have:
+        raise ValueError(f"{what}: its tensors do not match its configuration")
 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
