@@ -156,7 +156,8 @@ class Hparams:
         out = {}
         for name in sorted(self.field_names()):
             val = getattr(self, name)
-            out[name] = dataclasses.asdict(val) if dataclasses.is_dataclass(val) else val
+            nested = dataclasses.is_dataclass(val) and not isinstance(val, type)
+            out[name] = dataclasses.asdict(val) if nested else val
         return out
 
     @classmethod

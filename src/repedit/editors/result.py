@@ -78,7 +78,7 @@ class EditResult:
             raise EditError("this edit is not applied")
         with torch.no_grad():
             for name, original in self._originals.items():
-                get_attr(lm.model, name).copy_(original)
+                _weight(lm, name).copy_(original)
         self._originals = None
         return self
 
