@@ -2,7 +2,7 @@
 
 The weight edit is baked into Hugging Face weights (``EditResult.export``). The adapters act on
 the key path through hooks, so they cannot be: they go next to the weights as
-``rep_adapters.safetensors`` (the :func:`~repedit.rep.adapter.save_adapters` format, with each
+``rep_adapters.safetensors`` (the :func:`~repedit.rep.adapter_file.save_adapters` format, with each
 adapted layer's down-projection module path), together with ``load_with_rep.py``, a copy of
 :mod:`repedit.rep.standalone` that attaches them with torch, transformers and safetensors only.
 """
@@ -17,7 +17,8 @@ from typing import Any
 from repedit.io import atomic_dir
 from repedit.models.fingerprint import model_fingerprint
 from repedit.rep import standalone
-from repedit.rep.adapter import Adapter, save_adapters
+from repedit.rep.adapter import Adapter
+from repedit.rep.adapter_file import save_adapters
 
 LOADER_FILE = "load_with_rep.py"
 
