@@ -33,3 +33,8 @@ class FingerprintMismatchError(RepeditError):
 
 class DataError(RepeditError):
     """A dataset file is missing or malformed."""
+
+
+class WriteError(RepeditError):
+    """A file could not be written (disk full, file-size limit, permissions); whatever stood
+    at that path before is left as it was."""

@@ -5,6 +5,7 @@ Kept free of torch so datasets can be read, validated and split without loading 
 
 from __future__ import annotations
 
+import string
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +18,8 @@ SUBJECT_SLOT = "{}"
 class EditRequest:
     """One fact to write: ``prompt.format(subject)`` should be completed by ``target_new``.
 
-    ``prompt`` holds exactly one ``{}`` where the subject goes, e.g. ``"{} is located in"``.
+    ``prompt`` holds exactly one ``{}`` where the subject goes, e.g. ``"{} is located in"``;
+    any other brace in it must be doubled (``{{``), so filling the slot can never fail later.
     """
 
     prompt: str
@@ -28,15 +30,18 @@ class EditRequest:
 
     def __post_init__(self) -> None:
         where = f" (case {self.case_id})" if self.case_id is not None else ""
-        if not isinstance(self.prompt, str) or self.prompt.count(SUBJECT_SLOT) != 1:
+        if not isinstance(self.prompt, str) or not _one_slot(self.prompt):
             raise InvalidRequestError(
-                f"prompt must contain exactly one '{{}}' for the subject{where}: {self.prompt!r}"
+                f"prompt must contain exactly one '{{}}' for the subject (other braces "
+                f"doubled){where}: {self.prompt!r}"
             )
         if not isinstance(self.subject, str) or not self.subject.strip():
             raise InvalidRequestError(f"empty subject{where}")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
             raise InvalidRequestError(f"empty target_new{where}")
-        if self.target_true is not None and not str(self.target_true).strip():
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise InvalidRequestError(f"target_true must be a string{where}")
+        if self.target_true is not None and not self.target_true.strip():
             object.__setattr__(self, "target_true", None)
 
     @property
@@ -53,6 +58,8 @@ class EditRequest:
     @classmethod
     def from_dict(cls, record: dict[str, Any], where: str = "") -> EditRequest:
         """Build from a JSON record; accepts a prompt that contains the subject verbatim."""
+        if not isinstance(record, dict):
+            raise InvalidRequestError(f"{where}: a request must be an object, not {record!r:.60}")
         try:
             prompt, subject = record["prompt"], record["subject"]
             target_new = record.get("target_new", record.get("target"))
@@ -60,6 +67,8 @@ class EditRequest:
             raise InvalidRequestError(f"{where}: missing field {exc}") from None
         if target_new is None:
             raise InvalidRequestError(f"{where}: missing field 'target_new'")
+        if not isinstance(subject, str):
+            raise InvalidRequestError(f"{where}: subject must be a string, not {subject!r:.60}")
         if isinstance(prompt, str) and SUBJECT_SLOT not in prompt:
             prompt = template_from_prompt(prompt, subject, where)
         return cls(
@@ -71,11 +80,21 @@ class EditRequest:
         )
 
 
+def _one_slot(template: str) -> bool:
+    """True if ``template`` has exactly one replacement field and it is a bare ``{}``."""
+    try:
+        fields = [(f, s, c) for _, f, s, c in string.Formatter().parse(template) if f is not None]
+    except ValueError:  # a lone "{" or "}"
+        return False
+    return fields == [("", "", None)]
+
+
 def template_from_prompt(prompt: str, subject: str, where: str = "") -> str:
     """Turn ``"Slovenia is located in"`` + ``"Slovenia"`` into ``"{} is located in"``.
 
-    The first occurrence is the slot (as in CounterFact). Braces already in the text are
-    escaped so that ``.format`` leaves them alone.
+    The first occurrence is the slot (as in CounterFact), also when the subject occurs again
+    or overlaps itself (``"aa"`` in ``"aaa"``): editing targets that position's tokens. Braces
+    already in the text are escaped so that ``.format`` leaves them alone.
     """
     if not subject or subject not in prompt:
         raise InvalidRequestError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -61,18 +62,13 @@ def _to_type(hint: Any, value: Any) -> Any:
             return bool(value)
         raise ValueError(f"expected true/false, got {value!r}")
     if hint in (int, float):
-        try:
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(number, bool) or not isinstance(number, int | float):
-                raise ValueError
-            if hint is int:
-                if not float(number).is_integer():
-                    raise ValueError
-                return int(number)
-            return float(number)
-        except ValueError:
-            kind = "a whole number" if hint is int else "a number"
-            raise ValueError(f"expected {kind}, got {value!r}") from None
+        return _number(hint, value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {value!r:.60}")
+        return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+        raise ValueError(f"expected a mapping of {hint.__name__} fields, got {value!r:.60}")
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
@@ -88,6 +84,26 @@ def _to_type(hint: Any, value: Any) -> Any:
             else tuple(value)
         )
     return value
+
+
+def _number(hint: type, value: Any) -> int | float:
+    """``value`` (a number, or its text) as a finite ``int`` or ``float``."""
+    kind = "a whole number" if hint is int else "a finite number"
+    try:
+        if isinstance(value, str):
+            text = value.strip()
+            value = int(text) if hint is int and text.lstrip("+-").isdigit() else float(text)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():  # also inf and nan
+                raise ValueError
+            return int(value)
+        if not math.isfinite(value := float(value)):
+            raise ValueError
+        return value
+    except (ValueError, OverflowError):
+        raise ValueError(f"expected {kind}, got {value!r:.60}") from None
 
 
 def layer_at(fraction: float, n_layers: int) -> int:
@@ -140,7 +156,8 @@ class Hparams:
         out = {}
         for name in sorted(self.field_names()):
             val = getattr(self, name)
-            out[name] = dataclasses.asdict(val) if dataclasses.is_dataclass(val) else val
+            nested = dataclasses.is_dataclass(val) and not isinstance(val, type)
+            out[name] = dataclasses.asdict(val) if nested else val
         return out
 
     @classmethod

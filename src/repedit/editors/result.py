@@ -16,7 +16,8 @@ import torch
 
 from repedit import __version__
 from repedit.errors import EditError, FingerprintMismatchError, RepeditError
-from repedit.io import read_safetensors, write_safetensors
+from repedit.faults import kill_point
+from repedit.io import atomic_dir, read_safetensors, write_safetensors
 from repedit.models.registry import get_attr
 
 
@@ -58,7 +59,7 @@ class EditResult:
             raise EditError("this edit is already applied")
         originals = {}
         with torch.no_grad():
-            params = {name: get_attr(lm.model, name) for name in self.deltas}
+            params = {name: _weight(lm, name) for name in self.deltas}
             for name, param in params.items():
                 if param.shape != self.deltas[name].shape:
                     raise FingerprintMismatchError(
@@ -77,7 +78,7 @@ class EditResult:
             raise EditError("this edit is not applied")
         with torch.no_grad():
             for name, original in self._originals.items():
-                get_attr(lm.model, name).copy_(original)
+                _weight(lm, name).copy_(original)
         self._originals = None
         return self
 
@@ -111,6 +112,7 @@ class EditResult:
             raise RepeditError(f"{path} is not a readable repedit edit file: {exc}") from exc
         if "method" not in meta or "fingerprint" not in meta:
             raise RepeditError(f"{path} has no repedit metadata (not an edit file?)")
+        _check_metadata(path, meta)
         result = cls(
             method=meta["method"],
             fingerprint=meta["fingerprint"],
@@ -125,18 +127,63 @@ class EditResult:
         return result
 
     def export(self, lm: Any, directory: str | Path) -> Path:
-        """Write the edited model as a Hugging Face directory (safetensors) + tokenizer."""
-        directory = Path(directory)
+        """Write the edited model as a Hugging Face directory (safetensors) + tokenizer.
+
+        Built in a temporary directory beside ``directory`` and renamed into place once
+        complete (see :func:`repedit.io.atomic_dir`), so a crash or a full disk never leaves
+        a directory that loads as a model but holds half of one.
+        """
+        with atomic_dir(directory) as tmp:
+            self.write_model(lm, tmp)
+        return Path(directory)
+
+    def write_model(self, lm: Any, directory: Path) -> None:
+        """Save ``lm`` with this edit applied into ``directory`` (not atomic on its own)."""
         was_applied = self.applied
         if not was_applied:
             self.apply(lm)
         try:
             lm.model.save_pretrained(directory)
+            kill_point("export.weights")
             lm.tokenizer.save_pretrained(directory)
         finally:
             if not was_applied:
                 self.revert(lm)
-        return directory
+
+
+#: metadata fields of an edit file and the JSON type each must have
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "method": str,
+    "fingerprint": str,
+    "requests": list,
+    "hparams": dict,
+    "info": dict,
+}
+
+
+def _check_metadata(path: str | Path, meta: dict[str, Any]) -> None:
+    """Refuse an edit file whose metadata has the wrong shape (hand-edited or damaged)."""
+    for key, kind in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise RepeditError(
+                f"{path}: metadata field {key!r} should be a {getattr(kind, '__name__', kind)}, "
+                f"not {type(meta[key]).__name__} (a damaged or hand-edited edit file?)"
+            )
+    if not all(isinstance(r, dict) for r in meta.get("requests", [])):
+        raise RepeditError(f"{path}: metadata field 'requests' should hold objects")
+
+
+def _weight(lm: Any, name: str) -> torch.Tensor:
+    """The parameter ``name`` of ``lm``, or a RepeditError if the model has none."""
+    try:
+        param = get_attr(lm.model, name)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        param = None
+    if not isinstance(param, torch.Tensor):
+        raise FingerprintMismatchError(
+            f"the edit changes {name!r}, which is not a weight of model {getattr(lm, 'name', '')!r}"
+        )
+    return param
 
 
 def merge_results(results: list[EditResult]) -> EditResult:

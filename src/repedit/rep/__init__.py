@@ -16,12 +16,10 @@ from repedit.rep.adapter import (
     RepAdapter,
     RepConfig,
     RepStack,
-    load_adapters,
     make_adapters,
-    read_adapter_metadata,
     released_config,
-    save_adapters,
 )
+from repedit.rep.adapter_file import load_adapters, read_adapter_metadata, save_adapters
 from repedit.rep.export import export_with_rep
 from repedit.rep.inject import RepInjection, attach, rep_applied
 from repedit.rep.reader import read_keys

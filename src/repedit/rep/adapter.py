@@ -16,19 +16,15 @@ the ``match`` loss, the decoupled projection, the guard): see ``docs/method.md``
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from repedit import __version__
 from repedit.editors.hparams import Hparams
-from repedit.errors import FingerprintMismatchError, InvalidRequestError, RepeditError
-from repedit.io import read_safetensors, write_safetensors
+from repedit.errors import InvalidRequestError
 
 TARGETS = ("whitened", "raw", "released")
 #: ``keep_prompt_key``: how close (‖k − k_o‖/‖k_o‖) a key must be to the edit prompt's own
@@ -467,111 +463,7 @@ def make_adapters(
     return out
 
 
-# --------------------------------------------------------------------------- saving
-
-
-def _members(adapter: Adapter) -> list[RepAdapter]:
-    return list(adapter.adapters) if isinstance(adapter, RepStack) else [adapter]  # type: ignore[arg-type]
-
-
-def save_adapters(
-    path: str | Path,
-    adapters: Mapping[int, Adapter],
-    cfg: RepConfig | None = None,
-    fingerprint: str | None = None,
-    *,
-    info: dict[str, Any] | None = None,
-) -> Path:
-    """Write adapters to ``path`` (safetensors) with JSON metadata, atomically.
-
-    Store them next to the edit, e.g. ``edit.safetensors`` + ``edit.rep.safetensors``.
-    ``fingerprint``: the base model's (``lm.fingerprint``); loading refuses other models.
-    """
-    if not adapters:
-        raise RepeditError("no adapters to save")
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    for layer, adapter in sorted(adapters.items()):
-        members = _members(adapter)
-        layers[str(layer)] = {"n": len(members), "d_mlp": members[0].d_mlp}
-        for i, member in enumerate(members):
-            for name, value in member.state_dict().items():
-                tensors[f"layer.{layer}.{i}.{name}"] = value.detach().float().clone()
-    first = _members(next(iter(adapters.values())))[0]
-    cfg = cfg or first.cfg
-    meta = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        "config": cfg.to_dict(),
-        "member_configs": {
-            str(layer): [m.cfg.to_dict() for m in _members(a)] for layer, a in adapters.items()
-        },
-        "layers": layers,
-        "info": info or {},
-        "repedit_version": __version__,
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    write_safetensors(path, tensors, meta)
-    return path
-
-
-def _config_from(values: dict[str, Any]) -> RepConfig:
-    known = RepConfig.field_names()
-    # files written before ``prompt_only`` existed adapted every token: keep them doing so
-    values = {"prompt_only": False, **values}
-    return RepConfig().replace(**{k: v for k, v in values.items() if k in known})
-
-
-def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]:
-    """Read adapters saved by :func:`save_adapters`, in eval mode (on ``lm``'s device).
-
-    With ``lm``, a file made for another base model is refused (``FingerprintMismatchError``),
-    as is one whose key width differs from the model's down-projections.
-    """
-    try:
-        tensors, meta = read_safetensors(path)
-    except FileNotFoundError:
-        raise RepeditError(f"REP adapter file not found: {path}") from None
-    except Exception as exc:
-        raise RepeditError(f"{path} is not a readable REP adapter file: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise RepeditError(
-            f"{path} is not a repedit REP adapter file (format {meta.get('format')})"
-        )
-    if lm is not None:
-        saved = meta.get("fingerprint")
-        if saved is not None and saved != lm.fingerprint:
-            raise FingerprintMismatchError(
-                f"these REP adapters were trained for base model {saved}, but the model "
-                f"{getattr(lm, 'name', '')!r} has fingerprint {lm.fingerprint}; refusing to load"
-            )
-    device = lm.device if lm is not None else None
-    out: dict[int, Adapter] = {}
-    for key, spec in meta["layers"].items():
-        layer = int(key)
-        if lm is not None:
-            lm.arch.check_layer(layer)
-            if lm.arch.d_mlp != spec["d_mlp"]:
-                raise FingerprintMismatchError(
-                    f"REP adapter for layer {layer} has d_mlp {spec['d_mlp']}, the model "
-                    f"{lm.arch.d_mlp}"
-                )
-        configs = meta.get("member_configs", {}).get(key) or [meta["config"]] * spec["n"]
-        members = []
-        for i in range(spec["n"]):
-            adapter = RepAdapter(spec["d_mlp"], _config_from(configs[i]))
-            prefix = f"layer.{layer}.{i}."
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            adapter.set_guard(state.pop("guard_w", torch.zeros(0, spec["d_mlp"])))
-            adapter.set_prompt_keys(state.pop("prompt_k", torch.zeros(0, spec["d_mlp"])))
-            state["guard_w"], state["prompt_k"] = adapter.guard_w, adapter.prompt_k
-            adapter.load_state_dict(state)
-            members.append(adapter.to(device=device, dtype=torch.float32).eval())
-        out[layer] = stack_adapters(members)
-    return out
-
-
-def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of an adapter file (config, fingerprint, training info)."""
-    return read_safetensors(path)[1]
+# the file format lives in its own module; these names stay importable from here
+from repedit.rep.adapter_file import load_adapters as load_adapters  # noqa: E402
+from repedit.rep.adapter_file import read_adapter_metadata as read_adapter_metadata  # noqa: E402
+from repedit.rep.adapter_file import save_adapters as save_adapters  # noqa: E402

@@ -2,7 +2,7 @@
 
 The weight edit is baked into Hugging Face weights (``EditResult.export``). The adapters act on
 the key path through hooks, so they cannot be: they go next to the weights as
-``rep_adapters.safetensors`` (the :func:`~repedit.rep.adapter.save_adapters` format, with each
+``rep_adapters.safetensors`` (the :func:`~repedit.rep.adapter_file.save_adapters` format, with each
 adapted layer's down-projection module path), together with ``load_with_rep.py``, a copy of
 :mod:`repedit.rep.standalone` that attaches them with torch, transformers and safetensors only.
 """
@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from repedit.io import atomic_dir
 from repedit.models.fingerprint import model_fingerprint
 from repedit.rep import standalone
-from repedit.rep.adapter import Adapter, save_adapters
+from repedit.rep.adapter import Adapter
+from repedit.rep.adapter_file import save_adapters
 
 LOADER_FILE = "load_with_rep.py"
 
@@ -29,20 +31,21 @@ def export_with_rep(
     The adapter file carries the *edited* model's fingerprint, so
     ``load_adapters(directory / "rep_adapters.safetensors", load_model(directory))`` works and
     any other model is refused; ``info.base_fingerprint`` names the model that was edited.
+    Everything is written to a temporary directory that is renamed into place when complete.
     """
-    directory = Path(directory)
     names = {id(module): name for name, module in lm.model.named_modules()}
     modules = {str(layer): names[id(lm.arch.down_proj(layer))] for layer in adapters}
-    was_applied = result.applied
-    if not was_applied:
-        result.apply(lm)
-    try:
-        result.export(lm, directory)  # applied: written as it is
-        edited = model_fingerprint(lm.model)
-    finally:
+    with atomic_dir(directory) as tmp:
+        was_applied = result.applied
         if not was_applied:
-            result.revert(lm)
-    info = {"modules": modules, "base_fingerprint": lm.fingerprint, "method": result.method}
-    save_adapters(directory / standalone.ADAPTER_FILE, adapters, fingerprint=edited, info=info)
-    shutil.copyfile(standalone.__file__, directory / LOADER_FILE)
-    return directory
+            result.apply(lm)
+        try:
+            result.write_model(lm, tmp)  # applied: written as it is
+            edited = model_fingerprint(lm.model)
+        finally:
+            if not was_applied:
+                result.revert(lm)
+        info = {"modules": modules, "base_fingerprint": lm.fingerprint, "method": result.method}
+        save_adapters(tmp / standalone.ADAPTER_FILE, adapters, fingerprint=edited, info=info)
+        shutil.copyfile(standalone.__file__, tmp / LOADER_FILE)
+    return Path(directory)

@@ -8,12 +8,13 @@ float64, and partial sums are checkpointed so an interrupted run resumes where i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 
 from repedit.errors import StatsCacheError
+from repedit.faults import kill_point
 from repedit.io import read_safetensors, write_json, write_safetensors
+from repedit.locks import file_lock
 from repedit.models.hooks import Hooks
 from repedit.paths import cache_dir
 from repedit.progress import progress_bar
@@ -170,7 +173,9 @@ def second_moments(
     """``C`` for each layer in ``layers``, from the first ``n_tokens`` tokens of ``corpus``.
 
     Cached files are verified (key, shape, checksum) before use; a bad one is recomputed with a
-    warning. ``report`` (if given) receives tokens, seconds and tokens/s of the computation.
+    warning. Missing layers are computed under a per-key file lock, so two processes asking for
+    the same statistics compute them once: the second waits, then reads the first one's file.
+    ``report`` (if given) receives tokens, seconds and tokens/s of the computation.
     """
     if isinstance(corpus, str):
         corpus = resolve_corpus(corpus, lm)
@@ -183,161 +188,253 @@ def second_moments(
         layer: StatsKey(lm.fingerprint, layer, corpus.identity, n_tokens, seq_len)
         for layer in sorted(set(layers))
     }
-    result: dict[int, SecondMoment] = {}
-    todo: dict[int, StatsKey] = {}
-    for layer, key in keys.items():
-        path = key.path(root)
-        if use_cache and path.exists():
-            try:
-                tensors, meta = _read_checked(path, key)
-                result[layer] = SecondMoment(
-                    layer,
-                    tensors["sum"] / meta["count"],
-                    meta["count"],
-                    {**meta, "cached": True, "path": str(path)},
-                )
-                continue
-            except StatsCacheError as exc:
-                warnings.warn(f"ignoring bad statistics cache, recomputing: {exc}", stacklevel=2)
-        todo[layer] = key
-    if report is not None:
-        report.update(cached_layers=sorted(result), computed_layers=sorted(todo))
-    if todo:
-        result.update(
-            _compute(
-                lm,
-                todo,
-                corpus,
-                n_tokens,
-                seq_len,
-                batch_tokens,
-                root,
-                use_cache,
-                checkpoint_tokens,
-                progress,
-                report,
-            )
-        )
+    result, seen = _read_cached(keys, root, {}) if use_cache else ({}, {})
+    todo = {layer: key for layer, key in keys.items() if layer not in result}
+    if todo and use_cache:
+        with _locked(todo, root):
+            # another process may have written some of them while this one waited
+            found, _ = _read_cached(todo, root, seen)
+            result.update(found)
+            todo = {layer: key for layer, key in todo.items() if layer not in found}
+            if report is not None:
+                report.update(cached_layers=sorted(result), computed_layers=sorted(todo))
+            if todo:
+                job = _Job(lm, corpus, n_tokens, seq_len, batch_tokens, root, True)
+                result.update(_compute(job, todo, checkpoint_tokens, progress, report))
+    elif todo:
+        if report is not None:
+            report.update(cached_layers=[], computed_layers=sorted(todo))
+        job = _Job(lm, corpus, n_tokens, seq_len, batch_tokens, root, False)
+        result.update(_compute(job, todo, checkpoint_tokens, progress, report))
+    elif report is not None:
+        report.update(cached_layers=sorted(result), computed_layers=[])
     return {layer: result[layer] for layer in sorted(set(layers))}
 
 
-def _compute(
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _read_cached(
+    keys: dict[int, StatsKey], root: Path, skip: dict[int, tuple[int, int] | None]
+) -> tuple[dict[int, SecondMoment], dict[int, tuple[int, int] | None]]:
+    """Valid cache files among ``keys``, and the (mtime, size) of each miss.
+
+    A file whose (mtime, size) equals ``skip``'s (already found bad) is not read again; any
+    other bad file is ignored with a warning, never loaded.
+    """
+    found: dict[int, SecondMoment] = {}
+    missed: dict[int, tuple[int, int] | None] = {}
+    for layer, key in keys.items():
+        path = key.path(root)
+        stat = _stat(path)
+        missed[layer] = stat
+        if stat is None or (layer in skip and skip[layer] == stat):
+            continue
+        try:
+            tensors, meta = _read_checked(path, key)
+        except StatsCacheError as exc:
+            warnings.warn(f"ignoring bad statistics cache, recomputing: {exc}", stacklevel=3)
+            continue
+        found[layer] = SecondMoment(
+            layer,
+            tensors["sum"] / meta["count"],
+            meta["count"],
+            {**meta, "cached": True, "path": str(path)},
+        )
+        del missed[layer]
+    return found, missed
+
+
+@contextlib.contextmanager
+def _locked(keys: dict[int, StatsKey], root: Path) -> Iterator[None]:
+    """Hold every key's lock file (in layer order, so two processes never deadlock)."""
+    with contextlib.ExitStack() as stack:
+        for layer, key in sorted(keys.items()):
+            path = key.path(root).with_suffix(".lock")
+
+            def waiting(layer: int = layer) -> None:
+                log.warning(
+                    "layer %d: another process is computing these key statistics; waiting", layer
+                )
+
+            stack.enter_context(file_lock(path, on_wait=waiting))
+        yield
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one computation reads from and writes to."""
+
+    lm: Any
+    corpus: Corpus
+    n_tokens: int
+    seq_len: int
+    batch_tokens: int
+    root: Path
+    use_cache: bool
+
+
+@dataclass
+class _Sums:
+    """Running sums per layer: ``acc`` (float64 Σ kkᵀ), tokens ``count``ed, windows ``done``."""
+
+    acc: dict[int, torch.Tensor]
+    count: dict[int, int]
+    done: dict[int, int]
+
+    @classmethod
+    def start(cls, job: _Job, keys: dict[int, StatsKey]) -> _Sums:
+        """Zeros, or each layer's checkpoint where a valid one exists."""
+        d = job.lm.arch.d_mlp
+        sums = cls(
+            {layer: torch.zeros(d, d, dtype=torch.float64) for layer in keys},
+            dict.fromkeys(keys, 0),
+            dict.fromkeys(keys, 0),
+        )
+        if not job.use_cache:
+            return sums
+        for layer, key in keys.items():
+            part = key.partial_path(job.root)
+            if not part.exists():
+                continue
+            try:
+                tensors, meta = _read_checked(part, key)
+            except StatsCacheError as exc:
+                warnings.warn(f"ignoring bad partial statistics: {exc}", stacklevel=4)
+                continue
+            sums.acc[layer], sums.count[layer] = tensors["sum"], meta["count"]
+            sums.done[layer] = meta["windows"]
+            log.info("layer %d: resuming after %d tokens", layer, sums.count[layer])
+        return sums
+
+    @property
+    def seen(self) -> int:
+        """Tokens counted by the slowest layer."""
+        return min(self.count.values())
+
+    def checkpoint(self, job: _Job, keys: dict[int, StatsKey]) -> None:
+        for layer, key in keys.items():
+            path = key.partial_path(job.root)
+            _write(path, key, self.acc[layer], self.count[layer], self.done[layer], {})
+
+
+def _padded(batch: list[list[int]], budget: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` for the windows of ``batch`` cut to ``budget`` tokens in all."""
+    kept = []
+    for w in batch:
+        take = min(len(w), budget)
+        if take <= 0:
+            break
+        kept.append(w[:take])
+        budget -= take
+    width = max(len(w) for w in kept)
+    ids = torch.full((len(kept), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(kept), width), dtype=torch.long)
+    for i, w in enumerate(kept):
+        ids[i, : len(w)] = torch.tensor(w)
+        mask[i, : len(w)] = 1
+    return ids, mask
+
+
+def _accumulate(
     lm: Any,
     keys: dict[int, StatsKey],
-    corpus: Corpus,
-    n_tokens: int,
-    seq_len: int,
-    batch_tokens: int,
-    root: Path,
-    use_cache: bool,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    first: int,
+    sums: _Sums,
+) -> None:
+    """One forward pass over windows ``first, first+1, …``; add their keys to ``sums``.
+
+    A layer that resumed from a later checkpoint than the others skips the rows it has.
+    """
+    modules = {layer: lm.arch.down_proj(layer) for layer in keys}
+    rows, width = ids.shape
+    d = lm.arch.d_mlp
+    with torch.inference_mode(), Hooks() as hooks:
+        for layer, module in modules.items():
+            hooks.capture(str(layer), module)
+        hooks.stop_before(modules[max(keys)])  # its input is all we need
+        hooks.run(
+            lm.model,
+            input_ids=ids.to(lm.device),
+            attention_mask=mask.to(lm.device),
+            use_cache=False,
+        )
+        for layer in keys:
+            skip = max(0, sums.done[layer] - first)
+            if skip >= rows:
+                continue
+            k = hooks[str(layer)].float().reshape(rows, width, d)[skip:].reshape(-1, d)
+            k = k[mask.bool()[skip:].reshape(-1).to(k.device)]
+            sums.acc[layer] += (k.T @ k).to("cpu", torch.float64)
+            sums.count[layer] += k.shape[0]
+            sums.done[layer] = first + rows
+
+
+def _compute(
+    job: _Job,
+    keys: dict[int, StatsKey],
     checkpoint_tokens: int,
     progress: bool,
     report: dict[str, Any] | None,
 ) -> dict[int, SecondMoment]:
-    d = lm.arch.d_mlp
-    acc = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in keys}
-    count = dict.fromkeys(keys, 0)
-    done = dict.fromkeys(keys, 0)  # windows already in acc
-    if use_cache:
-        for layer, key in keys.items():
-            part = key.partial_path(root)
-            if part.exists():
-                try:
-                    tensors, meta = _read_checked(part, key)
-                    acc[layer], count[layer], done[layer] = (
-                        tensors["sum"],
-                        meta["count"],
-                        meta["windows"],
-                    )
-                    log.info("layer %d: resuming after %d tokens", layer, count[layer])
-                except StatsCacheError as exc:
-                    warnings.warn(f"ignoring bad partial statistics: {exc}", stacklevel=2)
-    resumed = min(count.values())
-    modules = {layer: lm.arch.down_proj(layer) for layer in keys}
-    deepest = modules[max(keys)]
+    """Accumulate ``C`` for ``keys`` (resuming from checkpoints), then write and return it."""
+    lm, n_tokens = job.lm, job.n_tokens
+    sums = _Sums.start(job, keys)
+    resumed = sums.seen
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    per_batch = max(1, batch_tokens // seq_len)
-    device = lm.device
-    start_window = min(done.values())
-    windows = itertools.islice(token_windows(corpus, lm.tokenizer, seq_len), start_window, None)
-    window_index = start_window
-    seen = resumed  # tokens counted by the slowest layer
-    last_checkpoint = seen
+    window_index = min(sums.done.values())
+    windows = token_windows(job.corpus, lm.tokenizer, job.seq_len)
+    last_checkpoint = resumed
     t0, computed = time.perf_counter(), 0
     with progress_bar(progress) as bar:
-        task = bar.add_task("key statistics", total=n_tokens, completed=seen)
-        for batch in _batched(windows, per_batch):
-            if seen >= n_tokens:
+        task = bar.add_task("key statistics", total=n_tokens, completed=resumed)
+        per_batch = max(1, job.batch_tokens // job.seq_len)
+        for batch in _batched(itertools.islice(windows, window_index, None), per_batch):
+            if sums.seen >= n_tokens:
                 break
-            budget = n_tokens - seen
-            lengths, kept = [], []
-            for w in batch:
-                take = min(len(w), budget)
-                if take <= 0:
-                    break
-                kept.append(w[:take])
-                lengths.append(take)
-                budget -= take
-            width = max(lengths)
-            ids = torch.full((len(kept), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(kept), width), dtype=torch.long)
-            for i, w in enumerate(kept):
-                ids[i, : len(w)] = torch.tensor(w)
-                mask[i, : len(w)] = 1
-            with torch.inference_mode(), Hooks() as hooks:
-                for layer, module in modules.items():
-                    hooks.capture(str(layer), module)
-                hooks.stop_before(deepest)  # its input is all we need
-                hooks.run(
-                    lm.model,
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    use_cache=False,
-                )
-                flat_mask = mask.bool().reshape(-1)
-                for layer in keys:
-                    # rows of this batch this layer has not yet counted (after a resume)
-                    skip_rows = max(0, done[layer] - window_index)
-                    if skip_rows >= len(kept):
-                        continue
-                    k = hooks[str(layer)].float().reshape(len(kept), width, d)[skip_rows:]
-                    k = k.reshape(-1, d)[
-                        flat_mask.reshape(len(kept), width)[skip_rows:].reshape(-1).to(k.device)
-                    ]
-                    acc[layer] += (k.T @ k).to("cpu", torch.float64)
-                    count[layer] += k.shape[0]
-                    done[layer] = window_index + len(kept)
-            window_index += len(kept)
-            n_new = sum(lengths)
-            computed += n_new
-            seen = min(count.values())
-            bar.update(task, completed=seen)
-            if use_cache and seen - last_checkpoint >= checkpoint_tokens and seen < n_tokens:
-                for layer, key in keys.items():
-                    _write(key.partial_path(root), key, acc[layer], count[layer], done[layer], {})
-                last_checkpoint = seen
+            ids, mask = _padded(batch, n_tokens - sums.seen, pad)
+            _accumulate(lm, keys, ids, mask, window_index, sums)
+            window_index += ids.shape[0]
+            computed += int(mask.sum())
+            bar.update(task, completed=sums.seen)
+            kill_point("stats.batch")
+            due = sums.seen - last_checkpoint >= checkpoint_tokens
+            if job.use_cache and due and sums.seen < n_tokens:
+                sums.checkpoint(job, keys)
+                last_checkpoint = sums.seen
     seconds = time.perf_counter() - t0
-    if seen < n_tokens:
+    if sums.seen < n_tokens:
         warnings.warn(
-            f"corpus {corpus.identity} ran out after {seen} of {n_tokens} tokens; "
+            f"corpus {job.corpus.identity} ran out after {sums.seen} of {n_tokens} tokens; "
             "the statistics use what there was",
-            stacklevel=3,
+            stacklevel=4,
         )
     rate = computed / seconds if seconds > 0 else float("inf")
     if report is not None:
         report.update(tokens=computed, resumed_tokens=resumed, seconds=seconds, tokens_per_s=rate)
+    return _finish(job, keys, sums, rate)
+
+
+def _finish(
+    job: _Job, keys: dict[int, StatsKey], sums: _Sums, rate: float
+) -> dict[int, SecondMoment]:
+    """Write each finished layer's cache file (dropping its checkpoint) and build the results."""
     out: dict[int, SecondMoment] = {}
+    short = sums.seen < job.n_tokens  # a corpus shorter than n_tokens: the file records the count
     for layer, key in keys.items():
         extra = {"tokens_per_s": rate, "computed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        # a corpus shorter than n_tokens is final too: the file records the real count
-        if use_cache and (count[layer] == n_tokens or seen < n_tokens):
-            _write(key.path(root), key, acc[layer], count[layer], done[layer], extra)
-            key.partial_path(root).unlink(missing_ok=True)
-            key.partial_path(root).with_suffix(".json").unlink(missing_ok=True)
-        out[layer] = SecondMoment(
-            layer,
-            acc[layer] / max(count[layer], 1),
-            count[layer],
-            {"key": key.as_dict(), "cached": False, **extra},
-        )
+        acc, count = sums.acc[layer], sums.count[layer]
+        if job.use_cache and (count == job.n_tokens or short):
+            _write(key.path(job.root), key, acc, count, sums.done[layer], extra)
+            key.partial_path(job.root).unlink(missing_ok=True)
+            key.partial_path(job.root).with_suffix(".json").unlink(missing_ok=True)
+        meta = {"key": key.as_dict(), "cached": False, **extra}
+        out[layer] = SecondMoment(layer, acc / max(count, 1), count, meta)
     return out
