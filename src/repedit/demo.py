@@ -32,7 +32,8 @@ PROBE_KINDS: tuple[ProbeKind, ...] = ("prompt", "paraphrase", "scramble", "long-
 #: layer (d_mlp 1536 for the embedded model), sampled in one batched decode pass
 SAMPLED_TOKENS = 4_096
 SAMPLED_DOC_TOKENS = 128
-SAMPLED_BATCH = 32
+#: 40 documents of 128 tokens: one batched pass, with room for documents that end early
+SAMPLED_BATCH = 40
 #: long-context probe length in words (REP's default training length is 300 words)
 LONG_WORDS = 150
 

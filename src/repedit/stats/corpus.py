@@ -160,7 +160,7 @@ def sampled_text_file(
     doc_tokens: int = 128,
     batch: int = 32,
 ) -> Path:
-    """A text file of about ``n_tokens`` tokens sampled from the model, one document a line.
+    """A text file of at least ``n_tokens`` tokens sampled from the model, one document a line.
 
     For a machine with no data folder: the same text can feed the key statistics (as a local
     corpus, so its cache key is the file's hash) and REP's long-context passages, and it is
@@ -178,11 +178,14 @@ def sampled_text_file(
     if path.is_file():
         return path
     corpus = ModelSampledCorpus(lm, seed=seed, doc_tokens=doc_tokens, batch=batch)
-    n_docs = -(-n_tokens // doc_tokens)
+    tok = lm.tokenizer  # type: ignore[attr-defined]
     lines: list[str] = []
+    have = 0  # decoded text re-tokenises shorter (documents that ended early), so count it
     for doc in corpus.documents():
-        lines.append(" ".join(doc.replace("{", " ").replace("}", " ").split()))
-        if len(lines) >= n_docs:
+        line = " ".join(doc.replace("{", " ").replace("}", " ").split())
+        lines.append(line)
+        have += len(tok(line, add_special_tokens=False)["input_ids"]) + 1
+        if have >= n_tokens:
             break
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
