@@ -98,17 +98,19 @@ def held_out_scramble(lm: LoadedModel, request: EditRequest, scramble_max: int =
         request.subject, lm.tokenizer, n_max=scramble_max, key=item_key(request)
     )
     train, held = split_half(drawn)
-    return (held or train or [None])[0]
+    if held:
+        return held[0]
+    return train[0] if train else None
 
 
 def variant_probes(
     lm: LoadedModel, case: EditCase, sampler: PassageSampler | None
-) -> dict[ProbeKind, str]:
+) -> dict[str, str]:
     """The four probes of one fact (a kind is left out when the fact has no such variant)."""
     from repedit.data.variants import long_context_prompt
 
     req = case.request
-    out: dict[ProbeKind, str] = {"prompt": req.text}
+    out: dict[str, str] = {"prompt": req.text}
     held = case.ood_paraphrases or case.subject_paraphrases
     if held:
         out["paraphrase"] = req.with_subject(held[0]).text
@@ -169,7 +171,7 @@ def edit_fact(
     lm: LoadedModel,
     editor: Editor,
     case: EditCase,
-    probes: dict[ProbeKind, str],
+    probes: dict[str, str],
     rep_corpus: str | None,
     with_rep: bool = True,
 ) -> FactResult:

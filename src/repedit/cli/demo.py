@@ -75,7 +75,7 @@ def select_facts(spec: str) -> list[EditCase]:
     unknown = [w for w in wanted if w not in by_id]
     if unknown or not wanted:
         raise InvalidRequestError(
-            f"unknown built-in fact(s) {unknown or spec!r}; known: {', '.join(by_id)}"
+            f"unknown built-in fact(s) {unknown or spec!r}; known: {', '.join(map(str, by_id))}"
         )
     return [by_id[w] for w in wanted]
 

@@ -174,13 +174,15 @@ class Playground:
                 raise InvalidRequestError("no current edit: give 'target' to score against")
             specs = [ProbeSpec("probe", p, target, true) for p in params.prompts]
             rows = measure(self.lm, specs, params.new_tokens)
-            out = [{"prompt": s.prompt, "edit": r} for s, r in zip(specs, rows, strict=True)]
+            out: list[dict[str, Any]] = [
+                {"prompt": s.prompt, "edit": r} for s, r in zip(specs, rows, strict=True)
+            ]
             if cur is not None and cur.adapters:
                 with rep_applied(self.lm, cur.adapters):
                     rep_rows = measure(self.lm, specs, params.new_tokens)
-                for o, r in zip(out, rep_rows, strict=True):
+                for o, s, r in zip(out, specs, rep_rows, strict=True):
                     o["edit_rep"] = r
-                    o["gate"] = gate_strip(self.lm, cur.adapters, o["prompt"])
+                    o["gate"] = gate_strip(self.lm, cur.adapters, s.prompt)
             return {"edited": cur is not None, "target": target, "target_true": true, "probes": out}
 
     def revert(self) -> dict[str, Any]:
