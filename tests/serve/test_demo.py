@@ -72,3 +72,24 @@ def test_a_data_folder_or_a_chosen_corpus_is_left_alone(tmp_path: Path) -> None:
     chosen = StatsConfig(corpus=str(tmp_path / "x.txt"), n_tokens=123)
     sources = demo.text_sources(lm, chosen)
     assert sources.stats is chosen and sources.long_context_corpus is None and not sources.note
+
+
+def test_demo_command_prints_plain_against_rep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.serve.conftest import _corpus
+
+    from repedit.cli import main
+    from repedit.models.tiny import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    corpus = _corpus(tmp_path / "corpus.txt")
+    common = ["--model", str(tmp_path / "tiny"), "--corpus", str(corpus)]
+    common += ["--stats-tokens", "2000", "--cache-dir", str(tmp_path / "cache"), "--n", "1"]
+    assert main(["demo", *common]) == 0
+    out = capsys.readouterr().out
+    assert "plain / REP" in out and "Slovenia → Antarctica" in out
+    assert "plain edit" in out and "/4[/]" not in out and "with REP" in out
+    assert main(["demo", "--no-rep", *common]) == 0
+    assert "edits took effect" in capsys.readouterr().out
