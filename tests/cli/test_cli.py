@@ -259,7 +259,7 @@ def test_demo_on_the_embedded_model(
     monkeypatch.setenv("REPEDIT_DATA", str(shared_data))
     # --corpus auto resolves to $REPEDIT_DATA/wikitext and the default 100k tokens: the same
     # key statistics the editors' integration tests use, so the suite computes them once
-    argv = ["demo", "--n", "1", "--threads", "1", "--cache-dir", str(user_cache)]
+    argv = ["demo", "--no-rep", "--n", "1", "--threads", "1", "--cache-dir", str(user_cache)]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "Slovenia" in captured.out and "Antarctica" in captured.out

@@ -15,7 +15,7 @@ from types import ModuleType
 from repedit import __version__
 from repedit.errors import RepeditError
 
-COMMANDS = ("demo", "stats", "edit", "eval", "report", "analyze")
+COMMANDS = ("demo", "stats", "edit", "eval", "report", "analyze", "serve")
 
 DESCRIPTION = """\
 repedit: robust knowledge editing for causal language models

@@ -1,33 +1,38 @@
-"""``repedit demo``: what the model knows about the built-in facts, then a few edits, each
-undone before the next, with before/after completions and a one-line summary."""
+"""``repedit demo``: what the model knows about the built-in facts, then each edited on its
+own, plain and with REP, on its prompt, a paraphrase, a scramble and a long context (the
+pipeline is :mod:`repedit.demo`; this module parses and prints)."""
 
 from __future__ import annotations
 
 import argparse
-import re
-import time
 from typing import TYPE_CHECKING, Any
 
 from repedit.cli import common
+from repedit.demo import CONTROL, CONTROL_CASE, PROBE_KINDS
 from repedit.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from repedit.data import EditCase
+    from repedit.demo import StoryResult
+    from repedit.models import LoadedModel
 
 DESCRIPTION = """\
 A tour that needs no data: greedy completions of the built-in facts (does the model know
-them?), then --n of them edited one at a time (edit, probe, revert). For each edit: the prompt
-before and after, P(new object), a subject paraphrase (should change too), a neighbouring fact
-and "The capital of France is" (both should not change).
+them?), then --n of them edited one at a time (edit, probe, revert). Each edit is scored on
+its prompt, a held-out subject paraphrase, a held-out scramble of the subject's tokens and a
+long-context prompt, first plain, then with REP adapters trained on top: ✓ when the model
+gives the new object by the evaluation's rule (teacher-forced exact match of the target).
+--no-rep shows the plain edits' completions instead, with a neighbouring fact and
+"The capital of France is" (both should not change).
+
+Without a data folder ($REPEDIT_DATA), the key statistics, REP's long-context passages and
+the long-context probes come from text sampled from the model (one-off, cached).
 
 examples:
   repedit demo
-  repedit demo --method r-rome --n 3
+  repedit demo --no-rep --method r-rome --n 3
   repedit demo --facts slovenia-continent,toyota-country --json
 """
-
-CONTROL = "The capital of France is"
-CONTROL_CASE = "france-capital"
 
 
 def register(subparsers: Any) -> None:
@@ -45,6 +50,11 @@ def register(subparsers: Any) -> None:
         "--facts",
         default="all",
         help="'all' or a comma-separated list of built-in case ids (default: all)",
+    )
+    p.add_argument(
+        "--no-rep",
+        action="store_true",
+        help="plain edits only: completions, a neighbour and a control (the short tour)",
     )
     p.add_argument(
         "--new-tokens", type=common.positive_int, default=5, help="greedy completion length"
@@ -65,193 +75,61 @@ def select_facts(spec: str) -> list[EditCase]:
     unknown = [w for w in wanted if w not in by_id]
     if unknown or not wanted:
         raise InvalidRequestError(
-            f"unknown built-in fact(s) {unknown or spec!r}; known: {', '.join(by_id)}"
+            f"unknown built-in fact(s) {unknown or spec!r}; known: {', '.join(map(str, by_id))}"
         )
     return [by_id[w] for w in wanted]
-
-
-def says(completion: str, target: str) -> bool:
-    """Does the completion start with ``target`` (case-insensitive, as a whole word)?"""
-    text, want = completion.strip().lower(), target.strip().lower()
-    return text.startswith(want) and not text[len(want) : len(want) + 1].isalnum()
-
-
-def first_word(text: str) -> str:
-    words = re.findall(r"\w+", text)
-    return words[0].lower() if words else ""
 
 
 def _short(text: str) -> str:
     return common.fmt_text(text.strip(), 30).strip("'")
 
 
-def run(args: argparse.Namespace) -> int:
-    from repedit.cli.edit import edit_status
-    from repedit.editors import make_editor
-    from repedit.evaluation.scoring import Probe, greedy_completion, score_probes
+def _mark(ok: bool | None) -> str:
+    return "—" if ok is None else ("✓" if ok else "✗")
 
-    if args.n < 0:
-        raise InvalidRequestError(f"--n must be >= 0, got {args.n}")
-    facts = select_facts(args.facts)
-    editor = make_editor(args.method, None, common.stats_config(args))
-    lm = common.load(args)
-    k = args.new_tokens
 
-    # 1. what the model knows
-    common.status(f"greedy completions of {len(facts)} built-in facts…")
-    known = greedy_completion(lm, [c.request.text for c in facts], k)
-    fact_rows = [
-        {
-            "case_id": c.case_id,
-            "subject": c.request.subject,
-            "prompt": c.request.text,
-            "target_true": c.request.target_true,
-            "completion": comp,
-            "correct": says(comp, c.request.target_true or ""),
-        }
-        for c, comp in zip(facts, known, strict=True)
-    ]
-    if not args.json:
-        common.print_table(
-            [
-                [
-                    r["subject"],
-                    r["prompt"],
-                    r["target_true"],
-                    _short(r["completion"]),
-                    "✓" if r["correct"] else "✗",
-                ]
-                for r in fact_rows
-            ],
-            ["subject", "prompt", "true object", "model says", ""],
-            title=f"what {args.model} knows ({sum(r['correct'] for r in fact_rows)}"
-            f"/{len(fact_rows)} correct)",
-        )
-
-    # 2. edits, one at a time
-    chosen = [c for c in facts if c.case_id != CONTROL_CASE][: args.n]
-    edits: list[dict[str, Any]] = []
-    if chosen:
-        probes_of = {
-            c.case_id: [
-                c.request.text,
-                c.request.prompt.format(c.subject_paraphrases[0])
-                if c.subject_paraphrases
-                else c.request.text,
-                c.neighbourhood[0].prompt if c.neighbourhood else CONTROL,
-                CONTROL,
-            ]
-            for c in chosen
-        }
-        common.status(f"probing {len(chosen)} facts before editing…")
-        flat = [p for c in chosen for p in probes_of[c.case_id]]
-        before_all = greedy_completion(lm, flat, k)
-        before_p = score_probes(lm, [Probe(c.request.text, c.request.target_new) for c in chosen])
-        edit_status(lm, editor)
-        for i, case in enumerate(chosen):
-            req = case.request
-            common.status(
-                f"[{i + 1}/{len(chosen)}] {req.text} → {req.target_new} (was {req.target_true})"
-            )
-            t0 = time.perf_counter()
-            result = editor.edit(lm, req)
-            seconds = time.perf_counter() - t0
-            try:
-                after = greedy_completion(lm, probes_of[case.case_id], k)
-                p_after = score_probes(lm, [Probe(req.text, req.target_new)])[0].prob
-            finally:
-                result.revert(lm)
-            before = before_all[4 * i : 4 * i + 4]
-            prompt, para, neigh, control = probes_of[case.case_id]
-            edits.append(
-                {
-                    "case_id": case.case_id,
-                    "prompt": prompt,
-                    "target_true": req.target_true,
-                    "target_new": req.target_new,
-                    "before": before[0],
-                    "after": after[0],
-                    "p_new_before": before_p[i].prob,
-                    "p_new_after": p_after,
-                    "took_effect": says(after[0], req.target_new),
-                    "paraphrase": {
-                        "prompt": para,
-                        "after": after[1],
-                        "took_effect": says(after[1], req.target_new),
-                    },
-                    "neighbour": {
-                        "prompt": neigh,
-                        "before": before[2],
-                        "after": after[2],
-                        "unchanged": first_word(before[2]) == first_word(after[2]),
-                    },
-                    "control": {
-                        "prompt": control,
-                        "before": before[3],
-                        "after": after[3],
-                        "unchanged": first_word(before[3]) == first_word(after[3]),
-                    },
-                    "layers": result.layers,
-                    "seconds": seconds,
-                }
-            )
-
-    n = len(edits)
-    summary = {
-        "edits": n,
-        "took_effect": sum(e["took_effect"] for e in edits),
-        "paraphrases": sum(e["paraphrase"]["took_effect"] for e in edits),
-        "neighbours_unchanged": sum(e["neighbour"]["unchanged"] for e in edits),
-        "control_unchanged": sum(e["control"]["unchanged"] for e in edits),
-        "seconds_per_edit": sum(e["seconds"] for e in edits) / n if n else None,
-    }
-    if args.json:
-        common.print_json(
-            {
-                "model": args.model,
-                "fingerprint": lm.fingerprint,
-                "method": editor.name,
-                "facts": fact_rows,
-                "edits": edits,
-                "summary": summary,
-            }
-        )
-        return 0
-    if not edits:
-        return 0
-
-    def mark(ok: bool) -> str:
-        return "✓" if ok else "✗"
-
+def print_known(rows: list[dict[str, Any]], model: str) -> None:
     common.print_table(
         [
             [
-                e["prompt"],
-                _short(e["before"]),
-                f"{_short(e['after'])} {mark(e['took_effect'])}",
-                e["target_new"],
-                f"{common.fmt_prob(e['p_new_before'])} → {common.fmt_prob(e['p_new_after'])}",
-                f"{e['paraphrase']['prompt']}\n→ {_short(e['paraphrase']['after'])} "
-                f"{mark(e['paraphrase']['took_effect'])}",
-                f"{e['neighbour']['prompt']}\n→ {_short(e['neighbour']['after'])} "
-                f"{'(unchanged)' if e['neighbour']['unchanged'] else '(CHANGED)'}",
-                f"{_short(e['control']['after'])} "
-                f"{'(unchanged)' if e['control']['unchanged'] else '(CHANGED)'}",
+                r["subject"],
+                r["prompt"],
+                r["target_true"],
+                _short(r["completion"]),
+                _mark(r["correct"]),
             ]
-            for e in edits
+            for r in rows
         ],
-        [
-            "prompt",
-            "before",
-            "after",
-            "target",
-            "P(new)",
-            "subject paraphrase (after)",
-            "neighbour (after)",
-            f"{CONTROL} (after)",
-        ],
-        title=f"{editor.name.upper()} edits, one at a time (each reverted before the next)",
+        ["subject", "prompt", "true object", "model says", ""],
+        title=f"what {model} knows ({sum(r['correct'] for r in rows)}/{len(rows)} correct)",
     )
+
+
+def print_tour(edits: list[dict[str, Any]], summary: dict[str, Any], method: str) -> None:
+    def kept(e: dict[str, Any], what: str) -> str:
+        return "(unchanged)" if e[what]["unchanged"] else "(CHANGED)"
+
+    rows = [
+        [
+            e["prompt"],
+            _short(e["before"]),
+            f"{_short(e['after'])} {_mark(e['took_effect'])}",
+            e["target_new"],
+            f"{common.fmt_prob(e['p_new_before'])} → {common.fmt_prob(e['p_new_after'])}",
+            f"{e['paraphrase']['prompt']}\n→ {_short(e['paraphrase']['after'])} "
+            f"{_mark(e['paraphrase']['took_effect'])}",
+            f"{e['neighbour']['prompt']}\n→ {_short(e['neighbour']['after'])} "
+            f"{kept(e, 'neighbour')}",
+            f"{_short(e['control']['after'])} {kept(e, 'control')}",
+        ]
+        for e in edits
+    ]
+    heads = ["prompt", "before", "after", "target", "P(new)", "subject paraphrase (after)"]
+    heads += ["neighbour (after)", f"{CONTROL} (after)"]
+    common.print_table(
+        rows, heads, title=f"{method.upper()} edits, one at a time (each reverted before the next)"
+    )
+    n = summary["edits"]
     common.out.print(
         f"[bold]{summary['took_effect']}/{n}[/] edits took effect, "
         f"{summary['paraphrases']}/{n} carried over to a subject paraphrase, "
@@ -259,4 +137,65 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['control_unchanged']}/{n} France controls unchanged; "
         f"{summary['seconds_per_edit']:.1f} s per edit (the first includes one-off setup)"
     )
+
+
+def print_story(story: StoryResult) -> None:
+    rows = []
+    for f in story.facts:
+        cells = [f"{_mark(f.plain.get(k))} / {_mark((f.rep or {}).get(k))}" for k in PROBE_KINDS]
+        rows.append([f"{f.subject} → {f.target_new}", *cells])
+    common.print_table(
+        rows,
+        ["edit", *[f"{k}\nplain / REP" for k in PROBE_KINDS]],
+        title=f"{story.method.upper()} alone vs with REP (✓ = exact match of the new object)",
+    )
+    (plain, n), (rep, n_rep) = story.counts()["plain"], story.counts()["rep"]
+    common.out.print(
+        f"[bold]plain edit {plain}/{n}[/] probes, [bold]with REP {rep}/{n_rep}[/] "
+        "(prompt, held-out paraphrase, held-out scramble, long context; each edit reverted "
+        "before the next)"
+    )
+    if story.note:
+        common.out.print(f"[dim]{story.note}[/]")
+
+
+def _edits(
+    args: argparse.Namespace, lm: LoadedModel, cases: list[EditCase]
+) -> tuple[str, dict[str, Any]]:
+    """Run the chosen pipeline; ``(method, JSON part)``, printing tables unless --json."""
+    from dataclasses import replace
+
+    from repedit import demo
+    from repedit.editors import make_editor
+
+    sources = demo.text_sources(lm, common.stats_config(args), common.status)
+    editor = make_editor(args.method, None, replace(sources.stats, progress=not args.json))
+    if args.no_rep:
+        edits = demo.tour_edits(lm, editor, cases, args.new_tokens, common.status)
+        summary = demo.tour_summary(edits)
+        if not args.json and edits:
+            print_tour(edits, summary, editor.name)
+        return editor.name, {"edits": edits, "summary": summary, "note": sources.note}
+    story = demo.run_story(lm, editor, cases, sources, status=common.status)
+    if not args.json and cases:
+        print_story(story)
+    return editor.name, {"story": story.to_dict(), "note": sources.note}
+
+
+def run(args: argparse.Namespace) -> int:
+    from repedit.demo import known_facts
+
+    if args.n < 0:
+        raise InvalidRequestError(f"--n must be >= 0, got {args.n}")
+    facts = select_facts(args.facts)
+    lm = common.load(args)
+    common.status(f"greedy completions of {len(facts)} built-in facts…")
+    known = known_facts(lm, facts, args.new_tokens)
+    if not args.json:
+        print_known(known, args.model)
+    chosen = [c for c in facts if c.case_id != CONTROL_CASE][: args.n]
+    method, part = _edits(args, lm, chosen)
+    if args.json:
+        head = {"model": args.model, "fingerprint": lm.fingerprint, "method": method}
+        common.print_json({**head, "facts": known, **part})
     return 0

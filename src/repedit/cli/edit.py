@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
 from repedit.cli import common
+from repedit.edit_report import ProbeSpec as ProbeSpec  # re-exported for callers of this module
+from repedit.edit_report import edit_report, measure, probe_specs, rep_items
+from repedit.edit_report import rephrasings as rephrasings
 from repedit.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -48,7 +50,6 @@ plus DIR/rep_adapters.safetensors and DIR/load_with_rep.py, a loader that needs 
   repedit edit --load e.safetensors --rep-load e.rep.safetensors --rep-tau 0.7
 """
 
-GENERIC_PREFIXES = ("Here is a fact: ", "As everyone knows, ")
 
 
 def register(subparsers: Any) -> None:
@@ -167,68 +168,7 @@ def build_requests(args: argparse.Namespace, loaded: EditResult | None) -> list[
     return requests
 
 
-def _as_sentence_start(text: str) -> str:
-    first, _, rest = text.partition(" ")
-    return f"{first.lower()} {rest}" if first in ("The", "A", "An") and rest else text
-
-
-def rephrasings(request: EditRequest) -> list[str]:
-    """Two rephrasings: the built-in fact's paraphrases when the subject is a built-in one."""
-    from repedit.data import builtin_facts
-
-    same = [c for c in builtin_facts() if c.request.subject.lower() == request.subject.lower()]
-    same.sort(key=lambda c: c.request.prompt != request.prompt)  # same relation first
-    if same:
-        case = same[0]
-        forms = list(case.prompt_paraphrases) if case.request.prompt == request.prompt else []
-        forms += [request.prompt.format(s) for s in case.subject_paraphrases]
-        forms = [f for f in dict.fromkeys(forms) if f != request.text]
-        if len(forms) >= 2:
-            return forms[:2]
-    return [prefix + _as_sentence_start(request.text) for prefix in GENERIC_PREFIXES]
-
-
 # ----------------------------------------------------------------------------- probing
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    kind: str  # prompt | rephrase | probe
-    prompt: str
-    target_new: str
-    target_true: str | None
-
-
-def probe_specs(requests: list[EditRequest], extra: list[str]) -> list[ProbeSpec]:
-    specs = []
-    for req in requests:
-        specs.append(ProbeSpec("prompt", req.text, req.target_new, req.target_true))
-        specs += [
-            ProbeSpec("rephrase", text, req.target_new, req.target_true)
-            for text in rephrasings(req)
-        ]
-    first = requests[0]
-    specs += [ProbeSpec("probe", text, first.target_new, first.target_true) for text in extra]
-    return specs
-
-
-def measure(lm: LoadedModel, specs: list[ProbeSpec], new_tokens: int) -> list[dict[str, Any]]:
-    """Greedy completion, P(target_new) and P(target_true) (whole targets) per probe."""
-    from repedit.evaluation.scoring import Probe, greedy_completion, score_probes
-
-    completions = greedy_completion(lm, [s.prompt for s in specs], new_tokens)
-    scores = score_probes(lm, [Probe(s.prompt, s.target_new, alt=s.target_true) for s in specs])
-    rows = []
-    for completion, score in zip(completions, scores, strict=True):
-        p_true = None if score.alt_logprob is None else _exp(score.alt_logprob)
-        rows.append({"top1": completion, "p_new": _exp(score.logprob), "p_true": p_true})
-    return rows
-
-
-def _exp(logprob: float) -> float:
-    import math
-
-    return math.exp(logprob)
 
 
 # ----------------------------------------------------------------------------- editor
@@ -277,26 +217,6 @@ def rep_request(args: argparse.Namespace) -> dict[str, Any] | None:
             "applies)"
         )
     return overrides or {}
-
-
-def rep_items(requests: list[EditRequest], specs: list[ProbeSpec]) -> list[Any]:
-    """What REP trains on per request: a built-in subject's in-domain paraphrases (those not
-    shown as a probe), else none (REP then trains on scrambles, contexts and passages)."""
-    from repedit.data import builtin_facts
-    from repedit.rep.variants import RepItem, item_key
-
-    probed = {s.prompt for s in specs}
-    facts = builtin_facts()
-    items = []
-    for req in requests:
-        same = [c for c in facts if c.request.subject.lower() == req.subject.lower()]
-        paraphrases = [
-            p
-            for p in (same[0].id_paraphrases if same else [])
-            if req.with_subject(p).text not in probed
-        ]
-        items.append(RepItem(req, paraphrases, [], item_key(req)))
-    return items
 
 
 def _rep_corpus(args: argparse.Namespace) -> dict[str, Any]:
@@ -407,23 +327,25 @@ def run(args: argparse.Namespace) -> int:
             args, lm, editor, loaded, result, requests, specs, rep_overrides
         )
         exported = rep_exported or exported
-    probes = _probe_records(specs, before, after, after_rep)
+    report = edit_report(
+        method=method,
+        model=args.model,
+        lm=lm,
+        seconds=seconds,
+        layers=result.layers,
+        requests=requests,
+        specs=specs,
+        before=before,
+        after=after,
+        after_rep=after_rep,
+        loaded=args.load,
+        saved=saved,
+        exported=exported,
+        rep=rep,
+    )
+    probes = report["probes"]
     if args.json:
-        common.print_json(
-            {
-                "method": method,
-                "model": args.model,
-                "fingerprint": lm.fingerprint,
-                "seconds": seconds,
-                "layers": result.layers,
-                "requests": [r.to_dict() for r in requests],
-                "loaded": args.load,
-                "probes": probes,
-                "saved": saved,
-                "exported": exported,
-                "rep": rep,
-            }
-        )
+        common.print_json(report)
         return 0
     how = f"loaded from {args.load}" if loaded is not None else f"{seconds:.1f} s"
     layers = ", ".join(map(str, result.layers))
@@ -484,30 +406,6 @@ def _with_rep(
     rep["gate"] = {str(k): v for k, v in inj.gate_rates().items()}
     rep["layers"] = sorted(adapters)
     return after_rep, rep, exported
-
-
-def _probe_records(
-    specs: list[ProbeSpec],
-    before: list[dict[str, Any]],
-    after: list[dict[str, Any]],
-    after_rep: list[dict[str, Any]] | None,
-) -> list[dict[str, Any]]:
-    """One output record per probe: its spec and the before / after (/ after_rep) rows."""
-    probes = [
-        {
-            "prompt": s.prompt,
-            "kind": s.kind,
-            "target_new": s.target_new,
-            "target_true": s.target_true,
-            "before": b,
-            "after": a,
-        }
-        for s, b, a in zip(specs, before, after, strict=True)
-    ]
-    if after_rep is not None:
-        for p, ar in zip(probes, after_rep, strict=True):
-            p["after_rep"] = ar
-    return probes
 
 
 def _print_table(

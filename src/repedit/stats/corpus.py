@@ -151,6 +151,49 @@ class ModelSampledCorpus:
             yield from tok.batch_decode(out, skip_special_tokens=True)
 
 
+def sampled_text_file(
+    lm: object,
+    n_tokens: int,
+    *,
+    cache: str | Path | None = None,
+    seed: int = 0,
+    doc_tokens: int = 128,
+    batch: int = 32,
+) -> Path:
+    """A text file of at least ``n_tokens`` tokens sampled from the model, one document a line.
+
+    For a machine with no data folder: the same text can feed the key statistics (as a local
+    corpus, so its cache key is the file's hash) and REP's long-context passages, and it is
+    sampled once. Documents are generated ``batch`` at a time (one decode pass serves the
+    whole batch) and cached under ``<cache>/sampled/`` keyed by the model fingerprint and every
+    sampling setting; the file is written atomically.
+    """
+    import os
+
+    from repedit.paths import cache_dir
+
+    fingerprint = getattr(lm, "fingerprint", "unknown")
+    name = f"{fingerprint}-seed{seed}-len{doc_tokens}-batch{batch}-n{n_tokens}.txt"
+    path = cache_dir(cache) / "sampled" / name
+    if path.is_file():
+        return path
+    corpus = ModelSampledCorpus(lm, seed=seed, doc_tokens=doc_tokens, batch=batch)
+    tok = lm.tokenizer  # type: ignore[attr-defined]
+    lines: list[str] = []
+    have = 0  # decoded text re-tokenises shorter (documents that ended early), so count it
+    for doc in corpus.documents():
+        line = " ".join(doc.replace("{", " ").replace("}", " ").split())
+        lines.append(line)
+        have += len(tok(line, add_special_tokens=False)["input_ids"]) + 1
+        if have >= n_tokens:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def auto_corpus(lm: object | None = None) -> Corpus:
     """The best text available without asking: ``$REPEDIT_DATA/wikitext``, else WikiText-103
     from the hub (if ``datasets`` is installed and online), else text sampled from the model."""
