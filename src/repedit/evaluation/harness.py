@@ -159,7 +159,8 @@ def _all_cases(cfg: RunConfig, loaded: LoadResult) -> list[EditCase]:
     if cfg.n is None or len(loaded.cases) < cfg.n or "near_subject" not in cfg.suite.tests:
         return loaded.cases
     # a malformed record past the evaluated ones cannot be a look-alike, nor fail the run
-    return load_cases(cfg.data, data_dir=cfg.data_dir, skip_invalid=True, id_split=cfg.id_split).cases
+    every = load_cases(cfg.data, data_dir=cfg.data_dir, skip_invalid=True, id_split=cfg.id_split)
+    return every.cases
 
 
 def _rep_sampler(lm: LoadedModel, rep_cfg: RepConfig) -> Any:
