@@ -119,6 +119,16 @@ def register(subparsers: Any) -> None:
     lc.add_argument(
         "--score-batch-size", type=common.positive_int, default=32, help="sequences per forward"
     )
+    _add_scoring_options(p)
+    common.add_hparam_options(p, example="value.steps=10")
+    common.add_rep_options(p, sweep=True)
+    common.add_model_options(p)
+    common.add_stats_options(p)
+    common.add_json_option(p)
+
+
+def _add_scoring_options(p: argparse.ArgumentParser) -> None:
+    """--scoring and --scoring-impl (SuiteConfig.scoring, SuiteConfig.scoring_impl)."""
     sc = p.add_argument_group("scoring")
     sc.add_argument(
         "--scoring",
@@ -134,11 +144,6 @@ def register(subparsers: Any) -> None:
         help="teacher-forced scorer: packed (fast, default) or one padded batch (reference); "
         "same results, may change between resumptions",
     )
-    common.add_hparam_options(p, example="value.steps=10")
-    common.add_rep_options(p, sweep=True)
-    common.add_model_options(p)
-    common.add_stats_options(p)
-    common.add_json_option(p)
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
