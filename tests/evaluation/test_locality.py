@@ -173,3 +173,18 @@ def test_summary_of_run_dir_without_new_tests(lm, files, tmp_path):
     assert [r[0] for r in table_rows(summary)][:1] == ["efficacy"]
     assert comparison_rows([summary, summary])
     assert write_report([bare], tmp_path / "report.html").exists()
+
+
+def test_cli_scoring_options():
+    """``repedit eval --scoring/--scoring-impl`` reach the suite (default teacher-forced, fast)."""
+    from repedit.cli import build_parser
+    from repedit.cli.eval import run_config as cli_run_config
+
+    parser = build_parser()
+    default = cli_run_config(parser.parse_args(["eval", "--data", "demo"]))
+    assert (default.suite.scoring, default.suite.scoring_impl) == ("teacher-forced", "fast")
+    args = parser.parse_args(["eval", "--scoring", "both", "--scoring-impl", "reference"])
+    suite = cli_run_config(args).suite
+    assert (suite.scoring, suite.scoring_impl) == ("both", "reference")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--scoring", "sampled"])
