@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 DESCRIPTION = """\
 Edit every case of a dataset and score the edited model on the robustness suite: efficacy,
 prompt paraphrases, in-domain and held-out subject paraphrases, scrambled subjects, long
-context, neighbourhood (agreement with the unedited model) and fluency. Results go to
+context, neighbourhood, neighbourhood_plus (the neighbourhood after the edit's own statement)
+and near_subject (look-alike subjects), all three by agreement with the unedited model, and
+fluency. --scoring generate|both scores by greedy generation as well. Results go to
 OUT/results.jsonl one line per case as soon as it is done; rerunning the same command resumes
 (a different configuration into the same OUT is refused unless --overwrite). At the end
 OUT/summary.json, OUT/summary.md and OUT/report.html are written.
@@ -47,7 +49,8 @@ examples:
 
 EPILOG = """\
 tests: all, or a comma-separated list of efficacy, prompt_paraphrase, subject_paraphrase,
-ood_subject_paraphrase, scrambled_subject, long_context, neighbourhood, fluency.
+ood_subject_paraphrase, scrambled_subject, long_context, neighbourhood, neighbourhood_plus,
+near_subject, fluency.
 data: demo (built-in facts), a dataset name resolved under --data-dir / $REPEDIT_DATA
 (rep-counterfact, rep-zsre, counterfact, zsre, ...) or a JSON file.
 """
@@ -116,11 +119,31 @@ def register(subparsers: Any) -> None:
     lc.add_argument(
         "--score-batch-size", type=common.positive_int, default=32, help="sequences per forward"
     )
+    _add_scoring_options(p)
     common.add_hparam_options(p, example="value.steps=10")
     common.add_rep_options(p, sweep=True)
     common.add_model_options(p)
     common.add_stats_options(p)
     common.add_json_option(p)
+
+
+def _add_scoring_options(p: argparse.ArgumentParser) -> None:
+    """--scoring and --scoring-impl (SuiteConfig.scoring, SuiteConfig.scoring_impl)."""
+    sc = p.add_argument_group("scoring")
+    sc.add_argument(
+        "--scoring",
+        default="teacher-forced",
+        choices=("teacher-forced", "generate", "both"),
+        help="teacher forcing (default), greedy generation of the target's length + 2 tokens, "
+        "or both (summary.json's tests_generate holds the generate-scored rates)",
+    )
+    sc.add_argument(
+        "--scoring-impl",
+        default="fast",
+        choices=("fast", "reference"),
+        help="teacher-forced scorer: packed (fast, default) or one padded batch (reference); "
+        "same results, may change between resumptions",
+    )
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -153,6 +176,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         fluency_samples=args.fluency_samples,
         fluency_tokens=args.fluency_tokens,
         batch_size=args.score_batch_size,
+        scoring=args.scoring,
+        scoring_impl=args.scoring_impl,
     )
     return RunConfig(
         model=args.model,

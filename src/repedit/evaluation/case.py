@@ -13,6 +13,7 @@ and restored if anything changed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,17 +23,27 @@ from typing import Any, TypedDict, cast
 import torch
 
 from repedit.data.case import EditCase
+from repedit.data.variants import NearSubjects
 from repedit.editors import Editor, EditResult
 from repedit.errors import EditError, InvalidRequestError, RepeditError
+from repedit.evaluation.locality import (
+    add_generated,
+    reference_preds,
+    unscored_tests,
+    update_reference,
+)
 from repedit.evaluation.probes import (
+    LOCALITY_TESTS,
     CaseProbes,
     PassageSampler,
     SuiteConfig,
     build_probes,
     case_fluency,
+    generated,
+    teacher_forced,
 )
-from repedit.evaluation.rundir import plain, short_sha
-from repedit.evaluation.scoring import Probe, ProbeScore, predictions, score_probes, tokenize_probe
+from repedit.evaluation.rundir import plain
+from repedit.evaluation.scoring import Impl, Probe, ProbeScore, score_probes, tokenize_probe
 from repedit.models import LoadedModel
 from repedit.models.registry import get_attr
 from repedit.rep.ablations import set_tau
@@ -116,6 +127,8 @@ class CaseContext:
     rep_sampler: Any = None
     #: a τ sweep's values (empty: one evaluation per case)
     taus: tuple[float, ...] = ()
+    #: the dataset's look-alike subjects for ``near_subject`` (None: that test is empty)
+    near: NearSubjects | None = None
 
 
 @dataclass
@@ -136,29 +149,35 @@ class Outcome:
 def case_probes(ctx: CaseContext, item: CaseItem, suite: SuiteConfig | None = None) -> CaseProbes:
     suite = suite or ctx.suite
     return CaseProbes(
-        item.key, build_probes(item.case, ctx.lm, suite, sampler=ctx.sampler, key=item.key)
+        item.key,
+        build_probes(item.case, ctx.lm, suite, sampler=ctx.sampler, key=item.key, near=ctx.near),
     )
 
 
 def reference_record(
     ctx: CaseContext, item: CaseItem, suite: SuiteConfig | None = None
 ) -> dict[str, Any] | None:
-    """The unedited model's predictions on the case's neighbourhood probes, if not already in
-    ``ctx.references`` for these probes (added there; the caller appends it to the file).
+    """The unedited model's answers on the case's locality probes
+    (:func:`~repedit.evaluation.locality.update_reference`), if ``ctx.references`` lacks
+    some (added there; the caller appends it to the file).
 
     Must be called while the model is unedited.
     """
-    probes = case_probes(ctx, item, suite).families.get("neighbourhood", [])
-    if not probes:
+    suite = suite or ctx.suite
+    local = tuple(t for t in suite.tests if t in LOCALITY_TESTS)
+    if not local:
         return None
-    sig = short_sha([[p.prompt, p.target] for p in probes])
-    have = ctx.references.get(item.key)
-    if have is not None and have.get("sig") == sig:
-        return None
-    t0 = time.perf_counter()
-    pred = predictions(ctx.lm, probes, batch_size=ctx.suite.batch_size)
-    rec = {"case_id": item.key, "sig": sig, "pred": pred, "seconds": time.perf_counter() - t0}
-    ctx.references[item.key] = rec
+    only = dataclasses.replace(suite, tests=local)
+    rec = update_reference(
+        ctx.lm,
+        case_probes(ctx, item, only),
+        ctx.references.get(item.key),
+        gen=generated(ctx.suite.scoring),
+        batch_size=ctx.suite.batch_size,
+        impl=ctx.suite.scoring_impl,
+    )
+    if rec is not None:
+        ctx.references[item.key] = rec
     return rec
 
 
@@ -168,7 +187,7 @@ def _probe_record(test: str, probe: Probe, score: ProbeScore) -> dict[str, Any]:
         "token_acc": round(score.token_acc, 6),
         "logprob": round(score.logprob, 6),
     }
-    if test == "neighbourhood":
+    if test in LOCALITY_TESTS:
         rec["agree"] = score.agree
     else:
         rec["beats_alt"] = score.beats_alt
@@ -184,7 +203,7 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 def test_means(test: str, probes: list[dict[str, Any]]) -> dict[str, float | None]:
     """A case's means over its probes of one test."""
-    if test == "neighbourhood":
+    if test in LOCALITY_TESTS:
         return {
             "agree": _mean(p.get("agree") for p in probes),
             "exact": _mean(p["exact"] for p in probes),
@@ -198,26 +217,30 @@ def test_means(test: str, probes: list[dict[str, Any]]) -> dict[str, float | Non
 def score_case(
     lm: LoadedModel,
     cp: CaseProbes,
-    reference: list[list[int]] | None,
+    reference: list[list[int]] | dict[str, list[list[int]]] | None,
     *,
     batch_size: int = 32,
+    impl: Impl = "fast",
 ) -> tuple[dict[str, dict[str, Any]], int, float]:
     """Score every probe family of a case: one ``score_probes`` call for the short families
     and one for the long-context probes (see :data:`SEPARATE_FAMILIES`).
 
-    ``reference``: the unedited predictions for the neighbourhood probes (in order).
-    Returns ``(tests, n_probes, seconds)``; ``tests[name] = {"n", "means", "probes"}``.
+    ``reference``: the unedited predictions per locality test (in probe order; a bare list is
+    the neighbourhood's). Returns ``(tests, n_probes, seconds)``; ``tests[name] = {"n",
+    "means", "probes"}``.
     """
     flat, spans = cp.flat, cp.spans
+    refs = {"neighbourhood": reference} if isinstance(reference, list) else (reference or {})
     ref_at: dict[int, list[int]] = {}
-    if reference is not None and "neighbourhood" in spans:
-        lo, hi = spans["neighbourhood"]
-        if len(reference) != hi - lo:
+    for test, preds in refs.items():
+        if test not in spans:
+            continue
+        lo, hi = spans[test]
+        if len(preds) != hi - lo:
             raise InvalidRequestError(
-                f"case {cp.key}: {len(reference)} reference predictions for {hi - lo} "
-                "neighbourhood probes"
+                f"case {cp.key}: {len(preds)} reference predictions for {hi - lo} {test} probes"
             )
-        ref_at = {lo + j: list(r) for j, r in enumerate(reference)}
+        ref_at.update({lo + j: list(r) for j, r in enumerate(preds)})
     groups = [
         [i for i, p in enumerate(flat) if p.test not in SEPARATE_FAMILIES],
         [i for i, p in enumerate(flat) if p.test in SEPARATE_FAMILIES],
@@ -236,13 +259,15 @@ def score_case(
                 ref_at[i] if i in ref_at else tokenize_probe(tok, flat[i].prompt, flat[i].target)[1]
                 for i in group
             ]
-        got = score_probes(lm, [flat[i] for i in group], batch_size=batch_size, reference=group_ref)
+        got = score_probes(
+            lm, [flat[i] for i in group], batch_size=batch_size, reference=group_ref, impl=impl
+        )
         scores.update(zip(group, got, strict=True))
     seconds = time.perf_counter() - t0
     tests: dict[str, dict[str, Any]] = {}
     for test, (lo, hi) in spans.items():
         probes = [_probe_record(test, flat[i], scores[i]) for i in range(lo, hi)]
-        if test == "neighbourhood" and not ref_at:
+        if test in LOCALITY_TESTS and test not in refs:
             for p in probes:
                 p["agree"] = None
         tests[test] = {"n": len(probes), "means": test_means(test, probes), "probes": probes}
@@ -253,10 +278,21 @@ def evaluate(ctx: CaseContext, item: CaseItem, *, fluency: bool = True) -> dict[
     """Scores of the (edited) model on one case: every selected test."""
     cp = case_probes(ctx, item)
     ref = ctx.references.get(item.key)
-    reference = ref["pred"] if ref is not None else None
-    tests, n_probes, score_seconds = score_case(
-        ctx.lm, cp, reference, batch_size=ctx.suite.batch_size
-    )
+    suite = ctx.suite
+    t0 = time.perf_counter()
+    if teacher_forced(suite.scoring):
+        tests, n_probes, _ = score_case(
+            ctx.lm,
+            cp,
+            reference_preds(ref, cp),
+            batch_size=suite.batch_size,
+            impl=suite.scoring_impl,
+        )
+    else:
+        tests, n_probes = unscored_tests(cp), len(cp.flat)
+    if generated(suite.scoring):
+        add_generated(ctx.lm, cp, tests, ref, batch_size=suite.batch_size)
+    score_seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"tests": tests, "n_probes": n_probes, "score_seconds": score_seconds}
     if "scrambled_subject" in cp.families:
         out["scramble_n"] = len(cp.families["scrambled_subject"])

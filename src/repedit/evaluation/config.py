@@ -25,7 +25,17 @@ MODES: tuple[str, ...] = get_args(Mode)
 
 #: RunConfig fields that may change between a run and its resumption (dotted: nested)
 RESUMABLE_FIELDS = frozenset(
-    {"n", "out", "overwrite", "data_dir", "device", "cache_dir", "stats.cache", "stats.progress"}
+    {
+        "n",
+        "out",
+        "overwrite",
+        "data_dir",
+        "device",
+        "cache_dir",
+        "stats.cache",
+        "stats.progress",
+        "suite.scoring_impl",  # same results either way; recorded, not part of the identity
+    }
 )
 
 #: a flat (earlier) configuration's field → where it lives now
@@ -39,6 +49,9 @@ _FLAT_SUITE = {
     "fluency_samples": "fluency_samples",
     "fluency_tokens": "fluency_tokens",
     "score_batch_size": "batch_size",
+    "near_subject_max": "near_subject_max",
+    "scoring": "scoring",
+    "scoring_impl": "scoring_impl",
 }
 _FLAT_STATS = {"stats_corpus": "corpus", "stats_tokens": "n_tokens", "stats_seq_len": "seq_len"}
 

@@ -33,6 +33,7 @@ import torch
 import transformers
 
 from repedit import __version__
+from repedit.data.case import EditCase
 from repedit.data.loaders import LoadResult, load_cases
 from repedit.editors import Editor, make_editor
 from repedit.errors import RepeditError
@@ -45,7 +46,7 @@ from repedit.evaluation.case import (
 )
 from repedit.evaluation.config import RunConfig, check_resumable, prepare
 from repedit.evaluation.modes import Progress, Recorder, run_batch, run_sequential, run_single
-from repedit.evaluation.probes import case_keys, passage_sampler
+from repedit.evaluation.probes import case_keys, near_index, passage_sampler
 from repedit.evaluation.report import write_report
 from repedit.evaluation.rundir import RESULTS, RunDir, RunLock, new_session, plain
 from repedit.evaluation.summary import summarize
@@ -94,6 +95,7 @@ def run_eval(
             )
         prepare(run, cfg, meta)
         ctx = _context(cfg, lm, editor, run)
+        ctx.near = near_index(lm, cfg.suite, _all_cases(cfg, loaded))
         _run_mode(cfg, ctx, _recorder(cfg, run, meta, started), loaded, progress)
         return _finish(cfg, run, report)
 
@@ -150,6 +152,15 @@ def _context(cfg: RunConfig, lm: LoadedModel, editor: Editor, run: RunDir) -> Ca
     ctx.taus = tuple(cfg.rep_taus)
     ctx.snapshot = snapshot(lm, edited_param_names(lm, editor))
     return ctx
+
+
+def _all_cases(cfg: RunConfig, loaded: LoadResult) -> list[EditCase]:
+    """Every case of the dataset (look-alikes come from all of them, whatever ``--n``)."""
+    if cfg.n is None or len(loaded.cases) < cfg.n or "near_subject" not in cfg.suite.tests:
+        return loaded.cases
+    # a malformed record past the evaluated ones cannot be a look-alike, nor fail the run
+    every = load_cases(cfg.data, data_dir=cfg.data_dir, skip_invalid=True, id_split=cfg.id_split)
+    return every.cases
 
 
 def _rep_sampler(lm: LoadedModel, rep_cfg: RepConfig) -> Any:

@@ -19,7 +19,6 @@ back to a :class:`Recorder`, the only thing here that writes to the run director
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ from repedit.evaluation.case import (
     run_cases,
     snapshot,
 )
-from repedit.evaluation.probes import PROBE_TESTS, SUCCESS_TESTS
+from repedit.evaluation.probes import LOCALITY_TESTS, PROBE_TESTS, SUCCESS_TESTS
 from repedit.evaluation.rundir import (
     REFERENCE,
     RESULTS,
@@ -253,7 +252,7 @@ def _checkpoint(
         return s[0] / s[1] if s and s[1] else None
 
     tests = [t for t in PROBE_TESTS if t in ctx.suite.tests]
-    means = {t: rate(f"{t}.{'agree' if t == 'neighbourhood' else 'exact'}") for t in tests}
+    means = {t: rate(f"{t}.{'agree' if t in LOCALITY_TESTS else 'exact'}") for t in tests}
     beats = {t: rate(f"{t}.beats_alt") for t in tests if t in SUCCESS_TESTS}
     append_jsonl(
         run / SEQUENTIAL,
@@ -282,12 +281,11 @@ def _resume(
     ctx: CaseContext, items: Sequence[CaseItem], rec: Recorder
 ) -> tuple[SequentialState, list[CaseItem]]:
     """References first (while the model is unedited), then the saved edits back on."""
-    if "neighbourhood" in ctx.suite.tests:
-        only = dataclasses.replace(ctx.suite, tests=("neighbourhood",))
+    if any(t in LOCALITY_TESTS for t in ctx.suite.tests):
         for item in items:
             if item.key not in rec.done:
                 with contextlib.suppress(*CASE_ERRORS):
-                    rec.references([r for r in [reference_record(ctx, item, only)] if r])
+                    rec.references([r for r in [reference_record(ctx, item)] if r])
     warm_editor(ctx)
     state, pending = _load_state(ctx, rec.run)
     if pending and pending.get("case_id") not in rec.done:

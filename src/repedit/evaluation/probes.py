@@ -20,6 +20,11 @@ so a case's probes of all families can go through the model in one call. Test na
     the case's unrelated prompts with the dataset's answer as target: scored by agreement with
     the unedited model's predictions (``agree``) and, separately, by exact match to the answer
     (reported as ``neighbourhood_truth``).
+``neighbourhood_plus``
+    the neighbourhood prompts with the edit prompt and its new object prepended
+    (:func:`plus_prompt`, CounterFact+): an edit that bleeds into nearby facts once its own
+    statement is in the context shows here. Scored by agreement with the unedited model on
+    the same prepended prompts.
 ``near_subject``
     look-alikes: other cases' edit prompts whose subject shares subword tokens with this one
     (Slovakia for Slovenia), with that case's true answer as target (:class:`NearSubjects`);
@@ -39,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from repedit.data.case import EditCase
 from repedit.data.variants import (
@@ -51,7 +56,7 @@ from repedit.data.variants import (
 )
 from repedit.data.variants import passage_sampler as _passage_sampler
 from repedit.errors import InvalidRequestError
-from repedit.evaluation.scoring import Probe
+from repedit.evaluation.scoring import Impl, Probe
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ SUCCESS_TESTS: tuple[str, ...] = (
 )
 """Tests scored as success rates on ``target_new``."""
 
-LOCALITY_TESTS: tuple[str, ...] = ("neighbourhood", "near_subject")
+LOCALITY_TESTS: tuple[str, ...] = ("neighbourhood", "neighbourhood_plus", "near_subject")
 """Tests scored by agreement with the unedited model (what the edit must leave alone)."""
 
 TESTS: tuple[str, ...] = (*SUCCESS_TESTS, *LOCALITY_TESTS, "fluency")
@@ -73,6 +78,19 @@ TESTS: tuple[str, ...] = (*SUCCESS_TESTS, *LOCALITY_TESTS, "fluency")
 
 PROBE_TESTS: tuple[str, ...] = (*SUCCESS_TESTS, *LOCALITY_TESTS)
 """Tests that are probe families (fluency is not)."""
+
+
+Scoring = Literal["teacher-forced", "generate", "both"]
+SCORINGS: tuple[str, ...] = get_args(Scoring)
+"""How probes are scored: teacher forcing, greedy generation, or both."""
+
+
+def teacher_forced(scoring: str) -> bool:
+    return scoring != "generate"
+
+
+def generated(scoring: str) -> bool:
+    return scoring != "teacher-forced"
 
 
 _ALIASES = {
@@ -84,6 +102,8 @@ _ALIASES = {
     "locality": "neighbourhood",
     "neighborhood": "neighbourhood",
     "near": "near_subject",
+    "neighborhood_plus": "neighbourhood_plus",
+    "counterfact_plus": "neighbourhood_plus",
     "lookalike": "near_subject",
 }
 
@@ -118,7 +138,10 @@ class SuiteConfig:
     512) or ``"words"`` (the released code, 300). ``fluency_samples`` texts of
     ``fluency_tokens`` new tokens are sampled per case (top-k ``fluency_top_k``).
     ``batch_size`` counts sequences per forward pass in scoring. ``near_subject_max``: at
-    most this many look-alike prompts per case.
+    most this many look-alike prompts per case. ``scoring``: teacher forcing (the papers'),
+    greedy generation (:func:`~repedit.evaluation.scoring.generate_scores`) or both;
+    ``scoring_impl``: the teacher-forced scorer's implementation (same results, recorded but
+    not part of a run's identity).
     """
 
     tests: tuple[str, ...] = TESTS
@@ -133,9 +156,19 @@ class SuiteConfig:
     fluency_top_k: int = 5
     batch_size: int = 32
     near_subject_max: int = 5
+    scoring: Scoring = "teacher-forced"
+    scoring_impl: Impl = "fast"
 
     def __post_init__(self) -> None:
         self.tests = parse_tests(self.tests)
+        if self.scoring not in SCORINGS:
+            raise InvalidRequestError(
+                f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}"
+            )
+        if self.scoring_impl not in ("fast", "reference"):
+            raise InvalidRequestError(
+                f"scoring_impl must be 'fast' or 'reference', got {self.scoring_impl!r}"
+            )
         if self.long_context_unit not in ("tokens", "words"):
             raise InvalidRequestError(
                 f"long_context_unit must be 'tokens' or 'words', got {self.long_context_unit!r}"
@@ -167,6 +200,14 @@ def passage_sampler(lm: Any, cfg: SuiteConfig) -> PassageSampler | None:
     if "long_context" not in cfg.tests:
         return None
     return _passage_sampler(lm.tokenizer, cfg, purpose="the long_context test runs")
+
+
+def near_index(lm: Any, cfg: SuiteConfig, cases: Sequence[EditCase]) -> NearSubjects | None:
+    """The look-alike index for ``near_subject``, built once per run from every case of the
+    dataset (not only the evaluated ones), or None when the test is not selected."""
+    if "near_subject" not in cfg.tests or cfg.near_subject_max == 0:
+        return None
+    return NearSubjects(cases, lm.tokenizer)
 
 
 # --------------------------------------------------------------------------- building
@@ -272,9 +313,23 @@ def build_probes(
             for i, nb in enumerate(case.neighbourhood)
             if nb.prompt.strip() and nb.target.strip()
         ]
+    if "neighbourhood_plus" in tests:
+        prefix = plus_prefix(case)
+        out["neighbourhood_plus"] = [
+            Probe(prefix + nb.prompt, nb.target, None, "neighbourhood_plus", {"index": i})
+            for i, nb in enumerate(case.neighbourhood)
+            if nb.prompt.strip() and nb.target.strip()
+        ]
     if "near_subject" in tests:
         out["near_subject"] = near_probes(case, near, cfg.near_subject_max, key)
     return out
+
+
+def plus_prefix(case: EditCase) -> str:
+    """What ``neighbourhood_plus`` puts before a neighbourhood prompt: the edit's statement,
+    ``"<edit prompt> <new object>. "``."""
+    req = case.request
+    return f"{req.text.rstrip()} {req.target_new.strip()}. "
 
 
 def near_probes(case: EditCase, near: NearSubjects | None, n: int, key: str) -> list[Probe]:

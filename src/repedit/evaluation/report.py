@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from repedit.errors import RepeditError
-from repedit.evaluation.probes import SUCCESS_TESTS, TESTS
+from repedit.evaluation.probes import LOCALITY_TESTS, PROBE_TESTS, SUCCESS_TESTS, TESTS
 from repedit.evaluation.rundir import RunDir, readable
 from repedit.evaluation.summary import (
+    EMPTY_STAT,
     REP_ROWS,
     build_summary,
     case_means,
@@ -48,7 +49,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 code { background: #f6f6f6; padding: 0 3px; }
 """
 
-RATE_TESTS = (*SUCCESS_TESTS, "neighbourhood")
+RATE_TESTS = (*SUCCESS_TESTS, *LOCALITY_TESTS)
 #: the robustness tests averaged on the trade-off plot's y axis
 ROBUSTNESS_TESTS = (
     "subject_paraphrase",
@@ -171,7 +172,7 @@ def bar_chart(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
     for r, (name, summ) in enumerate(zip(names, summaries, strict=True)):
         means, lo, hi = [], [], []
         for test in RATE_TESTS:
-            s = summ["tests"][test]
+            s = summ["tests"].get(test) or EMPTY_STAT
             m = s["mean"]
             means.append(np.nan if m is None else 100 * m)
             ci = s.get("ci")
@@ -179,7 +180,7 @@ def bar_chart(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
             hi.append(0 if not ci or m is None else max(0.0, 100 * (ci[1] - m)))
         offset = (r - (len(names) - 1) / 2) * width
         ax.bar(x + offset, means, width, yerr=[lo, hi], capsize=2, label=name, color=colors[r])
-        f = summ["tests"]["fluency"]
+        f = summ["tests"].get("fluency") or EMPTY_STAT
         if f["mean"] is not None:
             ci = f.get("ci") or [f["mean"], f["mean"]]
             ax_f.bar(
@@ -192,7 +193,7 @@ def bar_chart(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
             )
     ax.set_xticks(x)
     ax.set_xticklabels([t.replace("_", "\n") for t in RATE_TESTS], fontsize=8)
-    ax.set_ylabel("% (neighbourhood: agreement)")
+    ax.set_ylabel("% (locality tests: agreement)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
@@ -289,8 +290,11 @@ def results_table(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> 
         cells = "".join(_cell(test, getter(s)) for s in summaries)
         rows.append(f'<tr><td class="{css}">{html.escape(label)}</td>{cells}</tr>')
 
+    any_gen = any(s.get("tests_generate") is not None for s in summaries)
     for test in TESTS:
         row(test, "name", test, lambda s, t=test: s["tests"].get(t))
+        if any_gen and test in PROBE_TESTS:
+            row("generated", "sub", test, lambda s, t=test: (s.get("tests_generate") or {}).get(t))
         if test == "scrambled_subject":
             for half in ("id", "ood"):
                 key = f"scrambled_subject_{half}"
@@ -375,8 +379,11 @@ def write_report(
         f"<h1>repedit robustness report: {html.escape(', '.join(names))}</h1>",
         f'<p class="muted">generated {time.strftime("%Y-%m-%d %H:%M:%S")}. Success rates in %: '
         "teacher-forced exact match of every target token, micro-averaged over (case, variant) "
-        "pairs; neighbourhood: agreement with the unedited model's predictions; fluency: ROME "
-        "n-gram entropy in bits. Brackets: 95 % bootstrap CI over cases.</p>",
+        "pairs; neighbourhood, neighbourhood_plus (the neighbourhood after the edit's own "
+        "statement) and near_subject (look-alike subjects): agreement with the unedited "
+        "model's predictions; generated: scored by greedy generation (the continuation begins "
+        "with the target, or equals the unedited model's); fluency: ROME n-gram entropy in "
+        "bits. Brackets: 95 % bootstrap CI over cases.</p>",
         "<h2>Results</h2>",
         results_table(names, summaries),
         "<h2>Means per test</h2>",

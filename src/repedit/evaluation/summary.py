@@ -3,12 +3,18 @@
 ``summary.json``::
 
     {"tests": {NAME: {"mean": float | null, "ci": [lo, hi] | null, "n": int}},
+     "tests_generate": {NAME: {"mean", "ci", "n"}},      # only when generation scored
      "config": {...}, "seconds_per_edit": float | null, "extra": {...}}
 
 NAME is every test of :data:`~repedit.evaluation.probes.TESTS`. Success rates are fractions in
-[0, 1], micro-averaged over (case, variant) pairs, with the paper's exact-match metric;
-``neighbourhood`` is the agreement with the unedited model's predictions; ``fluency`` is ROME's
-n-gram entropy (bits). ``n`` counts (case, variant) pairs (texts for fluency); a test the data
+[0, 1], micro-averaged over (case, variant) pairs, with the paper's exact-match metric (teacher
+forcing); the locality tests (``neighbourhood``, ``neighbourhood_plus``, ``near_subject``) are
+the agreement with the unedited model's predictions; ``fluency`` is ROME's n-gram entropy
+(bits). A summary of a run scored by greedy generation (``--scoring generate|both``) adds
+``tests_generate``: the same statistics over each probe test's ``gen_exact`` (the continuation
+begins with the target) or, for the locality tests, ``gen_agree`` (it equals the unedited
+model's); ``tests`` keeps the teacher-forced rates (all ``n = 0`` for a generate-only run).
+``n`` counts (case, variant) pairs (texts for fluency); a test the data
 could not feed has ``n = 0`` and ``mean``/``ci`` null. The 95 % interval is a percentile
 bootstrap over *cases* (1000 resamples, seeded): a case's variants stay together.
 
@@ -33,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from repedit.evaluation.config import flat_fields
-from repedit.evaluation.probes import SUCCESS_TESTS, TESTS
+from repedit.evaluation.probes import LOCALITY_TESTS, PROBE_TESTS, SUCCESS_TESTS, TESTS, generated
 from repedit.evaluation.rundir import SUMMARY, SUMMARY_MD, RunDir, readable
 from repedit.io import atomic_path, write_json
 from repedit.rep.ablations import rep_label
@@ -53,8 +59,15 @@ EXTRA_STATS: tuple[tuple[str, str, str, dict[str, Any] | None], ...] = (
 
 
 def metric_of(test: str) -> str:
-    """The headline per-probe field of a test."""
-    return {"neighbourhood": "agree", "fluency": "entropy"}.get(test, "exact")
+    """The headline per-probe field of a test (teacher-forced)."""
+    if test in LOCALITY_TESTS:
+        return "agree"
+    return {"fluency": "entropy"}.get(test, "exact")
+
+
+def gen_metric_of(test: str) -> str:
+    """The per-probe field of a test scored by generation."""
+    return "gen_agree" if test in LOCALITY_TESTS else "gen_exact"
 
 
 def read_records(run_dir: str | Path, cases: Collection[str] | None = None) -> list[dict[str, Any]]:
@@ -192,6 +205,14 @@ def _test_stats(records: Sequence[dict[str, Any]], selected: set[str]) -> dict[s
     return {t: micro_stat(case_sums(records, t)) if t in selected else empty for t in TESTS}
 
 
+def _generate_stats(records: Sequence[dict[str, Any]], selected: set[str]) -> dict[str, Any]:
+    empty = {"mean": None, "ci": None, "n": 0}
+    return {
+        t: micro_stat(case_sums(records, t, gen_metric_of(t))) if t in selected else empty
+        for t in PROBE_TESTS
+    }
+
+
 def _extra_stats(records: Sequence[dict[str, Any]], selected: set[str]) -> dict[str, Any]:
     empty = {"mean": None, "ci": None, "n": 0}
     return {
@@ -251,6 +272,7 @@ def _config(
         "n": rc.get("n"),
         "seed": rc.get("seed"),
         "tests": rc.get("tests"),
+        "scoring": rc.get("scoring") or "teacher-forced",
         "suite": stored.get("suite"),
         "stats": {
             "corpus": rc.get("stats_corpus"),
@@ -280,12 +302,21 @@ def build_summary(run_dir: str | Path, cases: Collection[str] | None = None) -> 
     seq = run.sequential()
     if seq:
         extra["sequential_checkpoints"] = len(seq)
-    return {
+    out = {
         "tests": _test_stats(records, selected),
         "config": _config(rc, stored, run_dir, wall, spe),
         "seconds_per_edit": spe,
         "extra": extra,
     }
+    if generated(rc.get("scoring") or "teacher-forced"):
+        out["tests_generate"] = _generate_stats(records, selected)
+    return out
+
+
+#: a test a summary has no statistics for
+EMPTY_STAT: dict[str, Any] = {"mean": None, "ci": None, "n": 0}
+#: comparison_rows' marker for a generate-scored row
+GENERATED = "tests_generate"
 
 
 def _pct(x: float | None) -> str:
@@ -323,15 +354,21 @@ def has_rep(summary: dict[str, Any]) -> bool:
 
 
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """Rows ``test, mean, 95% CI, n, P(new)>P(true)`` (rates in %, fluency in bits); a REP run
-    adds its mean edit / REP seconds and gate open rates (no CI)."""
+    """Rows ``test, mean, 95% CI, n, P(new)>P(true)`` (rates in %, fluency in bits); a run
+    scored by generation adds a ``generated`` row under each probe test; a REP run adds its
+    mean edit / REP seconds and gate open rates (no CI). A test a summary lacks (written
+    before the test existed) shows as not scored."""
     rows = []
     extra = summary.get("extra", {})
+    gen = summary.get("tests_generate")
     for test in TESTS:
-        stat = summary["tests"][test]
+        stat = summary["tests"].get(test) or EMPTY_STAT
         m, c = _fmt(test, stat)
         alt = extra.get(f"{test}_beats_alt")
         rows.append([test, m, c, str(stat["n"]), _pct(alt["mean"]) if alt else ""])
+        if gen is not None and test in gen:
+            m, c = _fmt(test, gen[test])
+            rows.append(["  generated", m, c, str(gen[test]["n"]), ""])
         if test == "scrambled_subject":
             for half in ("id", "ood"):
                 s = extra.get(f"scrambled_subject_{half}")
@@ -358,8 +395,11 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
     """One row per test, one ``mean [lo, hi]`` cell per run (rates in %, fluency in bits)."""
     rows = []
     labels: list[tuple[str, str, str | None]] = []
+    any_gen = any(s.get("tests_generate") is not None for s in summaries)
     for test in TESTS:
         labels.append((test, test, None))
+        if any_gen and test in PROBE_TESTS:
+            labels.append(("  generated", test, GENERATED))
         if test == "scrambled_subject":
             labels += [(f"  {h} half", test, f"scrambled_subject_{h}") for h in ("id", "ood")]
         if test == "neighbourhood":
@@ -367,7 +407,12 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
     for label, test, key in labels:
         row = [label]
         for summ in summaries:
-            stat = summ["tests"][test] if key is None else summ.get("extra", {}).get(key, {})
+            if key is None:
+                stat = summ["tests"].get(test)
+            elif key == GENERATED:
+                stat = (summ.get("tests_generate") or {}).get(test)
+            else:
+                stat = summ.get("extra", {}).get(key, {})
             m, c = _fmt(test, stat or {})
             row.append(m if c == "—" else f"{m} {c}")
         rows.append(row)
@@ -409,9 +454,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "Success rates: exact match of every target token (teacher forcing), micro-averaged "
-        "over (case, variant) pairs; neighbourhood: agreement with the unedited model; "
-        "neighbourhood_truth: exact match to the dataset answer; fluency: n-gram entropy "
-        "(bits, not %). CI: 95 % bootstrap over cases.",
+        "over (case, variant) pairs; neighbourhood, neighbourhood_plus (after the edit's own "
+        "statement), near_subject (look-alike subjects): agreement with the unedited model; "
+        "neighbourhood_truth: exact match to the dataset answer; generated: scored by greedy "
+        "generation instead (the continuation begins with the target, or equals the unedited "
+        "model's); fluency: n-gram entropy (bits, not %). CI: 95 % bootstrap over cases.",
         "",
         f"- cases: {extra.get('n_cases')} ({extra.get('n_failed')} failed)",
         f"- seconds per edit: {'—' if spe is None else f'{spe:.2f}'}"
