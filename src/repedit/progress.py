@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,6 +29,14 @@ class _NullProgress:
         pass
 
 
+class _Progress(Progress):
+    """A rich ``Progress`` whose tasks always have a ``status`` field (the status column)."""
+
+    def add_task(self, description: str, *args: Any, **fields: Any) -> TaskID:
+        fields.setdefault("status", "")
+        return super().add_task(description, *args, **fields)
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Any]:
     """A rich ``Progress`` with count, elapsed and ETA columns; a no-op object if disabled."""
@@ -43,12 +52,5 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
         TimeRemainingColumn(),
     )
     # stderr, so a command's --json output on stdout stays clean even when piped
-    with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
-        original = bar.add_task
-
-        def add_task(description: str, **kwargs: Any) -> int:
-            kwargs.setdefault("status", "")
-            return original(description, **kwargs)
-
-        bar.add_task = add_task  # type: ignore[method-assign]
+    with _Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
         yield bar

@@ -312,7 +312,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
         cache=getattr(args, "cache_dir", None),
     )
     log(
-        f"  {lm.model.config.model_type}, {lm.n_layers} layers, d_mlp {lm.arch.d_mlp}, "
+        f"  {lm.arch.model_type}, {lm.n_layers} layers, d_mlp {lm.arch.d_mlp}, "
         f"{lm.device}, {str(lm.dtype).removeprefix('torch.')}, fingerprint {lm.fingerprint}"
     )
     return lm

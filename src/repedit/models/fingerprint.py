@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,8 @@ def model_fingerprint(model: nn.Module) -> str:
     editing: ``LoadedModel`` does so at load time.
     """
     h = hashlib.sha256()
-    config = model.config.to_dict() if hasattr(model, "config") else {}
+    config_obj: Any = getattr(model, "config", None)
+    config = config_obj.to_dict() if config_obj is not None else {}
     clean = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
     h.update(json.dumps(clean, sort_keys=True, default=str).encode())
     with torch.no_grad():

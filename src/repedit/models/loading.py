@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,7 +137,7 @@ def _gguf_to_cache(gguf: Path, cache: Path) -> Path:
         return target
     log.info("converting %s to safetensors under %s (one-off, ~30 s)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     # The GGUF quantizer marks the model as quantised; the weights are already dequantised.
@@ -193,7 +194,7 @@ def load_model(
     is_local = Path(where).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
     except (OSError, ValueError) as exc:  # transformers raises ValueError for unusable dirs
         if is_local:
             raise ModelLoadError(f"could not load model from {where}: {exc}") from exc

@@ -114,6 +114,11 @@ class Arch:
         self.spec = arch_of(model)
 
     @property
+    def model_type(self) -> str:
+        """The model's ``config.model_type``, the key it was looked up by in the registry."""
+        return str(getattr(getattr(self.model, "config", None), "model_type", None))
+
+    @property
     def n_layers(self) -> int:
         return len(self.layers())
 

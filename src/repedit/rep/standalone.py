@@ -81,7 +81,8 @@ def attach(model: torch.nn.Module, directory: str | Path) -> list[Any]:
 
     def note_past(m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5: cache
-        length = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        counts = past is not None and hasattr(past, "get_seq_length")
+        length = past.get_seq_length() if counts else 0
         state["generating"] = bool(length)
 
     handles = [model.register_forward_pre_hook(note_past, with_kwargs=True)]

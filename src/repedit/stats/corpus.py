@@ -247,7 +247,7 @@ def token_windows(corpus: Corpus, tokenizer: object, seq_len: int) -> Iterator[l
     at inference); documents are joined with the EOS token when there is one.
     """
     probe = tokenizer("a")["input_ids"]  # type: ignore[operator]
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos: int | None = getattr(tokenizer, "bos_token_id", None)
     adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
     eos = getattr(tokenizer, "eos_token_id", None)
     body = seq_len - 1 if adds_bos else seq_len
@@ -259,6 +259,6 @@ def token_windows(corpus: Corpus, tokenizer: object, seq_len: int) -> Iterator[l
             buffer.append(eos)
         while len(buffer) >= body:
             window, buffer = buffer[:body], buffer[body:]
-            yield ([bos, *window]) if adds_bos else window
+            yield [bos, *window] if bos is not None and adds_bos else window
     if buffer:
-        yield ([bos, *buffer]) if adds_bos else buffer
+        yield [bos, *buffer] if bos is not None and adds_bos else buffer
