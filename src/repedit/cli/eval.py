@@ -91,25 +91,7 @@ def register(subparsers: Any) -> None:
         help="if another repedit process owns --out, wait for it (then resume) instead of refusing",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    w = p.add_argument_group(
-        "workers",
-        "shard the cases over worker processes, each with its own model and --threads "
-        "(default 1 each); this process owns OUT and writes every record (single and batch "
-        "modes)",
-    )
-    w.add_argument(
-        "--workers", type=common.positive_int, default=None, metavar="N", help="worker processes"
-    )
-    w.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="run the workers as Ray actors on the cluster at ADDRESS (HOST:6379), or on a "
-        "local Ray started for the run; with --device cuda each actor takes one GPU "
-        "(pip install 'repedit[ray]')",
-    )
+    _add_worker_options(p)
     lc = p.add_argument_group("long context and fluency")
     length = lc.add_mutually_exclusive_group()
     length.add_argument(
@@ -140,6 +122,28 @@ def register(subparsers: Any) -> None:
     common.add_model_options(p)
     common.add_stats_options(p)
     common.add_json_option(p)
+
+
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group(
+        "workers",
+        "shard the cases over worker processes, each with its own model and --threads "
+        "(default 1 each); this process owns OUT and writes every record (single and batch "
+        "modes)",
+    )
+    w.add_argument(
+        "--workers", type=common.positive_int, default=None, metavar="N", help="worker processes"
+    )
+    w.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the workers as Ray actors on the cluster at ADDRESS (HOST:6379), or on a "
+        "local Ray started for the run; with --device cuda each actor takes one GPU "
+        "(pip install 'repedit[ray]')",
+    )
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:

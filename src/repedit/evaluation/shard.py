@@ -73,11 +73,12 @@ class WorkerInit:
 def plan_tasks(items: Sequence[CaseItem], done: set[str], mode: str, size: int) -> list[Task]:
     """The tasks still to do: one per case (single), or one per fixed chunk of ``size`` cases
     (batch; a resumed chunk keeps its companions, as in one process)."""
+    groups: list[tuple[list[CaseItem], int | None]]
     if mode == "single":
         groups = [([it], None) for it in items]
     else:
         groups = [(list(items[s : s + size]), s // size) for s in range(0, len(items), size)]
-    tasks = []
+    tasks: list[Task] = []
     for group, chunk in groups:
         todo = [it.key for it in group if it.key not in done]
         if todo:
@@ -236,13 +237,13 @@ def _handle(
     elif kind == "init_error":
         raise RepeditError(f"worker {slot} could not start: {msg['reason']}")
     elif kind == "done":
-        task = slots.running.pop(slot)
+        slots.running.pop(slot)
         for ref in msg["references"]:
             references[ref["case_id"]] = ref
         rec.outcome(msg["records"], msg["references"])
     else:  # failed or dead: replace the worker; retry its task once
         slots.ready.discard(slot)
-        task = slots.running.pop(slot, None)
+        task: Task | None = slots.running.pop(slot, None)
         reason = str(msg.get("reason", kind)).strip().splitlines()[-1]
         if task is None:
             slots.start_failures += 1

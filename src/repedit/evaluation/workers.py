@@ -123,8 +123,9 @@ class LocalBackend:
         if out:
             return out
         by_conn = {id(conn): slot for slot, conn in self.conns.items()}
-        for conn in wait(list(self.conns.values()), timeout):
-            slot = by_conn[id(conn)]
+        for got in wait(list(self.conns.values()), timeout):
+            slot = by_conn[id(got)]
+            conn = self.conns[slot]
             try:
                 out.append((slot, conn.recv()))
             except (EOFError, OSError):
@@ -228,7 +229,7 @@ class RayBackend:
         if old is not None:
             self.refs = {ref: s for ref, s in self.refs.items() if s != slot}
             self.ray.kill(old, no_restart=True)
-        actor = self.actor.remote(self.init)
+        actor: Any = self.actor.remote(self.init)
         self.actors[slot] = actor
         self.refs[actor.ready.remote()] = slot
 
