@@ -13,7 +13,8 @@ CPU's SIMD flags and the core count. Never asserts: the numbers are for reading,
 only mean something on an otherwise idle machine.
 
     python benchmarks/eval_workers.py --n 8
-    python benchmarks/eval_workers.py --n 20 --workers 4 --worker-threads 1
+    python benchmarks/eval_workers.py --n 20 --workers 4 --worker-threads 1 \
+        --eval-args "--long-context-words 300 --fluency-samples 1"
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -69,6 +71,9 @@ def main() -> None:
     ap.add_argument("--worker-threads", type=int, default=1)
     ap.add_argument("--tests", default="all")
     ap.add_argument("--keep", default=None, help="keep the run directories here")
+    ap.add_argument(
+        "--eval-args", default="", help="more options for every repedit eval (one string)"
+    )
     args = ap.parse_args()
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="eval-workers-"))
@@ -77,6 +82,7 @@ def main() -> None:
     common = [
         "eval", "--model", args.model, "--data", args.data, "--data-dir",
         str(default_data_dir()), "--tests", args.tests, "--no-progress",
+        *shlex.split(args.eval_args),
     ]  # fmt: skip
     repedit([*common, "--n", "1", "--threads", str(total), "--out", str(root / "warm")])
     n = ["--n", str(args.n)]

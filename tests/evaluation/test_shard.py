@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from repedit.data.case import EditCase, EditRequest
-from repedit.errors import RepeditError
+from repedit.errors import InvalidRequestError, RepeditError
 from repedit.evaluation.case import CaseItem
+from repedit.evaluation.config import ParallelConfig
 from repedit.evaluation.modes import Recorder
 from repedit.evaluation.rundir import RunDir, new_session, read_jsonl
 from repedit.evaluation.shard import Task, plan_tasks, run_sharded
@@ -139,3 +140,33 @@ def test_workers_dying_before_any_task_stop_the_run(tmp_path: Path) -> None:
     with pytest.raises(RepeditError, match="before taking a task"):
         run_sharded(backend, plan_tasks(_items(2), set(), "single", 1), _recorder(tmp_path), {})
     assert sum(backend.starts.values()) <= 2 + 2 * 2 + 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        ([], ParallelConfig(workers=None, threads=None, ray=False)),
+        (["--threads", "3"], ParallelConfig(threads=None)),  # one process: --threads is its own
+        (["--workers", "2"], ParallelConfig(workers=2)),
+        (["--workers", "2", "--threads", "2"], ParallelConfig(workers=2, threads=2)),
+        (["--ray"], ParallelConfig(ray=True)),
+        (["--ray", "head:6379", "--workers", "4"],
+         ParallelConfig(workers=4, ray=True, ray_address="head:6379")),
+    ],
+)  # fmt: skip
+def test_worker_options(argv: list[str], want: ParallelConfig) -> None:
+    from repedit.cli import build_parser
+    from repedit.cli.eval import parallel_config
+
+    got = parallel_config(build_parser().parse_args(["eval", *argv]))
+    assert got == want
+    assert got.worker_threads == (want.threads or 1)
+    assert got.sharded == (want.ray or (want.workers or 1) > 1)
+
+
+def test_sequential_mode_cannot_be_sharded() -> None:
+    ParallelConfig().check("sequential")
+    ParallelConfig(workers=2).check("batch")
+    for par in (ParallelConfig(workers=2), ParallelConfig(ray=True)):
+        with pytest.raises(InvalidRequestError, match="sequential"):
+            par.check("sequential")
