@@ -35,8 +35,14 @@ plain run directory each; OUT/report.html compares them). In sequential mode eve
 gets its own adapters and all of them stay on for later edits (OUT/sequential_rep/); a τ sweep
 needs single or batch mode.
 
+workers: --workers N runs the cases on N processes, each with its own model and --threads
+(default 1), --ray [ADDRESS] on Ray actors (one GPU each with --device cuda); this process
+still owns OUT and writes every record, a dead worker's case is retried once and then recorded
+as failed, and the records match a one-process run's (single and batch modes only).
+
 examples:
   repedit eval --method rome --data rep-counterfact --n 100 --out runs/rome-cf
+  repedit eval --method rome --data rep-counterfact --n 100 --workers 4 --out runs/rome-cf
   repedit eval --method rome --data rep-counterfact --n 100 --rep --out runs/rome-rep-cf
   repedit eval --method rome --data rep-counterfact --n 100 --rep-ablation no-gate \\
       --rep-set steps=20 --rep-tau 0.5,0.7,0.9,0.95 --out runs/rome-rep-nogate
