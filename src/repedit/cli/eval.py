@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from repedit.cli import common
 
 if TYPE_CHECKING:
-    from repedit.evaluation.config import RunConfig
+    from repedit.evaluation.config import ParallelConfig, RunConfig
 
 # the library is imported inside the functions, so that ``repedit --help`` stays instant
 
@@ -37,8 +37,14 @@ plain run directory each; OUT/report.html compares them). In sequential mode eve
 gets its own adapters and all of them stay on for later edits (OUT/sequential_rep/); a τ sweep
 needs single or batch mode.
 
+workers: --workers N runs the cases on N processes, each with its own model and --threads
+(default 1), --ray [ADDRESS] on Ray actors (one GPU each with --device cuda); this process
+still owns OUT and writes every record, a dead worker's case is retried once and then recorded
+as failed, and the records match a one-process run's (single and batch modes only).
+
 examples:
   repedit eval --method rome --data rep-counterfact --n 100 --out runs/rome-cf
+  repedit eval --method rome --data rep-counterfact --n 100 --workers 4 --out runs/rome-cf
   repedit eval --method rome --data rep-counterfact --n 100 --rep --out runs/rome-rep-cf
   repedit eval --method rome --data rep-counterfact --n 100 --rep-ablation no-gate \\
       --rep-set steps=20 --rep-tau 0.5,0.7,0.9,0.95 --out runs/rome-rep-nogate
@@ -94,6 +100,7 @@ def register(subparsers: Any) -> None:
         help="if another repedit process owns --out, wait for it (then resume) instead of refusing",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_worker_options(p)
     lc = p.add_argument_group("long context and fluency")
     length = lc.add_mutually_exclusive_group()
     length.add_argument(
@@ -143,6 +150,28 @@ def _add_scoring_options(p: argparse.ArgumentParser) -> None:
         choices=("fast", "reference"),
         help="teacher-forced scorer: packed (fast, default) or one padded batch (reference); "
         "same results, may change between resumptions",
+    )
+
+
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group(
+        "workers",
+        "shard the cases over worker processes, each with its own model and --threads "
+        "(default 1 each); this process owns OUT and writes every record (single and batch "
+        "modes)",
+    )
+    w.add_argument(
+        "--workers", type=common.positive_int, default=None, metavar="N", help="worker processes"
+    )
+    w.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the workers as Ray actors on the cluster at ADDRESS (HOST:6379), or on a "
+        "local Ray started for the run; with --device cuda each actor takes one GPU "
+        "(pip install 'repedit[ray]')",
     )
 
 
@@ -204,6 +233,19 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    """How the options spread the cases over workers."""
+    from repedit.evaluation.config import ParallelConfig
+
+    sharded = args.ray is not None or (args.workers or 1) > 1
+    return ParallelConfig(
+        workers=args.workers,
+        threads=args.threads if sharded else None,
+        ray=args.ray is not None,
+        ray_address=args.ray or None,
+    )
+
+
 def print_summary(summary: dict[str, Any], title: str | None = None) -> None:
     from repedit.evaluation.summary import TABLE_COLUMNS, table_rows
 
@@ -216,10 +258,12 @@ def run(args: argparse.Namespace) -> int:
     from repedit.evaluation.summary import load_summary, run_label
 
     cfg = run_config(args)
+    parallel = parallel_config(args)
+    parallel.check(cfg.mode)  # before the model loads
     lm = common.load(args)
     label = run_label(cfg.to_dict())
     common.status(f"evaluating {label} ({cfg.mode}) on {cfg.data} → {cfg.out}")
-    run_dir = run_eval(cfg, lm=lm, progress=not args.no_progress, wait=args.wait)
+    run_dir = run_eval(cfg, lm=lm, progress=not args.no_progress, wait=args.wait, parallel=parallel)
     subs = sweep_dirs(run_dir)
     if subs:
         return _print_sweep(args, run_dir, subs)

@@ -465,6 +465,11 @@ class NearSubjects:
         self._cases = [c for c in cases if c.request.target_true]
         self._pieces = [self.pieces(c.request.subject) for c in self._cases]
 
+    @property
+    def cases(self) -> tuple[EditCase, ...]:
+        """The cases that can serve as look-alikes (those with a true answer)."""
+        return tuple(self._cases)
+
     def pieces(self, subject: str) -> frozenset[str]:
         """The subject's token texts and word beginnings (case-folded) that can be shared."""
         out = set()

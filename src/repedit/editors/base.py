@@ -69,6 +69,17 @@ class Editor:
         self._stats: dict[tuple[str, int], SecondMoment] = {}
 
     # -- shared services -------------------------------------------------------------------
+    def derived_state(self) -> dict[str, Any]:
+        """What this editor derived from models so far (context prefixes, key statistics), for
+        :meth:`adopt_state` on another copy of it, so a worker process need not derive it again."""
+        return {"contexts": dict(self._contexts), "stats": dict(self._stats)}
+
+    def adopt_state(self, state: dict[str, Any]) -> None:
+        """Take over another copy's :meth:`derived_state` (keyed by model fingerprint, so a
+        different model simply derives its own)."""
+        self._contexts.update(state.get("contexts", {}))
+        self._stats.update(state.get("stats", {}))
+
     def contexts(self, lm: Any, hp: LocateEditHparams) -> list[str]:
         """Context prefixes for this model, generated once per editor (seeded)."""
         key = f"{lm.fingerprint}:{hp.contexts}:{hp.context_seed}"

@@ -204,6 +204,48 @@ class RunConfig:
         return {k: v for k, v in flat.items() if k not in RESUMABLE_FIELDS}
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How a run's cases are spread over worker processes. Not part of the run's identity
+    (config.json does not store it): any setting gives the same records, so a run may be
+    resumed with another one.
+
+    ``workers``: worker processes (None: 1 locally; with Ray, one per GPU with a CUDA
+    ``device``, else the cluster's CPUs over ``threads``). ``threads``: torch threads per
+    worker (None: 1 when there are workers). ``ray``: run the workers as Ray actors, on the
+    cluster at ``ray_address`` or on a local Ray started for the run.
+    """
+
+    workers: int | None = None
+    threads: int | None = None
+    ray: bool = False
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise InvalidRequestError(f"workers must be >= 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidRequestError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether cases go to worker processes (else the coordinator runs them itself)."""
+        return self.ray or (self.workers or 1) > 1
+
+    @property
+    def worker_threads(self) -> int:
+        return self.threads if self.threads is not None else 1
+
+    def check(self, mode: str) -> None:
+        """Refuse a mode that cannot be sharded: sequential edits one model, case after case."""
+        if self.sharded and mode == "sequential":
+            raise InvalidRequestError(
+                "--workers/--ray cannot run --mode sequential: its edits accumulate on one "
+                "model, case after case, so its cases cannot be split between processes; "
+                "drop --workers/--ray, or use --mode single or batch"
+            )
+
+
 def _nest_flat(values: dict[str, Any]) -> dict[str, Any]:
     """An earlier version's flat RunConfig fields in today's nested shape."""
     rest = dict(values)

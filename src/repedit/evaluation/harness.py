@@ -37,23 +37,23 @@ from repedit.data.case import EditCase
 from repedit.data.loaders import LoadResult, load_cases
 from repedit.editors import Editor, make_editor
 from repedit.errors import RepeditError
-from repedit.evaluation.case import (
-    CaseContext,
-    CaseItem,
-    edited_param_names,
-    restore,
-    snapshot,
+from repedit.evaluation.case import CaseContext, CaseItem, restore
+from repedit.evaluation.config import ParallelConfig, RunConfig, check_resumable, prepare
+from repedit.evaluation.modes import (
+    Progress,
+    Recorder,
+    case_context,
+    run_batch,
+    run_sequential,
+    run_single,
 )
-from repedit.evaluation.config import RunConfig, check_resumable, prepare
-from repedit.evaluation.modes import Progress, Recorder, run_batch, run_sequential, run_single
-from repedit.evaluation.probes import case_keys, near_index, passage_sampler
+from repedit.evaluation.probes import case_keys
 from repedit.evaluation.report import write_report
 from repedit.evaluation.rundir import RESULTS, RunDir, RunLock, new_session, plain
 from repedit.evaluation.summary import summarize
+from repedit.evaluation.workers import run_parallel
 from repedit.models import LoadedModel, load_model
 from repedit.progress import progress_bar
-from repedit.rep.adapter import RepConfig
-from repedit.rep.variants import passage_sampler as rep_passage_sampler
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def run_eval(
     *,
     report: bool = True,
     wait: bool = False,
+    parallel: ParallelConfig | None = None,
 ) -> Path:
     """Run (or resume) an evaluation; returns the run directory.
 
@@ -73,8 +74,12 @@ def run_eval(
     unedited on return. ``editor``: default ``make_editor(cfg.method, cfg.hparams, ...)``.
     The run directory is owned for the whole call: another process already owning it makes
     this raise :class:`~repedit.evaluation.rundir.RunBusyError`, or with ``wait`` wait for it.
-    Writes results, ``summary.json``/``summary.md`` and ``report.html``.
+    Writes results, ``summary.json``/``summary.md`` and ``report.html``. ``parallel``: run
+    the cases on worker processes (see :mod:`~repedit.evaluation.workers`); this process
+    still owns the directory and writes everything.
     """
+    parallel = parallel or ParallelConfig()
+    parallel.check(cfg.mode)
     started = time.time()
     with _owned(cfg, wait) as run:
         loaded = load_cases(
@@ -94,9 +99,8 @@ def run_eval(
                 "--out, or pass --overwrite"
             )
         prepare(run, cfg, meta)
-        ctx = _context(cfg, lm, editor, run)
-        ctx.near = near_index(lm, cfg.suite, _all_cases(cfg, loaded))
-        _run_mode(cfg, ctx, _recorder(cfg, run, meta, started), loaded, progress)
+        ctx = case_context(cfg, lm, editor, run.references(), _all_cases(cfg, loaded))
+        _run_mode(cfg, ctx, _recorder(cfg, run, meta, started), loaded, progress, parallel)
         return _finish(cfg, run, report)
 
 
@@ -143,17 +147,6 @@ def _meta(cfg: RunConfig, lm: LoadedModel, editor: Editor, loaded: LoadResult) -
     }
 
 
-def _context(cfg: RunConfig, lm: LoadedModel, editor: Editor, run: RunDir) -> CaseContext:
-    ctx = CaseContext(lm, editor, cfg.suite, passage_sampler(lm, cfg.suite))
-    ctx.references = run.references()
-    ctx.rep_cfg = cfg.rep_config()
-    if ctx.rep_cfg is not None:
-        ctx.rep_sampler = _rep_sampler(lm, ctx.rep_cfg)
-    ctx.taus = tuple(cfg.rep_taus)
-    ctx.snapshot = snapshot(lm, edited_param_names(lm, editor))
-    return ctx
-
-
 def _all_cases(cfg: RunConfig, loaded: LoadResult) -> list[EditCase]:
     """Every case of the dataset (look-alikes come from all of them, whatever ``--n``)."""
     if cfg.n is None or len(loaded.cases) < cfg.n or "near_subject" not in cfg.suite.tests:
@@ -161,12 +154,6 @@ def _all_cases(cfg: RunConfig, loaded: LoadResult) -> list[EditCase]:
     # a malformed record past the evaluated ones cannot be a look-alike, nor fail the run
     every = load_cases(cfg.data, data_dir=cfg.data_dir, skip_invalid=True, id_split=cfg.id_split)
     return every.cases
-
-
-def _rep_sampler(lm: LoadedModel, rep_cfg: RepConfig) -> Any:
-    """REP's long-context passage sampler, built once per run (None: none needed/found)."""
-    wants_text = rep_cfg.long_context or (rep_cfg.negatives and "text" in rep_cfg.negative_sources)
-    return rep_passage_sampler(lm, rep_cfg) if wants_text else None
 
 
 def _recorder(cfg: RunConfig, run: RunDir, meta: dict[str, Any], started: float) -> Recorder:
@@ -186,7 +173,12 @@ def _recorder(cfg: RunConfig, run: RunDir, meta: dict[str, Any], started: float)
 
 
 def _run_mode(
-    cfg: RunConfig, ctx: CaseContext, rec: Recorder, loaded: LoadResult, progress: bool
+    cfg: RunConfig,
+    ctx: CaseContext,
+    rec: Recorder,
+    loaded: LoadResult,
+    progress: bool,
+    parallel: ParallelConfig,
 ) -> None:
     keys = case_keys(loaded.cases)
     pairs = zip(keys, loaded.cases, strict=True)
@@ -198,7 +190,9 @@ def _run_mode(
     try:
         with progress_bar(progress) as bar:
             rec.progress = Progress(bar, len(items), done_records)
-            if cfg.mode == "single":
+            if parallel.sharded:
+                run_parallel(cfg, ctx, items, rec, parallel)
+            elif cfg.mode == "single":
                 run_single(ctx, items, rec)
             elif cfg.mode == "batch":
                 run_batch(ctx, items, rec, cfg.batch_size)

@@ -27,7 +27,9 @@ from typing import Any, cast
 
 import torch
 
+from repedit.data.case import EditCase
 from repedit.data.variants import stable_rng
+from repedit.editors import Editor
 from repedit.errors import RepeditError
 from repedit.evaluation.case import (
     CASE_ERRORS,
@@ -35,13 +37,21 @@ from repedit.evaluation.case import (
     CaseItem,
     CaseRecord,
     attached,
+    edited_param_names,
     evaluate,
     param,
     reference_record,
     run_cases,
     snapshot,
 )
-from repedit.evaluation.probes import LOCALITY_TESTS, PROBE_TESTS, SUCCESS_TESTS
+from repedit.evaluation.config import RunConfig
+from repedit.evaluation.probes import (
+    LOCALITY_TESTS,
+    PROBE_TESTS,
+    SUCCESS_TESTS,
+    near_index,
+    passage_sampler,
+)
 from repedit.evaluation.rundir import (
     REFERENCE,
     RESULTS,
@@ -52,9 +62,41 @@ from repedit.evaluation.rundir import (
     plain,
 )
 from repedit.io import read_safetensors, write_safetensors
-from repedit.rep.adapter import Adapter, RepAdapter, load_adapters, stack_adapters
+from repedit.models import LoadedModel
+from repedit.rep.adapter import Adapter, RepAdapter, RepConfig, load_adapters, stack_adapters
+from repedit.rep.variants import passage_sampler as rep_passage_sampler
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the context
+
+
+def case_context(
+    cfg: RunConfig,
+    lm: LoadedModel,
+    editor: Editor,
+    references: dict[str, dict[str, Any]],
+    near_cases: Sequence[EditCase] = (),
+) -> CaseContext:
+    """What every case of ``cfg`` shares, on ``lm`` (unedited: its edited layers are
+    snapshotted); built the same way by the coordinator and by every worker process.
+    ``near_cases``: the dataset's cases that ``near_subject`` draws look-alikes from."""
+    ctx = CaseContext(lm, editor, cfg.suite, passage_sampler(lm, cfg.suite))
+    ctx.references = references
+    ctx.near = near_index(lm, cfg.suite, near_cases) if near_cases else None
+    ctx.rep_cfg = cfg.rep_config()
+    if ctx.rep_cfg is not None:
+        ctx.rep_sampler = _rep_sampler(lm, ctx.rep_cfg)
+    ctx.taus = tuple(cfg.rep_taus)
+    ctx.snapshot = snapshot(lm, edited_param_names(lm, editor))
+    return ctx
+
+
+def _rep_sampler(lm: LoadedModel, rep_cfg: RepConfig) -> Any:
+    """REP's long-context passage sampler, built once per run (None: none needed/found)."""
+    wants_text = rep_cfg.long_context or (rep_cfg.negatives and "text" in rep_cfg.negative_sources)
+    return rep_passage_sampler(lm, rep_cfg) if wants_text else None
 
 
 # --------------------------------------------------------------------------- the writer
