@@ -81,8 +81,9 @@ def attach(model: torch.nn.Module, directory: str | Path) -> list[Any]:
 
     def note_past(m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5: cache
-        counts = past is not None and hasattr(past, "get_seq_length")
-        length = past.get_seq_length() if counts else 0
+        length = 0
+        if past is not None and hasattr(past, "get_seq_length"):
+            length = past.get_seq_length()
         state["generating"] = bool(length)
 
     handles = [model.register_forward_pre_hook(note_past, with_kwargs=True)]
