@@ -196,3 +196,19 @@ def test_bad_core_settings_are_rejected(field: str, value: object) -> None:
 def test_core_settings_round_trip_through_a_dict() -> None:
     hp = CoreHparams().replace(variance_weight=0.05, variance_layers=3, request_contexts=9)
     assert CoreHparams.from_dict(hp.to_dict()) == hp
+
+
+def test_core_trains_rep_like_any_editor(stats: StatsConfig) -> None:
+    """``--rep`` goes through ``train_rep_for_editor``: CoRE's result carries what REP reads."""
+    from repedit.rep.adapter import RepConfig
+    from repedit.rep.train import train_rep_for_editor
+
+    lm = tiny_loaded("llama")
+    editor = make_editor("core", {**FAST, "request_contexts": 3, "layers": (1, 2)}, stats)
+    cfg = RepConfig().replace(long_context=False, steps=3, batch=6)
+    result, rep = train_rep_for_editor(lm, editor, [REQ], cfg)
+    try:
+        assert rep.layers == [1, 2]
+        assert all(torch.count_nonzero(rep.adapters[layer].B.weight) > 0 for layer in (1, 2))
+    finally:
+        result.revert(lm)

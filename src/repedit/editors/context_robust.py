@@ -29,7 +29,7 @@ from repedit.editors.memit import LAMBDA_PER_DIM, MemitHparams, fraction_layers,
 from repedit.editors.result import EditResult
 from repedit.editors.solve import least_squares_update
 from repedit.editors.value_forms import Form, case_key
-from repedit.errors import InvalidRequestError
+from repedit.errors import EditError, InvalidRequestError
 from repedit.models.tokens import document_start
 from repedit.stats.second_moment import SecondMoment
 
@@ -89,9 +89,15 @@ def request_prefixes(lm: Any, request: EditRequest, hp: CoreHparams) -> list[str
     seed = stable_rng("core", hp.context_seed, case_key(request)).getrandbits(63)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        texts_out = sample_prefixes(
-            lm, starters, hp.request_context_length, top_k=hp.request_context_top_k
-        )
+        try:
+            texts_out = sample_prefixes(
+                lm, starters, hp.request_context_length, top_k=hp.request_context_top_k
+            )
+        except RuntimeError as exc:  # the sampler rejects NaN/inf or negative probabilities
+            raise EditError(
+                f"core: sampling the value prefixes of request {case_key(request)!r} failed "
+                f"(NaN/inf in the model's output?): {exc}"
+            ) from exc
     return [t + ". " for t in texts_out]
 
 
