@@ -9,13 +9,14 @@ Two changes to MEMIT, both in the value step (keys and the per-layer solve are M
   the subject token lie across those rows, at every layer above the last edited one
   (:mod:`repedit.editors.context_variance`).
 
-With ``variance_weight = 0`` and ``request_contexts = 0`` it is MEMIT exactly.
+With ``variance_weight = 0``, ``request_contexts = 0`` and MEMIT's ``value.stop_prob`` it is MEMIT
+exactly.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +30,7 @@ from repedit.editors.memit import LAMBDA_PER_DIM, MemitHparams, fraction_layers,
 from repedit.editors.result import EditResult
 from repedit.editors.solve import least_squares_update
 from repedit.editors.value_forms import Form, case_key
+from repedit.editors.values import ValueHparams
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.tokens import document_start
 from repedit.stats.second_moment import SecondMoment
@@ -40,8 +42,8 @@ SOURCES = ("target_true", "subject", "target_new")
 @dataclass
 class CoreHparams(MemitHparams):
     method: ClassVar[str] = "core"
-    #: λ of the penalty; the reference setting is 0.01 for five edited layers (fewer layers
-    #: leave more of the residual to the value, and a smaller λ is advised for more layers)
+    #: λ of the penalty: the reference setting for five edited layers (its authors advise a
+    #: smaller λ when more layers are edited)
     variance_weight: float = 0.01
     #: how many layers above the last edited one the penalty reads; None: all of them
     variance_layers: int | None = None
@@ -51,6 +53,10 @@ class CoreHparams(MemitHparams):
     request_context_length: int = 10
     request_context_top_k: int = 5
     request_context_sources: tuple[str, ...] = SOURCES
+    #: every value step runs (stop_prob 1): stopping once the target is likely could end the
+    #: optimisation before the penalty has acted (the reference stops only once the whole loss,
+    #: penalty included, is below 0.05)
+    value: ValueHparams = field(default_factory=lambda: ValueHparams(stop_prob=1.0))
 
     def __post_init__(self) -> None:
         bad = [s for s in self.request_context_sources if s not in SOURCES]
