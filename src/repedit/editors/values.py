@@ -5,6 +5,8 @@ layer for ROME-style editors, the residual stream after the last edited layer fo
 ones) and optimised so the target is likely after every context prefix, with a KL term that
 keeps "{subject} is a" unchanged, weight decay and a norm clamp. The layers below the
 injection point are run once (``UpperRunner``); each step runs only the layers above.
+Rows beyond the contexts (other subject forms, long prefixes) and CoRE's penalty on the spread
+of later hidden states across a request's rows plug into the same loss.
 
 Positions before the subject token never see ``δ`` (causal attention), so by default the rows
 are aligned at the subject token and those positions' keys/values are cached once
