@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-Method = Literal["rome", "r-rome", "memit", "emmet", "alphaedit"]
+Method = Literal["rome", "r-rome", "memit", "emmet", "alphaedit", "core"]
 #: every editor, in the order the command line lists them
-METHOD_NAMES: tuple[Method, ...] = ("rome", "r-rome", "memit", "emmet", "alphaedit")
+METHOD_NAMES: tuple[Method, ...] = ("rome", "r-rome", "memit", "emmet", "alphaedit", "core")

@@ -26,8 +26,8 @@ from repedit.evaluation.scoring import Probe, score_probes
 from repedit.models import LoadedModel
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
 
-METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit")
-BATCHED = ("memit", "emmet", "alphaedit")
+METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit", "core")
+BATCHED = ("memit", "emmet", "alphaedit", "core")
 #: few contexts and steps: each edit takes a fraction of a second on a tiny model
 FAST = {"contexts": ((3, 2),), "value": {"steps": 8}}
 #: smallest log-prob gain (nats) that counts as "the edit moved the model"

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from repedit.editors import (
     AlphaEditHparams,
+    CoreHparams,
     EmmetHparams,
     LocateEditHparams,
     MemitHparams,
@@ -26,7 +27,7 @@ from repedit.errors import InvalidRequestError
 from repedit.models import LoadedModel
 from repedit.models.tiny import tiny_tokenizer
 
-ALL = (RomeHparams, RRomeHparams, MemitHparams, EmmetHparams, AlphaEditHparams)
+ALL = (RomeHparams, RRomeHparams, MemitHparams, EmmetHparams, AlphaEditHparams, CoreHparams)
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ from typing import Any
 
 from repedit.editors.alphaedit import AlphaEdit, AlphaEditHparams
 from repedit.editors.base import Editor, LocateEditHparams, StatsConfig
+from repedit.editors.context_robust import Core, CoreHparams
 from repedit.editors.emmet import Emmet, EmmetHparams
 from repedit.editors.memit import Memit, MemitHparams
 from repedit.editors.r_rome import RRome, RRomeHparams
@@ -17,14 +18,14 @@ from repedit.methods import METHOD_NAMES
 
 #: the editor registry: method name (:data:`~repedit.methods.METHOD_NAMES`) → class
 EDITORS: dict[str, type[Editor]] = dict(
-    zip(METHOD_NAMES, (Rome, RRome, Memit, Emmet, AlphaEdit), strict=True)
+    zip(METHOD_NAMES, (Rome, RRome, Memit, Emmet, AlphaEdit, Core), strict=True)
 )
 
 
 def make_editor(
     method: str, hparams: dict[str, Any] | None = None, stats: StatsConfig | None = None
 ) -> Editor:
-    """An editor by name (``rome``, ``r-rome``, ``memit``, ``emmet``, ``alphaedit``)."""
+    """An editor by name (``rome``, ``r-rome``, ``memit``, ``emmet``, ``alphaedit``, ``core``)."""
     key = method.lower().replace("_", "-")
     if key == "rrome":
         key = "r-rome"
@@ -38,6 +39,8 @@ __all__ = [
     "METHOD_NAMES",
     "AlphaEdit",
     "AlphaEditHparams",
+    "Core",
+    "CoreHparams",
     "EditResult",
     "Editor",
     "Emmet",

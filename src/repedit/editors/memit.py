@@ -63,16 +63,23 @@ def spread_over_layers(
     requests: list[EditRequest],
     layers: list[int],
     solve: LayerSolve,
+    values_with: dict[str, Any] | None = None,
 ) -> EditResult:
-    """The MEMIT procedure with a pluggable per-layer solve; leaves ``lm`` unchanged."""
+    """The MEMIT procedure with a pluggable per-layer solve; leaves ``lm`` unchanged.
+
+    ``values_with``: keyword arguments for :func:`optimise_values` that override the defaults
+    (an editor's own value contexts, extra forms or penalty); the keys keep the editor's
+    contexts.
+    """
     contexts = editor.contexts(lm, hp)
     stats = editor.second_moment(lm, layers)
     key_mode = getattr(hp, "key_mode", "mean")
     if key_mode not in ("mean", "each"):
         raise InvalidRequestError(f"key_mode must be 'mean' or 'each', not {key_mode!r}")
     last = layers[-1]
+    value_args: dict[str, Any] = {"contexts": contexts, **(values_with or {})}
     values = optimise_values(
-        lm, requests, contexts, layer=last, site="residual", hp=hp.value, position=hp.position
+        lm, requests, layer=last, site="residual", hp=hp.value, position=hp.position, **value_args
     )
     z = values.target  # [n, d_model]
     deltas: dict[str, torch.Tensor] = {}

@@ -5,6 +5,8 @@ layer for ROME-style editors, the residual stream after the last edited layer fo
 ones) and optimised so the target is likely after every context prefix, with a KL term that
 keeps "{subject} is a" unchanged, weight decay and a norm clamp. The layers below the
 injection point are run once (``UpperRunner``); each step runs only the layers above.
+Rows beyond the contexts (other subject forms, long prefixes) and CoRE's penalty on the spread
+of later hidden states across a request's rows plug into the same loss.
 
 Positions before the subject token never see ``δ`` (causal attention), so by default the rows
 are aligned at the subject token and those positions' keys/values are cached once
@@ -25,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from repedit.data.case import EditRequest
+from repedit.editors.context_variance import ContextVariance, pairwise_spread
+from repedit.editors.value_forms import Form, robust_forms
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
 from repedit.models.runner import PrefixRunner, UpperRunner, frozen
@@ -52,6 +56,11 @@ class ValueHparams:
     stop_prob: float = 0.95
     kl_prompts: tuple[str, ...] = ("{} is a",)
     request_batch: int = 8
+    #: value-side robustness (0 / () = off): this many of the subject's training-half
+    #: scrambles, and one corpus passage of each of these lengths (words) before the edit
+    #: prompt, become extra rows of the loss (see :mod:`repedit.editors.value_forms`)
+    robust_forms: int = 0
+    robust_prefix_lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         checks = {
@@ -63,6 +72,8 @@ class ValueHparams:
             and self.clamp_norm_factor > 0,
             "stop_prob": 0 < self.stop_prob <= 1,
             "request_batch": self.request_batch >= 1,
+            "robust_forms": self.robust_forms >= 0,
+            "robust_prefix_lengths": all(n >= 1 for n in self.robust_prefix_lengths),
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -111,26 +122,31 @@ def _build(
     contexts: Sequence[str],
     kl_prompts: Sequence[str],
     position: Position,
+    forms: Sequence[Sequence[Form]] | None = None,
 ) -> _Batch:
+    """Rows per request: each context around its prompt, then its extra ``forms``, then its KL
+    prompts. Every row but the KL ones scores the target."""
     tok = lm.tokenizer
     seqs: list[list[int]] = []
     subj, owner, t_rows, t_pos, t_ids, kl_rows, bare = [], [], [], [], [], [], []
+
+    def add(row_ids: list[int], pos: int, r: int, target: list[int]) -> None:
+        row = len(seqs)
+        seqs.append(row_ids + target[:-1])
+        subj.append(pos)
+        owner.append(r)
+        for j, t in enumerate(target):
+            t_rows.append(row)
+            t_pos.append(len(row_ids) - 1 + j)
+            t_ids.append(t)
+
     for r, req in enumerate(requests):
         target = continuation_ids(tok, req.text, req.target_new)
-        for c, ctx in enumerate(contexts):
-            row_ids, pos = locate(
-                tok, ctx.replace("{}", req.prompt), req.subject, position=position
-            )
-            row = len(seqs)
-            if c == 0:
-                bare.append(row)
-            seqs.append(row_ids + target[:-1])
-            subj.append(pos)
-            owner.append(r)
-            for j, t in enumerate(target):
-                t_rows.append(row)
-                t_pos.append(len(row_ids) - 1 + j)
-                t_ids.append(t)
+        bare.append(len(seqs))
+        rows = [(ctx.replace("{}", req.prompt), req.subject) for ctx in contexts]
+        rows += [(f.template, f.subject) for f in (forms[r] if forms else ())]
+        for template, subject in rows:
+            add(*locate(tok, template, subject, position=position), r, target)
         for kl in kl_prompts:
             row_ids, pos = locate(tok, kl, req.subject, position=position)
             kl_rows.append(len(seqs))
@@ -163,27 +179,56 @@ def optimise_values(
     hp: ValueHparams,
     position: Position = "last",
     path: ValuePath | None = None,
+    forms: Sequence[Sequence[Form]] | None = None,
+    variance: ContextVariance | None = None,
 ) -> ValueResult:
     """Optimise one delta per request at ``site`` of ``layer`` (see module docstring).
 
     ``path`` overrides ``VALUE_PATH`` (both give the same deltas up to float rounding).
+    ``forms``: extra rows per request (an editor's own, added to ``hp``'s robustness forms);
+    ``variance``: CoRE's penalty on the spread of later hidden states across each request's
+    rows (None or weight 0: off, and nothing is computed for it).
     """
     if contexts[0] != "{}":
         raise ValueError("the first context must be the bare prompt '{}'")
     path = VALUE_PATH if path is None else path
     if path not in ("auto", "prefix", "full"):
         raise ValueError(f"value path must be auto, prefix or full, not {path!r}")
+    extra = _training_forms(lm, requests, hp, forms)
+    if variance is not None and variance.weight == 0:
+        variance = None
     inits, deltas, probs, steps, losses = [], [], [], [], []
     for i in range(0, len(requests), hp.request_batch):
         group = requests[i : i + hp.request_batch]
+        group_forms = extra[i : i + hp.request_batch] if extra else None
         with frozen(lm.model):
-            res = _optimise_group(lm, group, contexts, layer, site, hp, position, path)
+            res = _optimise_group(
+                lm, group, contexts, layer, site, hp, position, path, group_forms, variance
+            )
         inits.append(res.init)
         deltas.append(res.delta)
         probs += res.prob
         steps += res.steps
         losses += res.losses
     return ValueResult(torch.cat(inits), torch.cat(deltas), probs, steps, losses)
+
+
+def _training_forms(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    hp: ValueHparams,
+    forms: Sequence[Sequence[Form]] | None,
+) -> list[list[Form]] | None:
+    """Each request's extra rows: the caller's, then ``hp``'s robustness forms (None: none)."""
+    if forms is not None and len(forms) != len(requests):
+        raise ValueError(f"{len(forms)} form lists for {len(requests)} requests")
+    out = [list(forms[r]) if forms is not None else [] for r in range(len(requests))]
+    if hp.robust_forms or hp.robust_prefix_lengths:
+        for r, req in enumerate(requests):
+            out[r] += robust_forms(
+                lm, req, scrambles=hp.robust_forms, prefix_lengths=hp.robust_prefix_lengths
+            )
+    return out if any(out) else None
 
 
 @dataclass
@@ -267,9 +312,15 @@ class _Loss:
     kl_rows: torch.Tensor  # [r] rows holding KL prompts
     kl_init: torch.Tensor  # [r, V] their log-distributions before the edit
     n: int  # requests in the group
+    #: CoRE's penalty: its weight and the layers whose outputs it reads (none: off)
+    variance_weight: float = 0.0
+    monitored: tuple[torch.nn.Module, ...] = ()
 
-    def forward(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of the target tokens [m] and KL-prompt log-distributions [r, V]."""
+    def forward(
+        self, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the target tokens [m], KL-prompt log-distributions [r, V] and the
+        monitored layers' outputs at the subject token [layers, rows, d] (None: no penalty)."""
         rows = torch.arange(self.owner.shape[0], device=self.owner.device)
 
         def inject(out: torch.Tensor) -> torch.Tensor:
@@ -279,16 +330,34 @@ class _Loss:
 
         with Hooks() as h:
             h.rewrite(self.module, inject, which="output")
+            for j, module in enumerate(self.monitored):
+                h.capture(f"m{j}", module, which="output", positions=self.inject_pos, detach=False)
             hidden = self.runner.run()
+            later = (
+                torch.stack([h[f"m{j}"] for j in range(len(self.monitored))])
+                if self.monitored
+                else None
+            )
         logits = self.lm.arch.logits(hidden[self.t_rows, self.t_pos]).float()
         target_lp = logits.log_softmax(-1).gather(1, self.t_ids[:, None])[:, 0]
         kl_hidden = hidden[self.kl_rows, self.inject_pos[self.kl_rows]]
         kl_lp = self.lm.arch.logits(kl_hidden).float().log_softmax(-1)
-        return target_lp, kl_lp
+        return target_lp, kl_lp, later
 
-    def terms(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per request: the target NLL, the target probability and the KL term [n] each."""
-        target_lp, kl_lp = self.forward(delta)
+    def spread(self, later: torch.Tensor | None) -> torch.Tensor:
+        """The weighted penalty per request [n] over its scored rows (zeros when off)."""
+        if later is None or self.variance_weight == 0:
+            return torch.zeros(self.n, device=self.owner.device)
+        scored = torch.ones(self.owner.shape[0], dtype=torch.bool, device=self.owner.device)
+        scored[self.kl_rows] = False
+        return self.variance_weight * pairwise_spread(later[:, scored], self.owner[scored], self.n)
+
+    def terms(
+        self, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per request: the target NLL, the target probability, the KL term and the weighted
+        context-variance penalty [n] each."""
+        target_lp, kl_lp, later = self.forward(delta)
         n, device = self.n, delta.device
         n_prompts = self.owner.shape[0]
         # mean target log-prob per prompt (ROME: per-prompt token average), then per request
@@ -306,11 +375,20 @@ class _Loss:
         kl_each = F.kl_div(kl_lp, self.kl_init, log_target=True, reduction="none").sum(-1)
         kl = torch.zeros(n, device=device).index_add(0, kl_owner, kl_each)
         kl = kl / torch.bincount(kl_owner, minlength=n).clamp_min(1)
-        return nll, prob, kl
+        return nll, prob, kl, self.spread(later)
 
 
-def _loss(lm: Any, b: _Batch, module: torch.nn.Module, plan: _Plan, n: int) -> _Loss:
+def _loss(
+    lm: Any,
+    b: _Batch,
+    module: torch.nn.Module,
+    plan: _Plan,
+    n: int,
+    variance: ContextVariance | None = None,
+    layer: int = 0,
+) -> _Loss:
     device = lm.device
+    watched = variance.monitored(layer, lm.n_layers) if variance is not None else []
     kl_rows = b.kl_rows.to(device)
     with torch.no_grad():
         before = plan.runner.final_hidden[kl_rows, plan.inject_pos[kl_rows]]
@@ -328,6 +406,8 @@ def _loss(lm: Any, b: _Batch, module: torch.nn.Module, plan: _Plan, n: int) -> _
         kl_rows,
         kl_init,
         n,
+        variance.weight if variance is not None else 0.0,
+        tuple(lm.arch.layer(j) for j in watched),
     )
 
 
@@ -369,13 +449,15 @@ def _optimise_group(
     hp: ValueHparams,
     position: Position,
     path: ValuePath,
+    forms: Sequence[Sequence[Form]] | None = None,
+    variance: ContextVariance | None = None,
 ) -> ValueResult:
     device = lm.device
-    b = _build(lm, requests, contexts, hp.kl_prompts, position)
+    b = _build(lm, requests, contexts, hp.kl_prompts, position, forms)
     module = injection_module(lm, layer, site)
     plan = _plan(lm, b, module, layer, path)
     n = len(requests)
-    objective = _loss(lm, b, module, plan, n)
+    objective = _loss(lm, b, module, plan, n, variance, layer)
     init = plan.site_values[b.bare_rows.to(device)].float()  # [n, d_model]
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
@@ -386,9 +468,9 @@ def _optimise_group(
     losses: list[list[float]] = [[] for _ in range(n)]
     for step in range(hp.steps):
         opt.zero_grad()
-        nll, prob, kl = objective.terms(delta)
+        nll, prob, kl, spread = objective.terms(delta)
         decay = delta.norm(dim=1) ** 2 / init.norm(dim=1).clamp_min(1e-8) ** 2
-        loss_each = nll + hp.kl_factor * kl + hp.weight_decay * decay
+        loss_each = nll + hp.kl_factor * kl + hp.weight_decay * decay + spread
         _check_finite(loss_each, requests, step)
         for i, (value, stopped) in enumerate(zip(loss_each.tolist(), done.tolist(), strict=True)):
             if not stopped:
