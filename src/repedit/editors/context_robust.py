@@ -23,17 +23,13 @@ import torch
 
 from repedit.data.case import EditRequest
 from repedit.data.variants import stable_rng
-from repedit.editors.base import Editor
 from repedit.editors.context_variance import ContextVariance
 from repedit.editors.contexts import sample_prefixes
-from repedit.editors.memit import LAMBDA_PER_DIM, MemitHparams, fraction_layers, spread_over_layers
-from repedit.editors.result import EditResult
-from repedit.editors.solve import least_squares_update
+from repedit.editors.memit import Memit, MemitHparams
 from repedit.editors.value_forms import Form, case_key
 from repedit.editors.values import ValueHparams
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.tokens import document_start
-from repedit.stats.second_moment import SecondMoment
 
 #: what a request's prefixes may be sampled from: its old object, its subject, its new object
 SOURCES = ("target_true", "subject", "target_new")
@@ -108,26 +104,16 @@ def request_prefixes(lm: Any, request: EditRequest, hp: CoreHparams) -> list[str
     return [t + ". " for t in texts_out]
 
 
-class Core(Editor):
+class Core(Memit):
+    """MEMIT whose value step also fits per-request prefixes and pays the context-variance
+    penalty; keys and the solve are MEMIT's."""
+
     name: ClassVar[str] = "core"
     hparams_class = CoreHparams
 
-    def layers(self, lm: Any, hp: CoreHparams) -> list[int]:  # type: ignore[override]
-        return fraction_layers(lm, hp.layers, hp.layer_fractions)
-
-    def _compute(
-        self,
-        lm: Any,
-        hp: CoreHparams,  # type: ignore[override]
-        requests: list[EditRequest],
-    ) -> EditResult:
-        lam = hp.mom2_update_weight or LAMBDA_PER_DIM * lm.arch.d_mlp
-
-        def solve(
-            layer: int, keys: torch.Tensor, share: torch.Tensor, c: SecondMoment
-        ) -> torch.Tensor:
-            return least_squares_update(keys, share, c, lam)
-
+    def values_with(  # type: ignore[override]
+        self, lm: Any, hp: CoreHparams, requests: list[EditRequest]
+    ) -> dict[str, Any]:
         values_with: dict[str, Any] = {
             "variance": ContextVariance(hp.variance_weight, hp.variance_layers)
         }
@@ -137,4 +123,4 @@ class Core(Editor):
                 [Form(p + req.prompt, req.subject) for p in request_prefixes(lm, req, hp)]
                 for req in requests
             ]
-        return spread_over_layers(self, lm, hp, requests, self.layers(lm, hp), solve, values_with)
+        return values_with

@@ -128,4 +128,12 @@ class Memit(Editor):
         ) -> torch.Tensor:
             return least_squares_update(keys, share, c, lam)
 
-        return spread_over_layers(self, lm, hp, requests, self.layers(lm, hp), solve)
+        extra = self.values_with(lm, hp, requests)
+        return spread_over_layers(self, lm, hp, requests, self.layers(lm, hp), solve, extra)
+
+    def values_with(
+        self, lm: Any, hp: MemitHparams, requests: list[EditRequest]
+    ) -> dict[str, Any] | None:
+        """Extra arguments of the value step (None: MEMIT's own); a variant on MEMIT's solve,
+        such as CoRE, overrides only this."""
+        return None
