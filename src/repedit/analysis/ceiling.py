@@ -43,6 +43,7 @@ from repedit.evaluation.probes import (
 )
 from repedit.evaluation.scoring import Probe, predictions, score_probes, tokenize_probe
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import prompt_ids, subject_token_index
 from repedit.rep import RepConfig, rep_applied, train_rep_after
 
@@ -95,7 +96,7 @@ def _positions(tokenizer: Any, v: Variant, probe: Probe) -> tuple[tuple[int, ...
 
 
 def case_items(
-    lm: Any,
+    lm: LoadedModel,
     case: EditCase,
     key: str,
     suite: SuiteConfig,
@@ -131,7 +132,7 @@ def _hit(item: _Item, score: Any) -> float:
 
 
 def _score(
-    lm: Any, items: Sequence[_Item], reference: list[list[int]], batch_size: int
+    lm: LoadedModel, items: Sequence[_Item], reference: list[list[int]], batch_size: int
 ) -> list[float]:
     got = score_probes(lm, [i.probe for i in items], batch_size=batch_size, reference=reference)
     return [_hit(i, s) for i, s in zip(items, got, strict=True)]
@@ -149,7 +150,7 @@ def _writer(where: torch.Tensor, k: torch.Tensor) -> Callable[[torch.Tensor], to
 
 
 def _oracle_scores(
-    lm: Any,
+    lm: LoadedModel,
     items: Sequence[_Item],
     reference: list[list[int]],
     k_stars: dict[int, torch.Tensor],
@@ -175,7 +176,7 @@ def _oracle_scores(
     return out
 
 
-def _reference(lm: Any, items: Sequence[_Item], batch_size: int) -> list[list[int]]:
+def _reference(lm: LoadedModel, items: Sequence[_Item], batch_size: int) -> list[list[int]]:
     """Per probe: the unedited model's predictions (locality), else the target's own ids."""
     local = [j for j, i in enumerate(items) if i.probe.test in LOCALITY_TESTS]
     preds = predictions(lm, [items[j].probe for j in local], batch_size=batch_size)
@@ -186,7 +187,12 @@ def _reference(lm: Any, items: Sequence[_Item], batch_size: int) -> list[list[in
 
 
 def score_case(
-    lm: Any, editor: Any, case: EditCase, key: str, items: Sequence[_Item], cfg: CeilingConfig
+    lm: LoadedModel,
+    editor: Any,
+    case: EditCase,
+    key: str,
+    items: Sequence[_Item],
+    cfg: CeilingConfig,
 ) -> dict[str, list[float]]:
     """Every item scored in every mode (the model is unedited again on return)."""
     bs = cfg.suite.batch_size
@@ -257,7 +263,7 @@ def _load(cfg: CeilingConfig, n: int | None) -> list[EditCase]:
 
 def run_ceiling(
     cfg: CeilingConfig,
-    lm: Any,
+    lm: LoadedModel,
     editor: Any = None,
     *,
     stats_config: Any = None,

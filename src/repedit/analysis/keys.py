@@ -47,6 +47,7 @@ from repedit.editors.keys import compute_keys, keys_at
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.probes import case_keys
 from repedit.models.batching import length_buckets
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position, locate
 from repedit.stats.second_moment import SecondMoment
 
@@ -77,7 +78,7 @@ class _Input:
 
 
 def _located(
-    lm: Any,
+    lm: LoadedModel,
     variant: str,
     template: str,
     subject: str,
@@ -109,7 +110,11 @@ def _unrelated_subjects(
 
 
 def _variant_input(
-    lm: Any, v: Variant, req: EditRequest, position: Position, sampler: PassageSampler | None
+    lm: LoadedModel,
+    v: Variant,
+    req: EditRequest,
+    position: Position,
+    sampler: PassageSampler | None,
 ) -> _Input:
     """The key-reading input of one case variant, labelled as ``similarity.json`` records it."""
     if v.subject_span is None:
@@ -129,7 +134,7 @@ def _variant_input(
 
 
 def variant_inputs(
-    lm: Any,
+    lm: LoadedModel,
     case: EditCase,
     key: str,
     *,
@@ -175,7 +180,7 @@ def variant_inputs(
 
 
 def keys_at_positions(
-    lm: Any,
+    lm: LoadedModel,
     layer: int,
     seqs: Sequence[Sequence[int]],
     positions: Sequence[int],
@@ -212,7 +217,7 @@ def whitened_scores(
 
 
 def edit_keys(
-    lm: Any,
+    lm: LoadedModel,
     layer: int,
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
@@ -232,7 +237,7 @@ def edit_keys(
 
 
 def key_similarity(
-    lm: Any,
+    lm: LoadedModel,
     cases: Sequence[EditCase],
     *,
     layer: int,
@@ -328,7 +333,7 @@ def _case_similarity(
 
 
 def specificity_matrix(
-    lm: Any,
+    lm: LoadedModel,
     cases: Sequence[EditCase],
     layer: int,
     stats: SecondMoment,

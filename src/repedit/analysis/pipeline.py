@@ -27,6 +27,7 @@ from repedit.errors import InvalidRequestError
 from repedit.evaluation.config import flat_fields
 from repedit.evaluation.probes import SuiteConfig, passage_sampler
 from repedit.evaluation.rundir import CONFIG
+from repedit.models.loading import LoadedModel
 
 #: ``progress(stage, total)`` opens a counter and returns its ``advance(n)``
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -95,7 +96,7 @@ class KeyAnalysis:
     files: list[Path]
 
 
-def _sampler(lm: Any, cfg: KeyAnalysisConfig) -> PassageSampler | None:
+def _sampler(lm: LoadedModel, cfg: KeyAnalysisConfig) -> PassageSampler | None:
     """The evaluation suite's passage sampler for these settings (None: no passages)."""
     if cfg.long_context_passages <= 0:
         return None
@@ -114,7 +115,7 @@ def _sampler(lm: Any, cfg: KeyAnalysisConfig) -> PassageSampler | None:
     return passage_sampler(lm, suite)
 
 
-def _layer(cfg: KeyAnalysisConfig, lm: Any, editor: Any) -> int:
+def _layer(cfg: KeyAnalysisConfig, lm: LoadedModel, editor: Any) -> int:
     """The given layer, else ROME's for the model (a rank-one editor's single layer)."""
     if cfg.layer is not None:
         lm.arch.check_layer(cfg.layer)
@@ -150,7 +151,7 @@ def _no_progress(_stage: str, _total: int) -> Callable[[int], None]:
 
 def run_key_analysis(
     cfg: KeyAnalysisConfig,
-    lm: Any,
+    lm: LoadedModel,
     editor: Any = None,
     *,
     stats_config: Any = None,
@@ -230,7 +231,7 @@ def _results(
 
 def _success(
     cfg: KeyAnalysisConfig,
-    lm: Any,
+    lm: LoadedModel,
     cases: list,
     editor: Any,
     results: list[CaseSimilarity],

@@ -19,6 +19,7 @@ from repedit.errors import InvalidRequestError, RepeditError
 from repedit.evaluation.probes import case_keys
 from repedit.evaluation.rundir import RESULTS, read_jsonl
 from repedit.evaluation.scoring import Probe, score_probes
+from repedit.models.loading import LoadedModel
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _join_run(results: Sequence[CaseSimilarity], run_dir: Path) -> SuccessAnalys
 
 def _edit_and_score(
     results: Sequence[CaseSimilarity],
-    lm: Any,
+    lm: LoadedModel,
     cases: Sequence[EditCase],
     editor: Any,
     *,
@@ -155,7 +156,7 @@ def similarity_vs_success(
     results: Sequence[CaseSimilarity],
     *,
     run_dir: str | Path | None = None,
-    lm: Any = None,
+    lm: LoadedModel | None = None,
     cases: Sequence[EditCase] | None = None,
     editor: Any = None,
     method: str = "rome",

@@ -10,6 +10,7 @@ from repedit.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from repedit.analysis.pipeline import KeyAnalysis, KeyAnalysisConfig
+    from repedit.models.loading import LoadedModel
 
 DESCRIPTION = """\
 Analyses of the keys an edit is written at.
@@ -292,7 +293,7 @@ def run_keys(args: argparse.Namespace) -> int:
 _STAGES = {"variants": "variant keys"}
 
 
-def _print_summary(args: argparse.Namespace, lm: Any, result: KeyAnalysis) -> None:
+def _print_summary(args: argparse.Namespace, lm: LoadedModel, result: KeyAnalysis) -> None:
     """The β̃ table per variant type and the findings' statements."""
     findings, success = result.findings, result.success
     rows = []

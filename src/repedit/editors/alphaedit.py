@@ -19,6 +19,7 @@ from repedit.editors.base import Editor
 from repedit.editors.memit import MemitHparams, fraction_layers, spread_over_layers
 from repedit.editors.result import EditResult
 from repedit.editors.solve import null_space_projector, null_space_update
+from repedit.models.loading import LoadedModel
 from repedit.stats.second_moment import SecondMoment
 
 
@@ -44,7 +45,7 @@ class AlphaEdit(Editor):
         """Forget earlier edits (start a new sequential-editing session)."""
         self._history.clear()
 
-    def past_kkt(self, lm: Any, layer: int) -> torch.Tensor | None:
+    def past_kkt(self, lm: LoadedModel, layer: int) -> torch.Tensor | None:
         """Σ K_p K_pᵀ over this editor's earlier edits that are still applied to ``lm``."""
         total = None
         for result in self._history:
@@ -54,12 +55,12 @@ class AlphaEdit(Editor):
                 total = k @ k.T if total is None else total + k @ k.T
         return total
 
-    def layers(self, lm: Any, hp: AlphaEditHparams) -> list[int]:  # type: ignore[override]
+    def layers(self, lm: LoadedModel, hp: AlphaEditHparams) -> list[int]:  # type: ignore[override]
         return fraction_layers(lm, hp.layers, hp.layer_fractions)
 
     def _compute(
         self,
-        lm: Any,
+        lm: LoadedModel,
         hp: AlphaEditHparams,  # type: ignore[override]
         requests: list[EditRequest],
     ) -> EditResult:

@@ -20,6 +20,7 @@ from repedit.editors.hparams import Hparams, layer_at
 from repedit.editors.result import EditResult
 from repedit.editors.values import ValueHparams
 from repedit.errors import InvalidRequestError
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position, continuation_ids, locate
 from repedit.stats.corpus import ModelSampledCorpus, resolve_corpus
 from repedit.stats.second_moment import SecondMoment, second_moments
@@ -80,14 +81,14 @@ class Editor:
         self._contexts.update(state.get("contexts", {}))
         self._stats.update(state.get("stats", {}))
 
-    def contexts(self, lm: Any, hp: LocateEditHparams) -> list[str]:
+    def contexts(self, lm: LoadedModel, hp: LocateEditHparams) -> list[str]:
         """Context prefixes for this model, generated once per editor (seeded)."""
         key = f"{lm.fingerprint}:{hp.contexts}:{hp.context_seed}"
         if key not in self._contexts:
             self._contexts[key] = generate_contexts(lm, hp.contexts, seed=hp.context_seed)
         return self._contexts[key]
 
-    def second_moment(self, lm: Any, layers: Sequence[int]) -> dict[int, SecondMoment]:
+    def second_moment(self, lm: LoadedModel, layers: Sequence[int]) -> dict[int, SecondMoment]:
         """``C`` per layer from the configured corpus (disk-cached, and kept in memory)."""
         missing = [layer for layer in layers if (lm.fingerprint, layer) not in self._stats]
         if missing:
@@ -110,12 +111,12 @@ class Editor:
                 self._stats[(lm.fingerprint, layer)] = moment
         return {layer: self._stats[(lm.fingerprint, layer)] for layer in layers}
 
-    def resolved(self, lm: Any) -> LocateEditHparams:
+    def resolved(self, lm: LoadedModel) -> LocateEditHparams:
         """Hyper-parameters with model-derived defaults filled in (layers, weights)."""
         return self.hparams.for_model(lm)
 
     # -- the pipeline ----------------------------------------------------------------------
-    def validate(self, lm: Any, requests: Sequence[EditRequest]) -> None:
+    def validate(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         """Fail early, naming the request, before any weight changes."""
         if not requests:
             raise InvalidRequestError("no edit requests given")
@@ -128,7 +129,7 @@ class Editor:
                 raise InvalidRequestError(f"request {name} ({req.subject!r}): {exc}") from None
 
     def edit(
-        self, lm: Any, requests: Sequence[EditRequest] | EditRequest, *, apply: bool = True
+        self, lm: LoadedModel, requests: Sequence[EditRequest] | EditRequest, *, apply: bool = True
     ) -> EditResult:
         """Compute the edit for ``requests`` and (by default) apply it to ``lm``."""
         if isinstance(requests, EditRequest):
@@ -152,12 +153,14 @@ class Editor:
             result.apply(lm)
         return result
 
-    def layers(self, lm: Any, hp: LocateEditHparams) -> list[int]:
+    def layers(self, lm: LoadedModel, hp: LocateEditHparams) -> list[int]:
         raise NotImplementedError
 
-    def _compute(self, lm: Any, hp: LocateEditHparams, requests: list[EditRequest]) -> EditResult:
+    def _compute(
+        self, lm: LoadedModel, hp: LocateEditHparams, requests: list[EditRequest]
+    ) -> EditResult:
         raise NotImplementedError
 
 
-def default_layer(lm: Any, layer: int | None, fraction: float) -> int:
+def default_layer(lm: LoadedModel, layer: int | None, fraction: float) -> int:
     return layer if layer is not None else layer_at(fraction, lm.n_layers)

@@ -29,6 +29,7 @@ from repedit.editors.memit import Memit, MemitHparams
 from repedit.editors.value_forms import Form, case_key
 from repedit.editors.values import ValueHparams
 from repedit.errors import EditError, InvalidRequestError
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import document_start
 
 #: what a request's prefixes may be sampled from: its old object, its subject, its new object
@@ -72,7 +73,7 @@ class CoreHparams(MemitHparams):
             )
 
 
-def request_prefixes(lm: Any, request: EditRequest, hp: CoreHparams) -> list[str]:
+def request_prefixes(lm: LoadedModel, request: EditRequest, hp: CoreHparams) -> list[str]:
     """The request's sampled prefixes (each ends in ``". "``), seeded by its case key.
 
     The count is split evenly over the sources it has (a request without ``target_true``
@@ -112,7 +113,7 @@ class Core(Memit):
     hparams_class = CoreHparams
 
     def values_with(  # type: ignore[override]
-        self, lm: Any, hp: CoreHparams, requests: list[EditRequest]
+        self, lm: LoadedModel, hp: CoreHparams, requests: list[EditRequest]
     ) -> dict[str, Any]:
         values_with: dict[str, Any] = {
             "variance": ContextVariance(hp.variance_weight, hp.variance_layers)

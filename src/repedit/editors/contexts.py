@@ -8,16 +8,18 @@ sampler, so they are reproducible and need no data file.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import document_start, padding_side
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
 
-def sample_prefixes(lm: Any, starters: Sequence[str], length: int, top_k: int = 5) -> list[str]:
+def sample_prefixes(
+    lm: LoadedModel, starters: Sequence[str], length: int, top_k: int = 5
+) -> list[str]:
     """One sampled continuation (``length`` new tokens, top-k) of each starter, starter
     included, braces removed and whitespace normalised. Uses the global torch generator: the
     caller seeds it."""
@@ -32,7 +34,7 @@ def sample_prefixes(lm: Any, starters: Sequence[str], length: int, top_k: int = 
 
 
 def generate_contexts(
-    lm: Any, lengths: Sequence[tuple[int, int]] = ((5, 5), (10, 5)), seed: int = 0
+    lm: LoadedModel, lengths: Sequence[tuple[int, int]] = ((5, 5), (10, 5)), seed: int = 0
 ) -> list[str]:
     """``["{}"]`` plus, for each (tokens, count), ``count`` sampled prefixes ending in ``". {}"``.
 

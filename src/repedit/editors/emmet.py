@@ -9,7 +9,7 @@ hidden-state targets; repedit scales λ with d_mlp so the share written stays co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -18,6 +18,7 @@ from repedit.editors.base import Editor, LocateEditHparams
 from repedit.editors.memit import fraction_layers, spread_over_layers
 from repedit.editors.result import EditResult
 from repedit.editors.solve import equality_constrained_update
+from repedit.models.loading import LoadedModel
 from repedit.stats.second_moment import SecondMoment
 
 SCALE_PER_DIM = 1e5 / 11008
@@ -41,12 +42,12 @@ class Emmet(Editor):
     name: ClassVar[str] = "emmet"
     hparams_class = EmmetHparams
 
-    def layers(self, lm: Any, hp: EmmetHparams) -> list[int]:  # type: ignore[override]
+    def layers(self, lm: LoadedModel, hp: EmmetHparams) -> list[int]:  # type: ignore[override]
         return fraction_layers(lm, hp.layers, hp.layer_fractions)
 
     def _compute(
         self,
-        lm: Any,
+        lm: LoadedModel,
         hp: EmmetHparams,  # type: ignore[override]
         requests: list[EditRequest],
     ) -> EditResult:

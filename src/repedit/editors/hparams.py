@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from repedit.errors import InvalidRequestError
+from repedit.models.loading import LoadedModel
 
 H = TypeVar("H", bound="Hparams")
 
@@ -178,7 +179,7 @@ class Hparams:
             raise InvalidRequestError(f"{path}: expected a mapping of hyper-parameters")
         return self.replace(**values)
 
-    def for_model(self: H, lm: Any) -> H:
+    def for_model(self: H, lm: LoadedModel) -> H:
         """Apply family overrides for ``lm`` (fields left at their defaults only)."""
         family = lm.model.config.model_type
         overrides = FAMILY_OVERRIDES.get(family, {}).get(self.method, {})

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from repedit.data.case import EditRequest
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position, locate, pad_id, pad_right
 
 
 def key_inputs(
-    lm: Any, requests: Sequence[EditRequest], contexts: Sequence[str], position: Position
+    lm: LoadedModel, requests: Sequence[EditRequest], contexts: Sequence[str], position: Position
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids and subject positions for every (request, context) pair, request-major."""
     seqs, positions = [], []
@@ -28,7 +28,7 @@ def key_inputs(
 
 
 def keys_at(
-    lm: Any,
+    lm: LoadedModel,
     layers: Sequence[int],
     seqs: Sequence[Sequence[int]],
     positions: Sequence[int],
@@ -64,7 +64,7 @@ def keys_at(
 
 
 def compute_keys(
-    lm: Any,
+    lm: LoadedModel,
     layers: Sequence[int],
     requests: Sequence[EditRequest],
     contexts: Sequence[str],

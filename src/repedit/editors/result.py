@@ -18,6 +18,7 @@ from repedit import __version__
 from repedit.errors import EditError, FingerprintMismatchError, RepeditError
 from repedit.faults import kill_point
 from repedit.io import atomic_dir, read_safetensors, write_safetensors
+from repedit.models.loading import LoadedModel
 from repedit.models.registry import get_attr
 
 
@@ -44,7 +45,7 @@ class EditResult:
     def layers(self) -> list[int]:
         return sorted({int(p) for name in self.deltas for p in name.split(".") if p.isdigit()})
 
-    def check_model(self, lm: Any) -> None:
+    def check_model(self, lm: LoadedModel) -> None:
         if lm.fingerprint != self.fingerprint:
             raise FingerprintMismatchError(
                 f"this {self.method} edit was made for base model {self.fingerprint}, but the "
@@ -52,7 +53,7 @@ class EditResult:
                 "to apply it"
             )
 
-    def apply(self, lm: Any) -> EditResult:
+    def apply(self, lm: LoadedModel) -> EditResult:
         """Add the deltas to ``lm``'s weights (remembering the originals for ``revert``)."""
         self.check_model(lm)
         if self.applied:
@@ -72,7 +73,7 @@ class EditResult:
         self._originals = originals
         return self
 
-    def revert(self, lm: Any) -> EditResult:
+    def revert(self, lm: LoadedModel) -> EditResult:
         """Restore the exact original weights."""
         if self._originals is None:
             raise EditError("this edit is not applied")
@@ -102,7 +103,7 @@ class EditResult:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, lm: Any | None = None) -> EditResult:
+    def load(cls, path: str | Path, lm: LoadedModel | None = None) -> EditResult:
         """Read a saved edit; with ``lm``, refuse it unless it was made for that base model."""
         try:
             tensors, meta = read_safetensors(path)
@@ -126,7 +127,7 @@ class EditResult:
             result.check_model(lm)
         return result
 
-    def export(self, lm: Any, directory: str | Path) -> Path:
+    def export(self, lm: LoadedModel, directory: str | Path) -> Path:
         """Write the edited model as a Hugging Face directory (safetensors) + tokenizer.
 
         Built in a temporary directory beside ``directory`` and renamed into place once
@@ -137,7 +138,7 @@ class EditResult:
             self.write_model(lm, tmp)
         return Path(directory)
 
-    def write_model(self, lm: Any, directory: Path) -> None:
+    def write_model(self, lm: LoadedModel, directory: Path) -> None:
         """Save ``lm`` with this edit applied into ``directory`` (not atomic on its own)."""
         was_applied = self.applied
         if not was_applied:
@@ -173,7 +174,7 @@ def _check_metadata(path: str | Path, meta: dict[str, Any]) -> None:
         raise RepeditError(f"{path}: metadata field 'requests' should hold objects")
 
 
-def _weight(lm: Any, name: str) -> torch.Tensor:
+def _weight(lm: LoadedModel, name: str) -> torch.Tensor:
     """The parameter ``name`` of ``lm``, or a RepeditError if the model has none."""
     try:
         param = get_attr(lm.model, name)

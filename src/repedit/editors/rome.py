@@ -9,7 +9,7 @@ the result holds their summed delta.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +19,7 @@ from repedit.editors.keys import key_inputs, keys_at
 from repedit.editors.result import EditResult
 from repedit.editors.solve import rank_one_update
 from repedit.editors.values import optimise_values
+from repedit.models.loading import LoadedModel
 
 
 @dataclass
@@ -35,12 +36,12 @@ class Rome(Editor):
     #: ROME's residual and denominator use the bare-prompt key (R-ROME changes this)
     consistent_keys: ClassVar[bool] = False
 
-    def layers(self, lm: Any, hp: RomeHparams) -> list[int]:  # type: ignore[override]
+    def layers(self, lm: LoadedModel, hp: RomeHparams) -> list[int]:  # type: ignore[override]
         return [default_layer(lm, hp.layer, hp.layer_fraction)]
 
     def _compute(
         self,
-        lm: Any,
+        lm: LoadedModel,
         hp: RomeHparams,  # type: ignore[override]
         requests: list[EditRequest],
     ) -> EditResult:

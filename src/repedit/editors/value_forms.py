@@ -23,6 +23,7 @@ from typing import Any
 from repedit.data.case import EditRequest
 from repedit.data.loaders import DATA_ENV, passage_corpus
 from repedit.data.variants import PassageSampler, scrambled_subjects, split_half
+from repedit.models.loading import LoadedModel
 
 #: the evaluation suite's scramble list length and seed (its defaults): the in-domain half of
 #: exactly this list is what the suite reports as ``half="id"``
@@ -74,7 +75,7 @@ def training_passages(request: EditRequest, lengths: tuple[int, ...]) -> list[st
 
 
 def robust_forms(
-    lm: Any, request: EditRequest, *, scrambles: int, prefix_lengths: tuple[int, ...]
+    lm: LoadedModel, request: EditRequest, *, scrambles: int, prefix_lengths: tuple[int, ...]
 ) -> list[Form]:
     """The value-side robustness rows of one request: training-half scrambles in the edit
     prompt, then the edit prompt after one corpus passage of each length."""

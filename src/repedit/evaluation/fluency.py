@@ -21,12 +21,12 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.scoring import Precision, generate
+from repedit.models.loading import LoadedModel
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -70,7 +70,7 @@ def ngram_entropy(
 
 
 def generate_texts(
-    lm: Any,
+    lm: LoadedModel,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 100,

@@ -23,6 +23,7 @@ from typing import Any
 from repedit.evaluation.probes import LOCALITY_TESTS, CaseProbes
 from repedit.evaluation.rundir import short_sha
 from repedit.evaluation.scoring import Impl, Probe, continuations, generate_scores, predictions
+from repedit.models.loading import LoadedModel
 
 
 def probes_sig(probes: Sequence[Probe]) -> str:
@@ -54,7 +55,7 @@ def locality_families(cp: CaseProbes) -> dict[str, list[Probe]]:
 
 
 def update_reference(
-    lm: Any,
+    lm: LoadedModel,
     cp: CaseProbes,
     have: dict[str, Any] | None,
     *,
@@ -97,7 +98,7 @@ def reference_preds(
 
 
 def add_generated(
-    lm: Any,
+    lm: LoadedModel,
     cp: CaseProbes,
     tests: dict[str, dict[str, Any]],
     have: dict[str, Any] | None,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.models.spans import declare_prompt
 
 #: default row capacity in tokens: long enough for few forwards, short enough that the
@@ -147,19 +148,21 @@ def _sliding_window(config: Any) -> int | None:
     return None
 
 
-def packable(lm: Any, seqs: list[Seq]) -> bool:
+def packable(lm: LoadedModel, seqs: list[Seq]) -> bool:
     """Whether the tree mask reproduces what each sequence sees alone: not when a sliding
     attention window is shorter than a sequence (the mask would ignore the window)."""
     window = _sliding_window(getattr(lm.model, "config", None))
     return window is None or max(len(p) + len(t) for p, t in seqs) <= window
 
 
-def _mask_dtype(lm: Any) -> torch.dtype:
+def _mask_dtype(lm: LoadedModel) -> torch.dtype:
     dtype = getattr(lm, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def run_row(lm: Any, row: Row, head: torch.nn.Module | None) -> tuple[torch.Tensor, list[int]]:
+def run_row(
+    lm: LoadedModel, row: Row, head: torch.nn.Module | None
+) -> tuple[torch.Tensor, list[int]]:
     """``(log-probs [n_read, vocab] in float32, reads)``: at the sorted row positions
     ``reads`` that predict answer tokens, in one forward."""
     device = lm.device
@@ -188,7 +191,7 @@ def run_row(lm: Any, row: Row, head: torch.nn.Module | None) -> tuple[torch.Tens
 
 
 def score_rows(
-    lm: Any, seqs: list[Seq], head: torch.nn.Module | None, capacity: int = ROW_TOKENS
+    lm: LoadedModel, seqs: list[Seq], head: torch.nn.Module | None, capacity: int = ROW_TOKENS
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence ``(answer log-probs [K], argmax ids [K])`` on CPU, as the padded path
     returns them, from packed rows."""

@@ -57,6 +57,7 @@ from repedit.data.variants import (
 from repedit.data.variants import passage_sampler as _passage_sampler
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.scoring import Impl, Probe
+from repedit.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class SuiteConfig:
 # --------------------------------------------------------------------------- long context
 
 
-def passage_sampler(lm: Any, cfg: SuiteConfig) -> PassageSampler | None:
+def passage_sampler(lm: LoadedModel, cfg: SuiteConfig) -> PassageSampler | None:
     """The long-context test's sampler (:func:`repedit.data.variants.passage_sampler`), or None
     when the test is not selected or no corpus is usable (with a warning)."""
     if "long_context" not in cfg.tests:
@@ -202,7 +203,7 @@ def passage_sampler(lm: Any, cfg: SuiteConfig) -> PassageSampler | None:
     return _passage_sampler(lm.tokenizer, cfg, purpose="the long_context test runs")
 
 
-def near_index(lm: Any, cfg: SuiteConfig, cases: Sequence[EditCase]) -> NearSubjects | None:
+def near_index(lm: LoadedModel, cfg: SuiteConfig, cases: Sequence[EditCase]) -> NearSubjects | None:
     """The look-alike index for ``near_subject``, built once per run from every case of the
     dataset (not only the evaluated ones), or None when the test is not selected."""
     if "near_subject" not in cfg.tests or cfg.near_subject_max == 0:
@@ -271,7 +272,7 @@ def variant_probe(v: Variant, case: EditCase, sampler: PassageSampler | None = N
 
 def build_probes(
     case: EditCase,
-    lm: Any,
+    lm: LoadedModel,
     cfg: SuiteConfig | None = None,
     *,
     sampler: PassageSampler | None = _AUTO,
@@ -362,7 +363,7 @@ def fluency_seed(cfg: SuiteConfig, key: str) -> int:
 
 
 def case_fluency(
-    lm: Any, case: EditCase, cfg: SuiteConfig | None = None, *, key: str | None = None
+    lm: LoadedModel, case: EditCase, cfg: SuiteConfig | None = None, *, key: str | None = None
 ) -> dict[str, Any]:
     """Sample the case's fluency texts and score them with ROME's n-gram entropy."""
     from repedit.evaluation.fluency import generate_texts, text_ngram_entropy

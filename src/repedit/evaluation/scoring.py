@@ -45,6 +45,7 @@ import torch
 from repedit.errors import InvalidRequestError
 from repedit.evaluation import packing
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.models.spans import declare_prompt
 
 
@@ -163,7 +164,7 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _lm_head(lm: Any) -> torch.nn.Module | None:
+def _lm_head(lm: LoadedModel) -> torch.nn.Module | None:
     arch = getattr(lm, "arch", None)
     if arch is not None:
         try:
@@ -175,7 +176,7 @@ def _lm_head(lm: Any) -> torch.nn.Module | None:
 
 
 def _score_sequences(
-    lm: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int
+    lm: LoadedModel, seqs: list[tuple[list[int], list[int]]], batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence ``(target log-probs [K], argmax ids [K])`` on CPU, teacher-forced.
 
@@ -247,7 +248,9 @@ Impl = Literal["fast", "reference"]
 Precision = Literal["model", "bfloat16"]
 
 
-def precision_context(lm: Any, precision: Precision) -> contextlib.AbstractContextManager[Any]:
+def precision_context(
+    lm: LoadedModel, precision: Precision
+) -> contextlib.AbstractContextManager[Any]:
     """The autocast context for ``precision`` on ``lm``'s device (a no-op for ``model``)."""
     if precision == "model":
         return contextlib.nullcontext()
@@ -257,7 +260,7 @@ def precision_context(lm: Any, precision: Precision) -> contextlib.AbstractConte
 
 
 def _forward_scores(
-    lm: Any,
+    lm: LoadedModel,
     seqs: list[tuple[list[int], list[int]]],
     batch_size: int,
     impl: Impl,
@@ -330,7 +333,7 @@ def _probe_score(
 
 
 def score_probes(
-    lm: Any,
+    lm: LoadedModel,
     probes: Sequence[Probe],
     *,
     batch_size: int = 32,
@@ -371,7 +374,7 @@ def score_probes(
 
 
 def predictions(
-    lm: Any,
+    lm: LoadedModel,
     probes: Sequence[Probe],
     *,
     batch_size: int = 32,
@@ -385,7 +388,7 @@ def predictions(
 
 
 def next_token_probs(
-    lm: Any,
+    lm: LoadedModel,
     prompts: Sequence[str],
     targets: Sequence[str],
     *,
@@ -418,7 +421,7 @@ class _LeftPadding:
         self.tokenizer.padding_side = self.saved
 
 
-def encode_left_padded(lm: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+def encode_left_padded(lm: LoadedModel, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Left-padded ``input_ids``/``attention_mask`` on the model's device (for generation)."""
     tok = lm.tokenizer
     with _LeftPadding(tok):
@@ -430,7 +433,7 @@ def encode_left_padded(lm: Any, prompts: Sequence[str]) -> dict[str, torch.Tenso
 
 
 def generate(
-    lm: Any,
+    lm: LoadedModel,
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
@@ -459,7 +462,7 @@ def generate(
 
 
 def greedy_completion(
-    lm: Any,
+    lm: LoadedModel,
     prompts: Sequence[str],
     max_new_tokens: int = 5,
     *,
@@ -511,7 +514,7 @@ def begins_with(text: str, target: str) -> bool:
 
 
 def continuations(
-    lm: Any, probes: Sequence[Probe], *, extra_tokens: int = 2, batch_size: int = 32
+    lm: LoadedModel, probes: Sequence[Probe], *, extra_tokens: int = 2, batch_size: int = 32
 ) -> list[str]:
     """Each probe's greedy continuation, ``len(target tokens) + extra_tokens`` tokens long
     (probes needing the same length share batches)."""
@@ -532,7 +535,7 @@ def continuations(
 
 
 def generate_scores(
-    lm: Any,
+    lm: LoadedModel,
     probes: Sequence[Probe],
     *,
     reference: Sequence[str] | None = None,

@@ -68,8 +68,11 @@ class LoadedModel:
     keyed to the *base* model even after its weights have been changed.
     """
 
-    model: nn.Module
-    tokenizer: object
+    #: a transformers ``*ForCausalLM`` (an ``nn.Module``; typed loosely because transformers'
+    #: attributes such as ``config`` and ``generate`` are dynamic)
+    model: Any
+    #: its Hugging Face tokenizer
+    tokenizer: Any
     name: str = "model"
     arch: Arch = field(init=False)
     fingerprint: str = field(init=False)
@@ -83,7 +86,7 @@ class LoadedModel:
         self.fingerprint = model_fingerprint(self.model)
         tok = self.tokenizer
         if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
-            tok.pad_token = tok.eos_token  # type: ignore[attr-defined]
+            tok.pad_token = tok.eos_token
 
     @property
     def device(self) -> torch.device:

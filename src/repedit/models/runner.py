@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 
 
 def call_hidden(call: tuple[tuple, dict]) -> torch.Tensor:
@@ -90,7 +91,7 @@ class UpperRunner:
 
     def __init__(
         self,
-        lm: Any,
+        lm: LoadedModel,
         start: int,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
@@ -157,7 +158,7 @@ class PrefixRunner(UpperRunner):
 
     def __init__(
         self,
-        lm: Any,
+        lm: LoadedModel,
         start: int,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,

@@ -21,11 +21,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from repedit.errors import RepeditError
+from repedit.models.loading import LoadedModel
 
 #: the attribute of the loaded model that holds the declared span
 ATTRIBUTE = "prompt_span"
@@ -70,14 +70,14 @@ class PromptSpan:
         return positions[None, :] < self.lengths.to(x.device)[:, None]
 
 
-def prompt_span(lm: Any) -> PromptSpan | None:
+def prompt_span(lm: LoadedModel) -> PromptSpan | None:
     """The span declared on ``lm`` right now (None outside :func:`declare_prompt`)."""
     return getattr(lm, ATTRIBUTE, None)
 
 
 @contextlib.contextmanager
 def declare_prompt(
-    lm: Any, lengths: torch.Tensor | None = None, *, where: torch.Tensor | None = None
+    lm: LoadedModel, lengths: torch.Tensor | None = None, *, where: torch.Tensor | None = None
 ) -> Iterator[PromptSpan]:
     """Declare the prompt of the forward(s) run in the block (see the module doc): by row
     ``lengths`` or by an explicit bool ``where`` mask; the previous declaration, if any, is

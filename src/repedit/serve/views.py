@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from repedit.models.loading import LoadedModel
 
-def gate_strip(lm: Any, adapters: Mapping[int, Any], prompt: str) -> dict[str, Any]:
+
+def gate_strip(lm: LoadedModel, adapters: Mapping[int, Any], prompt: str) -> dict[str, Any]:
     """The soft gate at every token of ``prompt`` (the largest over the adapted layers),
     with each token's text and the threshold τ above which the gate opens."""
     from repedit.rep import RepInjection

@@ -26,6 +26,7 @@ from repedit.faults import kill_point
 from repedit.io import read_safetensors, write_json, write_safetensors
 from repedit.locks import file_lock
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.paths import cache_dir
 from repedit.progress import progress_bar
 from repedit.stats.corpus import Corpus, resolve_corpus, token_windows
@@ -157,7 +158,7 @@ def _batched(it: Iterable[list[int]], size: int) -> Iterable[list[list[int]]]:
 
 
 def second_moments(
-    lm: Any,
+    lm: LoadedModel,
     layers: Sequence[int],
     corpus: Corpus | str,
     n_tokens: int,
@@ -270,7 +271,7 @@ def _locked(keys: dict[int, StatsKey], root: Path) -> Iterator[None]:
 class _Job:
     """What one computation reads from and writes to."""
 
-    lm: Any
+    lm: LoadedModel
     corpus: Corpus
     n_tokens: int
     seq_len: int
@@ -342,7 +343,7 @@ def _padded(batch: list[list[int]], budget: int, pad: int) -> tuple[torch.Tensor
 
 
 def _accumulate(
-    lm: Any,
+    lm: LoadedModel,
     keys: dict[int, StatsKey],
     ids: torch.Tensor,
     mask: torch.Tensor,
