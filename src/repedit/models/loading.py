@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from repedit.errors import ModelLoadError
 from repedit.models.fingerprint import model_fingerprint
