@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
@@ -26,7 +26,21 @@ from torch import nn
 from repedit.editors.hparams import Hparams
 from repedit.errors import InvalidRequestError
 
-TARGETS = ("whitened", "raw", "released")
+Target = Literal["whitened", "raw", "released"]
+Agg = Literal["direction", "match"]
+LengthUnit = Literal["words", "tokens"]
+SubjectTokens = Literal["ignore", "negative"]
+ConsistencyOn = Literal["prompt", "original"]
+TARGETS: tuple[str, ...] = get_args(Target)
+
+#: the RepConfig fields whose values are one of a fixed set (checked from their Literal)
+_CHOICES: dict[str, Any] = {
+    "target": Target,
+    "agg": Agg,
+    "long_context_unit": LengthUnit,
+    "gate_subject_tokens": SubjectTokens,
+    "consistency_on": ConsistencyOn,
+}
 #: ``keep_prompt_key``: how close (‖k − k_o‖/‖k_o‖) a key must be to the edit prompt's own
 PROMPT_KEY_TOLERANCE = 1e-3
 FORMAT = "repedit-rep/1"
@@ -95,7 +109,7 @@ class RepConfig(Hparams):
     #: the subject's earlier tokens: "negative" (near negatives, see below) or "ignore" (left
     #: out of the gate loss, where the gate tends to open on them and the change to their keys
     #: can break long-context prompts)
-    gate_subject_tokens: str = "negative"
+    gate_subject_tokens: SubjectTokens = "negative"
     #: tokens right after the subject token that count as "near" negatives: the gate loss
     #: weighs near negatives (these and the subject's earlier tokens, whose keys resemble the
     #: positive one) as much as all the other ("far") negatives together
@@ -111,7 +125,7 @@ class RepConfig(Hparams):
     #: which keys the consistency loss anchors: "prompt" (the paper: the bare prompt's k_o) or
     #: "original" (every key of the original subject: bare prompt, contexts, long passages;
     #: they then leave L_agg, which acts on paraphrases and scrambles only)
-    consistency_on: str = "prompt"
+    consistency_on: ConsistencyOn = "prompt"
     #: a subject key whose adapted whitened similarity β̃ = k̂ᵀC⁻¹k*/(k*ᵀC⁻¹k*) already reaches
     #: this value retrieves the edit as k* does and leaves L_agg (a further push over-applies
     #: the edit); None: the paper's L_agg
@@ -147,14 +161,14 @@ class RepConfig(Hparams):
     long_context: bool = True
     n_long: int = 5
     long_context_length: int = 300
-    long_context_unit: str = "words"
+    long_context_unit: LengthUnit = "words"
     long_context_corpus: str | None = None
     #: at most this many scrambles are drawn; the first half train (the harness's split)
     scramble_max: int = 10
-    target: str = "whitened"
+    target: Target = "whitened"
     #: aggregation loss: ``direction`` = the paper's −(k̂/‖k̂‖)·t; ``match`` = ‖k̂ − k*‖²/‖k*‖²
     #: (pull each surface form's key onto the edit's key, so the edit fires once, not β̃ times)
-    agg: str = "match"
+    agg: Agg = "match"
     shared: bool = False
     #: several layers (MEMIT): train them one at a time, lowest first, each on keys read once
     #: through the trained adapters below it (False: all together, keys re-read every step)
@@ -162,14 +176,12 @@ class RepConfig(Hparams):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InvalidRequestError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if self.agg not in ("direction", "match"):
-            raise InvalidRequestError(f"agg must be 'direction' or 'match', got {self.agg!r}")
-        if self.long_context_unit not in ("words", "tokens"):
-            raise InvalidRequestError(
-                f"long_context_unit must be 'words' or 'tokens', got {self.long_context_unit!r}"
-            )
+        for name, kind in _CHOICES.items():
+            if getattr(self, name) not in get_args(kind):
+                choices = " or ".join(repr(c) for c in get_args(kind))
+                raise InvalidRequestError(
+                    f"{name} must be {choices}, got {getattr(self, name)!r}"
+                )
         if isinstance(self.negative_sources, str):
             self.negative_sources = tuple(
                 s.strip() for s in self.negative_sources.split(",") if s.strip()
@@ -185,15 +197,6 @@ class RepConfig(Hparams):
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.tau < 1.0:
             raise InvalidRequestError(f"tau must be in (0, 1), got {self.tau}")
-        if self.gate_subject_tokens not in ("ignore", "negative"):
-            raise InvalidRequestError(
-                "gate_subject_tokens must be 'ignore' or 'negative', "
-                f"got {self.gate_subject_tokens!r}"
-            )
-        if self.consistency_on not in ("prompt", "original"):
-            raise InvalidRequestError(
-                f"consistency_on must be 'prompt' or 'original', got {self.consistency_on!r}"
-            )
         if self.beta_guard is not None and not math.isfinite(self.beta_guard):
             raise InvalidRequestError(f"beta_guard must be a finite number, got {self.beta_guard}")
         if not 0.0 <= self.dropout < 1.0:
