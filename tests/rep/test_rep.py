@@ -578,12 +578,12 @@ def test_layerwise_reader_matches_read_keys_with_adapters_upstream(
 def test_reader_comparison_catches_a_bug(bug: str, corpus) -> None:
     """Keys read without the adapter one layer down, or one token late, fail the derived
     tolerance that the layer-by-layer reader meets."""
-    import repedit.rep.train as train
+    from repedit.rep.reader import LayerwiseReader
 
     lm = tiny_loaded("llama")
     pool = build_pool(lm, rep_items(CASE), ["{}", "Hello there. {}"], tiny_cfg(corpus))
     examples = pool.all_examples()
-    reader = train._LayerwiseReader(lm, [1, 2], examples)
+    reader = LayerwiseReader(lm, [1, 2], examples)
     upstream = {1: _open_adapter(lm.arch.d_mlp).eval()}
     got = reader.advance(2, upstream)
     if bug == "missing adapter":
