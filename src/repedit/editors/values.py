@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from repedit.data.case import EditRequest
+from repedit.editors.value_schedule import RowAdam, Schedule
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
 from repedit.models.runner import PrefixRunner, UpperRunner, frozen
@@ -32,6 +33,7 @@ from repedit.models.tokens import Position, continuation_ids, locate, pad_id, pa
 
 Site = Literal["mlp", "residual"]
 ValuePath = Literal["auto", "prefix", "full"]
+Batching = Literal["fixed", "stream"]
 
 #: "auto": cached prefix when it can be set up, else full rows; "prefix"/"full" force one
 #: (for tests and benchmarks; a forced "prefix" raises instead of falling back)
@@ -52,6 +54,12 @@ class ValueHparams:
     stop_prob: float = 0.95
     kl_prompts: tuple[str, ...] = ("{} is a",)
     request_batch: int = 8
+    #: "stream": batches of up to ``group_tokens`` tokens that converged requests leave and
+    #: queued ones join (``value_schedule``); "fixed": groups of ``request_batch`` requests
+    #: whose converged ones ride along until the group ends (the earlier scheduling, kept to
+    #: compare with). Both optimise each request on its own loss: only rounding differs.
+    batching: Batching = "stream"
+    group_tokens: int = 4096
 
     def __post_init__(self) -> None:
         checks = {
@@ -63,6 +71,8 @@ class ValueHparams:
             and self.clamp_norm_factor > 0,
             "stop_prob": 0 < self.stop_prob <= 1,
             "request_batch": self.request_batch >= 1,
+            "batching": self.batching in ("fixed", "stream"),
+            "group_tokens": self.group_tokens >= 1,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -173,6 +183,9 @@ def optimise_values(
     path = VALUE_PATH if path is None else path
     if path not in ("auto", "prefix", "full"):
         raise ValueError(f"value path must be auto, prefix or full, not {path!r}")
+    if hp.batching == "stream" and hp.steps > 0:
+        with frozen(lm.model):
+            return _optimise_stream(lm, requests, contexts, layer, site, hp, position, path)
     inits, deltas, probs, steps, losses = [], [], [], [], []
     for i in range(0, len(requests), hp.request_batch):
         group = requests[i : i + hp.request_batch]
@@ -340,6 +353,15 @@ def _check_finite(loss_each: torch.Tensor, requests: Sequence[EditRequest], step
         raise EditError(f"value optimisation diverged (NaN/inf) for {bad} at step {step}")
 
 
+def _step_loss(
+    objective: _Loss, delta: torch.Tensor, init: torch.Tensor, hp: ValueHparams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per request: the loss a step minimises and the mean target probability [n] each."""
+    nll, prob, kl = objective.terms(delta)
+    decay = delta.norm(dim=1) ** 2 / init.norm(dim=1).clamp_min(1e-8) ** 2
+    return nll + hp.kl_factor * kl + hp.weight_decay * decay, prob
+
+
 def _apply_step(
     opt: torch.optim.Optimizer,
     delta: torch.Tensor,
@@ -386,9 +408,7 @@ def _optimise_group(
     losses: list[list[float]] = [[] for _ in range(n)]
     for step in range(hp.steps):
         opt.zero_grad()
-        nll, prob, kl = objective.terms(delta)
-        decay = delta.norm(dim=1) ** 2 / init.norm(dim=1).clamp_min(1e-8) ** 2
-        loss_each = nll + hp.kl_factor * kl + hp.weight_decay * decay
+        loss_each, prob = _step_loss(objective, delta, init, hp)
         _check_finite(loss_each, requests, step)
         for i, (value, stopped) in enumerate(zip(loss_each.tolist(), done.tolist(), strict=True)):
             if not stopped:
@@ -404,6 +424,114 @@ def _optimise_group(
     if any(math.isnan(p) for p in final):
         raise EditError("value optimisation produced NaN probabilities")
     return ValueResult(init.detach().cpu(), delta.detach().cpu(), final, used, losses)
+
+
+def _clamp_rows(delta: torch.Tensor, rows: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale ``delta[rows]`` down to at most ``max_norm[rows]`` in norm (in place)."""
+    norms = delta[rows].norm(dim=1)
+    cap = max_norm[rows]
+    scale = torch.where(norms > cap, cap / norms.clamp_min(1e-12), torch.ones_like(norms))
+    delta[rows] = delta[rows] * scale[:, None]
+
+
+@dataclass
+class _Stream:
+    """Every request's state while ``_optimise_stream`` runs (rows indexed by request)."""
+
+    init: torch.Tensor  # [N, d] site value at the bare prompt, from the request's first batch
+    delta: torch.Tensor  # [N, d]
+    adam: RowAdam
+    started: torch.Tensor  # [N] bool: init is set
+    prob: list[float]
+    used: list[int]
+    losses: list[list[float]]
+
+
+def _stream_batch(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    batch: list[int],
+    contexts: Sequence[str],
+    module: torch.nn.Module,
+    args: tuple[int, ValueHparams, Position, ValuePath],
+    st: _Stream,
+) -> _Loss:
+    """The loss of ``batch`` (request indices); sets ``init`` of requests new to a batch."""
+    layer, hp, position, path = args
+    b = _build(lm, [requests[i] for i in batch], contexts, hp.kl_prompts, position)
+    plan = _plan(lm, b, module, layer, path)
+    fresh = [j for j, i in enumerate(batch) if not bool(st.started[i])]
+    if fresh:
+        rows = torch.tensor([batch[j] for j in fresh])
+        bare = b.bare_rows[torch.tensor(fresh)].to(lm.device)
+        st.init[rows.to(lm.device)] = plan.site_values[bare].float()
+        st.started[rows] = True
+    return _loss(lm, b, module, plan, len(batch))
+
+
+def _optimise_stream(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+    site: Site,
+    hp: ValueHparams,
+    position: Position,
+    path: ValuePath,
+) -> ValueResult:
+    """``optimise_values`` with ``batching="stream"``: token-budget batches that requests
+    leave on convergence (see ``value_schedule``); each request's iterates are the fixed
+    path's up to rounding."""
+    n, d, device = len(requests), lm.arch.d_model, lm.device
+    tokens = [int(_build(lm, [r], contexts, hp.kl_prompts, position).mask.sum()) for r in requests]
+    sched = Schedule(tokens, hp.group_tokens)
+    module = injection_module(lm, layer, site)
+    st = _Stream(
+        torch.zeros(n, d, device=device),
+        torch.zeros(n, d, device=device),
+        RowAdam((n, d), lr=hp.lr, device=device),
+        torch.zeros(n, dtype=torch.bool),
+        [0.0] * n,
+        [hp.steps] * n,
+        [[] for _ in range(n)],
+    )
+    taken = [0] * n  # steps applied to each request
+    batch: list[int] = []
+    live: list[int] = []
+    while not sched.finished(live):
+        if sched.should_rebuild(live, batch):
+            batch = live = sched.admit(live)
+            objective = _stream_batch(
+                lm, requests, batch, contexts, module, (layer, hp, position, path), st
+            )
+            where = {i: j for j, i in enumerate(batch)}
+        idx = torch.tensor(batch, device=device)
+        delta = st.delta[idx].clone().requires_grad_(True)
+        loss_each, prob = _step_loss(objective, delta, st.init[idx], hp)
+        cols = torch.tensor([where[i] for i in live], device=device)
+        _check_finite(loss_each[cols], [requests[i] for i in live], max(taken[i] for i in live))
+        values, probs = loss_each[cols].tolist(), prob[cols].tolist()
+        stay = []
+        for i, value, p in zip(live, values, probs, strict=True):
+            st.losses[i].append(value)
+            st.prob[i] = p
+            if p >= hp.stop_prob:
+                st.used[i] = taken[i]
+            else:
+                stay.append(i)
+        if stay:
+            keep = torch.tensor([where[i] for i in stay], device=device)
+            loss_each[keep].sum().backward()
+            assert delta.grad is not None
+            rows = torch.tensor(stay, device=device)
+            st.adam.step(st.delta, rows, delta.grad[keep])
+            _clamp_rows(st.delta, rows, hp.clamp_norm_factor * st.init.norm(dim=1))
+            for i in stay:
+                taken[i] += 1
+        live = [i for i in stay if taken[i] < hp.steps]
+    if any(math.isnan(p) for p in st.prob):
+        raise EditError("value optimisation produced NaN probabilities")
+    return ValueResult(st.init.cpu(), st.delta.detach().cpu(), st.prob, st.used, st.losses)
 
 
 def current_values(
