@@ -20,7 +20,7 @@ import repedit.editors.values as values_module
 from numerics import assert_norm_within, assert_within, drift, forward_tolerance, tolerance
 from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
-from repedit.editors.value_schedule import RowAdam, Schedule
+from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import optimise_values
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
 
@@ -41,13 +41,15 @@ FIXED = {"batching": "fixed", "request_batch": 2}
 
 
 def _budget(lm) -> int:
-    """A token budget that holds the first three requests but not four, with room for one more
-    once a request leaves: a request carried into a rebuilt batch meets one that has not
-    stepped yet."""
-    sizes = [
-        values_module._build(lm, [r], CONTEXTS, ("{} is a",), "last").mask.sum() for r in REQUESTS
-    ]
-    return int(sum(sizes[:3]) + max(sizes) - min(sizes))
+    """A budget that admits three requests, and a fourth once one of them has left: a request
+    carried into a rebuilt batch then meets one that has not stepped yet."""
+    shapes = []
+    for r in REQUESTS:
+        b = values_module._build(lm, [r], CONTEXTS, ("{} is a",), "last")
+        shapes.append(suffix_shape(b.subject_pos, b.mask.sum(1)))
+    sched = Schedule(shapes, budget=1)
+    order = list(sched.queue)
+    return max(sched.cost(order[:3]), sched.cost(order[1:4]))
 
 
 def _run(lm, stop: float, **kw):
@@ -142,15 +144,17 @@ def _run_steps(lm, steps: int, batching: str):
     return optimise_values(lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp)
 
 
-def test_schedule_packs_by_tokens_and_rebuilds() -> None:
-    sched = Schedule([30, 30, 50, 200, 10], budget=100)
+def test_schedule_packs_by_width_and_budget_and_rebuilds() -> None:
+    # (rows, width) per request; the queue runs narrowest first: 4, 0, 1, 2, 3
+    sched = Schedule([(2, 10), (2, 10), (3, 20), (1, 500), (1, 5)], budget=100)
     first = sched.admit([])
-    assert first == [0, 1]  # 30 + 30 + 50 > 100
-    assert not sched.should_rebuild([0, 1], first)
-    assert sched.should_rebuild([1], first)
-    assert sched.admit([1]) == [1, 2]
+    assert first == [4, 0, 1] and sched.cost(first) == 50  # with 2: 8 rows x 20 = 160
+    assert not sched.should_rebuild([4, 0, 1], first)
+    assert sched.should_rebuild([0, 1], first)
+    assert sched.admit([0, 1]) == [0, 1]  # 2 would make 7 x 20 = 140
+    assert sched.admit([]) == [2]
     assert sched.admit([]) == [3]  # larger than the budget: a batch of its own
-    assert sched.admit([]) == [4] and sched.finished([])
+    assert sched.finished([])
     with pytest.raises(ValueError, match="budget"):
         Schedule([1], budget=0)
     with pytest.raises(Exception, match="group_tokens"):

@@ -2,9 +2,10 @@
 
 Every request's delta is optimised on its own loss alone (its rows see only its delta, and the
 batch's loss is a sum), so which requests share a step changes only float rounding. That
-freedom keeps each step's batch full of requests that still need steps: requests join while
-the batch stays under a token budget, and leave once they converge or use up their steps;
-when enough have left, the batch is rebuilt from the ones still running plus queued ones.
+freedom keeps each step's batch full of requests that still need steps: requests of similar
+width join while the batch stays under a budget of padded tokens, and leave once they
+converge or use up their steps; when enough have left, the batch is rebuilt from the ones
+still running plus queued ones.
 Requests therefore join at different times, and ``RowAdam`` keeps one step count per row
 where ``torch.optim.Adam`` keeps one per tensor.
 """
@@ -22,21 +23,36 @@ import torch
 REBUILD_AT = 0.75
 
 
+def suffix_shape(subject_pos: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int]:
+    """A request's rows and the widest of them from the subject token on: what it adds to a
+    step (rows are aligned at the subject token and padded to the batch's widest)."""
+    return int(subject_pos.numel()), int((lengths - subject_pos).max())
+
+
 class Schedule:
     """A queue of requests (by index) admitted into batches of at most ``budget`` tokens.
 
-    ``tokens[i]``: the tokens of request ``i``'s rows (every context, the target and the KL
-    prompts), which is what a step's forward and backward cost grows with. A request larger
-    than the budget still gets a batch of its own.
+    A batch's cost is its rows times its widest row (``suffix_shape``), the padded tokens each
+    step runs forward and backward. The queue is ordered by width (stable), so requests of
+    similar width share a batch and little of it is padding. A request larger than the budget
+    still gets a batch of its own.
     """
 
-    def __init__(self, tokens: Sequence[int], budget: int, rebuild_at: float = REBUILD_AT):
+    def __init__(
+        self, shapes: Sequence[tuple[int, int]], budget: int, rebuild_at: float = REBUILD_AT
+    ):
         if budget < 1:
             raise ValueError(f"token budget must be positive, not {budget}")
-        self.tokens = list(tokens)
+        self.shapes = list(shapes)
         self.budget = budget
         self.rebuild_at = rebuild_at
-        self.queue: deque[int] = deque(range(len(tokens)))
+        self.queue: deque[int] = deque(sorted(range(len(shapes)), key=lambda i: shapes[i][1]))
+
+    def cost(self, batch: Sequence[int]) -> int:
+        """Padded tokens of one step over ``batch``."""
+        if not batch:
+            return 0
+        return sum(self.shapes[i][0] for i in batch) * max(self.shapes[i][1] for i in batch)
 
     def finished(self, live: Sequence[int]) -> bool:
         return not live and not self.queue
@@ -48,11 +64,8 @@ class Schedule:
     def admit(self, live: Sequence[int]) -> list[int]:
         """``live`` (in order) plus queued requests while the batch stays within the budget."""
         batch = list(live)
-        used = sum(self.tokens[i] for i in batch)
-        while self.queue and (not batch or used + self.tokens[self.queue[0]] <= self.budget):
-            i = self.queue.popleft()
-            batch.append(i)
-            used += self.tokens[i]
+        while self.queue and (not batch or self.cost([*batch, self.queue[0]]) <= self.budget):
+            batch.append(self.queue.popleft())
         return batch
 
 

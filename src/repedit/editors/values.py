@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from repedit.data.case import EditRequest
-from repedit.editors.value_schedule import RowAdam, Schedule
+from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
 from repedit.models.runner import PrefixRunner, UpperRunner, frozen
@@ -54,12 +54,13 @@ class ValueHparams:
     stop_prob: float = 0.95
     kl_prompts: tuple[str, ...] = ("{} is a",)
     request_batch: int = 8
-    #: "stream": batches of up to ``group_tokens`` tokens that converged requests leave and
-    #: queued ones join (``value_schedule``); "fixed": groups of ``request_batch`` requests
+    #: "stream": batches of up to ``group_tokens`` padded tokens from the subject on (what a
+    #: step runs) that converged requests leave and queued ones of similar width join
+    #: (``value_schedule``); "fixed": groups of ``request_batch`` requests
     #: whose converged ones ride along until the group ends (the earlier scheduling, kept to
     #: compare with). Both optimise each request on its own loss: only rounding differs.
     batching: Batching = "stream"
-    group_tokens: int = 4096
+    group_tokens: int = 2048
 
     def __post_init__(self) -> None:
         checks = {
@@ -483,8 +484,11 @@ def _optimise_stream(
     leave on convergence (see ``value_schedule``); each request's iterates are the fixed
     path's up to rounding."""
     n, d, device = len(requests), lm.arch.d_model, lm.device
-    tokens = [int(_build(lm, [r], contexts, hp.kl_prompts, position).mask.sum()) for r in requests]
-    sched = Schedule(tokens, hp.group_tokens)
+    shapes = []
+    for r in requests:
+        one = _build(lm, [r], contexts, hp.kl_prompts, position)
+        shapes.append(suffix_shape(one.subject_pos, one.mask.sum(1)))
+    sched = Schedule(shapes, hp.group_tokens)
     module = injection_module(lm, layer, site)
     st = _Stream(
         torch.zeros(n, d, device=device),

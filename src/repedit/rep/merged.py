@@ -13,7 +13,7 @@ the order of summation (eval mode only: it is an inference module).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,9 +41,25 @@ def _padded(rows: list[torch.Tensor], d: int) -> tuple[torch.Tensor, torch.Tenso
 class MergedStack(nn.Module):
     """The members of a ``RepStack`` (or a list of adapters) as stacked tensors; eval only."""
 
+    d_mlp: int
+    n: int
+    A: torch.Tensor  # [N, r, d]
+    B_t: torch.Tensor  # [N, r, d]
+    scale: torch.Tensor  # [N]
+    gate_in_w: torch.Tensor  # [N·h, d]
+    gate_in_b: torch.Tensor  # [N·h]
+    gate_out_w: torch.Tensor  # [N, h]
+    gate_out_b: torch.Tensor  # [N]
+    guard_w: torch.Tensor  # [N, G, d] β̃ directions, zero-padded (guard_ok marks real rows)
+    guard_ok: torch.Tensor
+    prompt_k: torch.Tensor  # [N, P, d] stored prompt keys, zero-padded (prompt_ok)
+    prompt_ok: torch.Tensor
+
     def __init__(self, members: RepStack | list[RepAdapter]):
         super().__init__()
-        adapters = list(members.adapters) if isinstance(members, RepStack) else list(members)
+        adapters = cast(
+            list[RepAdapter], list(members.adapters if isinstance(members, RepStack) else members)
+        )
         if not adapters:
             raise InvalidRequestError("MergedStack needs at least one adapter")
         first = adapters[0]
