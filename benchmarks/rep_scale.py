@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run["stack_wall"], run["stack_cpu"], want = best(forward, args.repeats)
             run["max_logit_diff"] = float((got - want).abs().max())
         run["merged_over_plain"] = round(run["merged_wall"] / plain_wall, 3)
+        run["merged_over_plain_cpu"] = round(run["merged_cpu"] / plain_cpu, 3)
         runs.append(run)
         print(f"N={n}: {json.dumps(run)}", file=sys.stderr, flush=True)
     report = {
@@ -136,12 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(json.dumps(report, indent=2))
     print(f"rep_scale: {args.model}, batch {report['shape']}, layers {layers}")
-    print(f"  plain forward {plain_wall:.3f}s wall, {plain_cpu:.3f}s CPU")
+    print(f"  plain forward {plain_wall:.3f}s wall, {plain_cpu:.3f}s CPU (wall/CPU below)")
     for r in runs:
-        stack = f"{r['stack_wall']:.3f}s" if "stack_wall" in r else "-"
+        stack = f"{r['stack_wall']:.3f}s/{r['stack_cpu']:.3f}s" if "stack_wall" in r else "-"
         print(
-            f"  N={r['n']:>5}  RepStack {stack:>8}  merged {r['merged_wall']:.3f}s "
-            f"({r['merged_over_plain']}x plain)"
+            f"  N={r['n']:>5}  RepStack {stack:>16}  merged {r['merged_wall']:.3f}s/"
+            f"{r['merged_cpu']:.3f}s ({r['merged_over_plain']}x plain wall, "
+            f"{r['merged_over_plain_cpu']}x CPU)"
         )
     return report
 
