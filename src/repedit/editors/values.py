@@ -58,8 +58,9 @@ class ValueHparams:
     #: step runs) that converged requests leave and queued ones of similar width join
     #: (``value_schedule``); "fixed": groups of ``request_batch`` requests
     #: whose converged ones ride along until the group ends (the earlier scheduling, kept to
-    #: compare with). Both optimise each request on its own loss: only rounding differs.
-    batching: Batching = "stream"
+    #: compare with, and the default until "stream" rebuilds batches without re-running the
+    #: layers below). Both optimise each request on its own loss: only rounding differs.
+    batching: Batching = "fixed"
     group_tokens: int = 2048
 
     def __post_init__(self) -> None:
