@@ -76,3 +76,18 @@ def patched(timer: PhaseTimer, targets: Mapping[str, Sequence[tuple[Any, str]]])
     finally:
         for owner, attr, original in reversed(saved):
             setattr(owner, attr, original)
+
+
+#: instruction-set flags that change which float kernels run (and so rounding and speed)
+CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The ``CPU_FLAGS`` this machine's CPU reports (Linux ``/proc/cpuinfo``; [] elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return [f for f in CPU_FLAGS if f in have]

@@ -21,7 +21,8 @@ from repedit.editors import CoreHparams, StatsConfig, ValueHparams, make_editor
 from repedit.editors.context_robust import request_prefixes
 from repedit.editors.context_variance import ContextVariance, pairwise_spread
 from repedit.editors.value_forms import Form
-from repedit.editors.values import _build, _loss, _plan, injection_module, optimise_values
+from repedit.editors.value_plan import make_plan
+from repedit.editors.values import _build, _loss, injection_module, optimise_values
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.scoring import Probe, score_probes
 from repedit.models.tiny import tiny_loaded, tiny_tokenizer
@@ -83,7 +84,7 @@ def _spread_at(lm, delta: torch.Tensor, layer: int) -> float:
     """The unweighted spread of REQUESTS' rows with ``delta`` injected after ``layer``."""
     b = _build(lm, REQUESTS, CONTEXTS, HP.kl_prompts, "last")
     module = injection_module(lm, layer, "residual")
-    plan = _plan(lm, b, module, layer, "full")
+    plan = make_plan(lm, b, module, layer, "full")
     objective = _loss(lm, b, module, plan, len(REQUESTS), ContextVariance(1.0), layer)
     with torch.no_grad():
         return float(objective.terms(delta.to(lm.device))[3].sum())

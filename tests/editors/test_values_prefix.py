@@ -16,6 +16,7 @@ import random
 import pytest
 import torch
 
+import repedit.editors.value_plan as plan_module
 import repedit.editors.values as values_module
 from numerics import assert_norm_within, assert_within, drift, forward_tolerance
 from repedit.data.case import EditRequest
@@ -92,8 +93,8 @@ def test_prefix_path_equals_full_path(family: str, site: str, layer: int) -> Non
 
 
 def _shifted_plan(field: str):
-    """A ``_prefix_plan`` whose ``field`` columns are one too far left: an off-by-one bug."""
-    real = values_module._prefix_plan
+    """A ``prefix_plan`` whose ``field`` columns are one too far left: an off-by-one bug."""
+    real = plan_module.prefix_plan
 
     def plan(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -112,7 +113,7 @@ def test_prefix_comparison_catches_an_off_by_one_column(
     """Scoring the wrong column or injecting δ one column late fails the derived tolerances."""
     lm = tiny_loaded("gemma")
     full = _run(lm, "full", "mlp", 1)
-    monkeypatch.setattr(values_module, "_prefix_plan", _shifted_plan(field))
+    monkeypatch.setattr(plan_module, "prefix_plan", _shifted_plan(field))
     broken = _run(lm, "prefix", "mlp", 1)
     with pytest.raises(AssertionError, match="exceeds the derived tolerance"):
         _check_same_optimisation(lm, full, broken, "mlp", 1)
@@ -142,7 +143,7 @@ def test_prefix_comparison_catches_a_dropped_target_token(monkeypatch: pytest.Mo
 
 def test_auto_uses_the_prefix_path(caplog: pytest.LogCaptureFixture) -> None:
     lm = tiny_loaded("llama")
-    with caplog.at_level(logging.DEBUG, logger="repedit.editors.values"):
+    with caplog.at_level(logging.DEBUG, logger="repedit.editors.value_plan"):
         auto = _run(lm, "auto", "mlp", 1)
     assert "cached prefix" in caplog.text
     torch.testing.assert_close(auto.delta, _run(lm, "prefix", "mlp", 1).delta, rtol=0, atol=0)
@@ -151,13 +152,13 @@ def test_auto_uses_the_prefix_path(caplog: pytest.LogCaptureFixture) -> None:
 def test_module_switch_selects_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     lm = tiny_loaded("gpt2")
     calls: list[str] = []
-    real = values_module._prefix_plan
+    real = plan_module.prefix_plan
 
     def spy(*args, **kwargs):
         calls.append("prefix")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(values_module, "_prefix_plan", spy)
+    monkeypatch.setattr(plan_module, "prefix_plan", spy)
     monkeypatch.setattr(values_module, "VALUE_PATH", "full")
     _run(lm, None, "mlp", 1)  # type: ignore[arg-type]
     assert calls == []
@@ -177,8 +178,8 @@ def test_auto_falls_back_when_the_cache_setup_fails(
     def broken(*args, **kwargs):
         raise RuntimeError("no cache for this family")
 
-    monkeypatch.setattr(values_module, "PrefixRunner", broken)
-    with caplog.at_level(logging.DEBUG, logger="repedit.editors.values"):
+    monkeypatch.setattr(plan_module, "PrefixRunner", broken)
+    with caplog.at_level(logging.DEBUG, logger="repedit.editors.value_plan"):
         got = _run(lm, "auto", "mlp", 1)
     assert "full rows" in caplog.text and "no cache for this family" in caplog.text
     torch.testing.assert_close(got.delta, want.delta, rtol=0, atol=0)
@@ -207,7 +208,7 @@ def test_prefix_runner_replays_like_the_full_forward(family: str) -> None:
     b = _build(lm, REQUESTS, CONTEXTS, HP.kl_prompts, "last")
     module = injection_module(lm, 1, "mlp")
     with torch.no_grad():
-        plan = values_module._prefix_plan(lm, b, module, 1)
+        plan = plan_module.prefix_plan(lm, b, module, 1)
         full = UpperRunner(lm, 1, b.ids, b.mask)
         runner = plan.runner
         assert isinstance(runner, PrefixRunner)

@@ -29,13 +29,15 @@ import torch.nn.functional as F
 from repedit.data.case import EditRequest
 from repedit.editors.context_variance import ContextVariance, pairwise_spread
 from repedit.editors.value_forms import Form, robust_forms
+from repedit.editors.value_plan import Plan, RowBatch, ValuePath, make_plan
+from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
-from repedit.models.runner import PrefixRunner, UpperRunner, frozen
+from repedit.models.runner import UpperRunner, frozen
 from repedit.models.tokens import Position, continuation_ids, locate, pad_id, pad_right
 
 Site = Literal["mlp", "residual"]
-ValuePath = Literal["auto", "prefix", "full"]
+Batching = Literal["fixed", "stream"]
 
 #: "auto": cached prefix when it can be set up, else full rows; "prefix"/"full" force one
 #: (for tests and benchmarks; a forced "prefix" raises instead of falling back)
@@ -61,6 +63,14 @@ class ValueHparams:
     #: prompt, become extra rows of the loss (see :mod:`repedit.editors.value_forms`)
     robust_forms: int = 0
     robust_prefix_lengths: tuple[int, ...] = ()
+    #: "stream": batches of up to ``group_tokens`` padded tokens from the subject on (what a
+    #: step runs) that converged requests leave and queued ones of similar width join
+    #: (``value_schedule``); "fixed": groups of ``request_batch`` requests
+    #: whose converged ones ride along until the group ends (the earlier scheduling, kept to
+    #: compare with, and the default until "stream" rebuilds batches without re-running the
+    #: layers below). Both optimise each request on its own loss: only rounding differs.
+    batching: Batching = "fixed"
+    group_tokens: int = 2048
 
     def __post_init__(self) -> None:
         checks = {
@@ -74,6 +84,8 @@ class ValueHparams:
             "request_batch": self.request_batch >= 1,
             "robust_forms": self.robust_forms >= 0,
             "robust_prefix_lengths": all(n >= 1 for n in self.robust_prefix_lengths),
+            "batching": self.batching in ("fixed", "stream"),
+            "group_tokens": self.group_tokens >= 1,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -102,20 +114,6 @@ def injection_module(lm: Any, layer: int, site: Site) -> torch.nn.Module:
     return lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer)
 
 
-@dataclass
-class _Batch:
-    ids: torch.Tensor
-    mask: torch.Tensor
-    subject_pos: torch.Tensor  # [rows]
-    owner: torch.Tensor  # [rows] request index within the group
-    target_rows: torch.Tensor  # [m] row of each scored target token
-    target_pos: torch.Tensor  # [m] position whose logits predict it
-    target_ids: torch.Tensor  # [m]
-    target_prompt: torch.Tensor  # [m] prompt (row) index, for per-prompt sums
-    kl_rows: torch.Tensor  # [r] rows holding KL prompts
-    bare_rows: torch.Tensor  # [n] row of each request's bare prompt
-
-
 def _build(
     lm: Any,
     requests: Sequence[EditRequest],
@@ -123,7 +121,7 @@ def _build(
     kl_prompts: Sequence[str],
     position: Position,
     forms: Sequence[Sequence[Form]] | None = None,
-) -> _Batch:
+) -> RowBatch:
     """Rows per request: each context around its prompt, then its extra ``forms``, then its KL
     prompts. Every row but the KL ones scores the target."""
     tok = lm.tokenizer
@@ -155,7 +153,7 @@ def _build(
             owner.append(r)
     ids, mask = pad_right(seqs, pad_id(tok))
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return _Batch(
+    return RowBatch(
         ids,
         mask,
         as_t(subj),
@@ -197,6 +195,14 @@ def optimise_values(
     extra = _training_forms(lm, requests, hp, forms)
     if variance is not None and variance.weight == 0:
         variance = None
+    if hp.batching == "stream" and hp.steps > 0:
+        if extra or variance is not None:
+            raise InvalidRequestError(
+                "value.batching='stream' does not take extra value forms or CoRE's penalty "
+                "yet; use value.batching=fixed"
+            )
+        with frozen(lm.model):
+            return _optimise_stream(lm, requests, contexts, layer, site, hp, position, path)
     inits, deltas, probs, steps, losses = [], [], [], [], []
     for i in range(0, len(requests), hp.request_batch):
         group = requests[i : i + hp.request_batch]
@@ -229,71 +235,6 @@ def _training_forms(
                 lm, req, scrambles=hp.robust_forms, prefix_lengths=hp.robust_prefix_lengths
             )
     return out if any(out) else None
-
-
-@dataclass
-class _Plan:
-    """A runner and where, in the columns its ``run()`` returns, the loss reads and writes."""
-
-    runner: UpperRunner
-    site_values: torch.Tensor  # [rows, d] unmodified injection-site output at the subject token
-    inject_pos: torch.Tensor  # [rows] column of the subject token (where δ goes, KL is read)
-    target_pos: torch.Tensor  # [m] column whose logits predict each target token
-    path: str
-
-
-def _full_plan(lm: Any, b: _Batch, module: torch.nn.Module, layer: int) -> _Plan:
-    device = lm.device
-    subject_pos = b.subject_pos.to(device)
-    with Hooks() as h:  # the runner's one full forward also gives the "before" values
-        h.capture("site", module, which="output", positions=subject_pos)
-        runner = UpperRunner(lm, layer, b.ids.to(device), b.mask.to(device))
-        site_values = h["site"]
-    return _Plan(runner, site_values, subject_pos, b.target_pos.to(device), "full")
-
-
-def _prefix_plan(lm: Any, b: _Batch, module: torch.nn.Module, layer: int) -> _Plan:
-    """Rows left-padded so every subject token sits in column ``split``; columns before it cached.
-
-    Position ids count only real tokens, so each row is computed as if unpadded.
-    """
-    device = lm.device
-    split = int(b.subject_pos.max())
-    shift = split - b.subject_pos  # [rows] left padding of each row
-    lengths = b.mask.sum(1)
-    n_rows, width = b.ids.shape[0], int((shift + lengths).max())
-    target_pos = b.target_pos + shift[b.target_rows] - split
-    if bool((target_pos < 0).any()):
-        raise ValueError("a target is scored before its subject token")
-    ids = torch.full((n_rows, width), pad_id(lm.tokenizer), dtype=torch.long)
-    mask = torch.zeros((n_rows, width), dtype=torch.long)
-    for i, (s, n) in enumerate(zip(shift.tolist(), lengths.tolist(), strict=True)):
-        ids[i, s : s + n] = b.ids[i, :n]
-        mask[i, s : s + n] = 1
-    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-    first = torch.zeros(n_rows, dtype=torch.long, device=device)
-    with Hooks() as h:  # the last capture is the suffix forward's, at the subject column
-        h.capture("site", module, which="output", positions=first)
-        runner = PrefixRunner(
-            lm, layer, ids.to(device), mask.to(device), position_ids.to(device), split
-        )
-        site_values = h["site"]
-    log.debug("value optimisation: cached prefix of %d of %d columns", split, width)
-    return _Plan(runner, site_values, first, target_pos.to(device), "prefix")
-
-
-def _plan(lm: Any, b: _Batch, module: torch.nn.Module, layer: int, path: ValuePath) -> _Plan:
-    if path != "full":
-        try:
-            plan = _prefix_plan(lm, b, module, layer)
-        except Exception as exc:
-            if path == "prefix":
-                raise
-            log.debug("value optimisation: full rows (prefix cache unavailable: %s)", exc)
-        else:
-            return plan
-    log.debug("value optimisation: full rows")
-    return _full_plan(lm, b, module, layer)
 
 
 @dataclass
@@ -380,9 +321,9 @@ class _Loss:
 
 def _loss(
     lm: Any,
-    b: _Batch,
+    b: RowBatch,
     module: torch.nn.Module,
-    plan: _Plan,
+    plan: Plan,
     n: int,
     variance: ContextVariance | None = None,
     layer: int = 0,
@@ -420,6 +361,15 @@ def _check_finite(loss_each: torch.Tensor, requests: Sequence[EditRequest], step
         raise EditError(f"value optimisation diverged (NaN/inf) for {bad} at step {step}")
 
 
+def _step_loss(
+    objective: _Loss, delta: torch.Tensor, init: torch.Tensor, hp: ValueHparams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per request: the loss a step minimises and the mean target probability [n] each."""
+    nll, prob, kl, spread = objective.terms(delta)
+    decay = delta.norm(dim=1) ** 2 / init.norm(dim=1).clamp_min(1e-8) ** 2
+    return nll + hp.kl_factor * kl + hp.weight_decay * decay + spread, prob
+
+
 def _apply_step(
     opt: torch.optim.Optimizer,
     delta: torch.Tensor,
@@ -455,7 +405,7 @@ def _optimise_group(
     device = lm.device
     b = _build(lm, requests, contexts, hp.kl_prompts, position, forms)
     module = injection_module(lm, layer, site)
-    plan = _plan(lm, b, module, layer, path)
+    plan = make_plan(lm, b, module, layer, path)
     n = len(requests)
     objective = _loss(lm, b, module, plan, n, variance, layer)
     init = plan.site_values[b.bare_rows.to(device)].float()  # [n, d_model]
@@ -468,9 +418,7 @@ def _optimise_group(
     losses: list[list[float]] = [[] for _ in range(n)]
     for step in range(hp.steps):
         opt.zero_grad()
-        nll, prob, kl, spread = objective.terms(delta)
-        decay = delta.norm(dim=1) ** 2 / init.norm(dim=1).clamp_min(1e-8) ** 2
-        loss_each = nll + hp.kl_factor * kl + hp.weight_decay * decay + spread
+        loss_each, prob = _step_loss(objective, delta, init, hp)
         _check_finite(loss_each, requests, step)
         for i, (value, stopped) in enumerate(zip(loss_each.tolist(), done.tolist(), strict=True)):
             if not stopped:
@@ -486,6 +434,117 @@ def _optimise_group(
     if any(math.isnan(p) for p in final):
         raise EditError("value optimisation produced NaN probabilities")
     return ValueResult(init.detach().cpu(), delta.detach().cpu(), final, used, losses)
+
+
+def _clamp_rows(delta: torch.Tensor, rows: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale ``delta[rows]`` down to at most ``max_norm[rows]`` in norm (in place)."""
+    norms = delta[rows].norm(dim=1)
+    cap = max_norm[rows]
+    scale = torch.where(norms > cap, cap / norms.clamp_min(1e-12), torch.ones_like(norms))
+    delta[rows] = delta[rows] * scale[:, None]
+
+
+@dataclass
+class _Stream:
+    """Every request's state while ``_optimise_stream`` runs (rows indexed by request)."""
+
+    init: torch.Tensor  # [N, d] site value at the bare prompt, from the request's first batch
+    delta: torch.Tensor  # [N, d]
+    adam: RowAdam
+    started: torch.Tensor  # [N] bool: init is set
+    prob: list[float]
+    used: list[int]
+    losses: list[list[float]]
+
+
+def _stream_batch(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    batch: list[int],
+    contexts: Sequence[str],
+    module: torch.nn.Module,
+    args: tuple[int, ValueHparams, Position, ValuePath],
+    st: _Stream,
+) -> _Loss:
+    """The loss of ``batch`` (request indices); sets ``init`` of requests new to a batch."""
+    layer, hp, position, path = args
+    b = _build(lm, [requests[i] for i in batch], contexts, hp.kl_prompts, position)
+    plan = make_plan(lm, b, module, layer, path)
+    fresh = [j for j, i in enumerate(batch) if not bool(st.started[i])]
+    if fresh:
+        rows = torch.tensor([batch[j] for j in fresh])
+        bare = b.bare_rows[torch.tensor(fresh)].to(lm.device)
+        st.init[rows.to(lm.device)] = plan.site_values[bare].float()
+        st.started[rows] = True
+    return _loss(lm, b, module, plan, len(batch))
+
+
+def _optimise_stream(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+    site: Site,
+    hp: ValueHparams,
+    position: Position,
+    path: ValuePath,
+) -> ValueResult:
+    """``optimise_values`` with ``batching="stream"``: token-budget batches that requests
+    leave on convergence (see ``value_schedule``); each request's iterates are the fixed
+    path's up to rounding."""
+    n, d, device = len(requests), lm.arch.d_model, lm.device
+    shapes = []
+    for r in requests:
+        one = _build(lm, [r], contexts, hp.kl_prompts, position)
+        shapes.append(suffix_shape(one.subject_pos, one.mask.sum(1)))
+    sched = Schedule(shapes, hp.group_tokens)
+    module = injection_module(lm, layer, site)
+    st = _Stream(
+        torch.zeros(n, d, device=device),
+        torch.zeros(n, d, device=device),
+        RowAdam((n, d), lr=hp.lr, device=device),
+        torch.zeros(n, dtype=torch.bool),
+        [0.0] * n,
+        [hp.steps] * n,
+        [[] for _ in range(n)],
+    )
+    taken = [0] * n  # steps applied to each request
+    batch: list[int] = []
+    live: list[int] = []
+    while not sched.finished(live):
+        if sched.should_rebuild(live, batch):
+            batch = live = sched.admit(live)
+            objective = _stream_batch(
+                lm, requests, batch, contexts, module, (layer, hp, position, path), st
+            )
+            where = {i: j for j, i in enumerate(batch)}
+        idx = torch.tensor(batch, device=device)
+        delta = st.delta[idx].clone().requires_grad_(True)
+        loss_each, prob = _step_loss(objective, delta, st.init[idx], hp)
+        cols = torch.tensor([where[i] for i in live], device=device)
+        _check_finite(loss_each[cols], [requests[i] for i in live], max(taken[i] for i in live))
+        values, probs = loss_each[cols].tolist(), prob[cols].tolist()
+        stay = []
+        for i, value, p in zip(live, values, probs, strict=True):
+            st.losses[i].append(value)
+            st.prob[i] = p
+            if p >= hp.stop_prob:
+                st.used[i] = taken[i]
+            else:
+                stay.append(i)
+        if stay:
+            keep = torch.tensor([where[i] for i in stay], device=device)
+            loss_each[keep].sum().backward()
+            assert delta.grad is not None
+            rows = torch.tensor(stay, device=device)
+            st.adam.step(st.delta, rows, delta.grad[keep])
+            _clamp_rows(st.delta, rows, hp.clamp_norm_factor * st.init.norm(dim=1))
+            for i in stay:
+                taken[i] += 1
+        live = [i for i in stay if taken[i] < hp.steps]
+    if any(math.isnan(p) for p in st.prob):
+        raise EditError("value optimisation produced NaN probabilities")
+    return ValueResult(st.init.cpu(), st.delta.detach().cpu(), st.prob, st.used, st.losses)
 
 
 def current_values(

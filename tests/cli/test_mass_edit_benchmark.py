@@ -1,0 +1,90 @@
+"""Smoke test of benchmarks/mass_edit.py on a tiny model: a few CounterFact-layout facts edited
+in two sequential batches produce the JSON (edit seconds, efficacy, the first batch's curve),
+the table and the plot, for every batched method and both key modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mass_edit.py"
+FACTS = (
+    ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
+    ("Toyota", "{} was founded in", "Europe", "Japan"),
+    ("Paris", "{} is the capital of", "Berlin", "France"),
+    ("Slovenia", "{} is located in the continent of", "Antarctica", "Europe"),
+)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(SCRIPT.parent))
+        spec = importlib.util.spec_from_file_location("mass_edit", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Records in the EasyEdit CounterFact layout of the real data file."""
+    records = [
+        {
+            "case_id": i,
+            "prompt": prompt.format(subject),
+            "subject": subject,
+            "target_new": new,
+            "ground_truth": true,
+            "rephrase_prompt": "In short, " + prompt.format(subject),
+            "locality_prompt": "The river runs through the city of",
+            "locality_ground_truth": "Paris",
+        }
+        for i, (subject, prompt, new, true) in enumerate(FACTS)
+    ]
+    path = tmp_path_factory.mktemp("cf") / "counterfact.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("method", "key_mode"),
+    [("memit", "each"), ("memit", "mean"), ("emmet", "each"), ("alphaedit", "each")],
+)
+def test_mass_edit_runs_in_sequence(
+    bench, tiny_dir, corpus, data_file, tmp_path, capsys, method, key_mode
+):
+    threads = torch.get_num_threads()
+    out = tmp_path / "out"
+    try:
+        report = bench.main(
+            [
+                "--model", str(tiny_dir), "--method", method, "--n", "4", "--batch-size", "2",
+                "--dataset", str(data_file), "--corpus", str(corpus), "--stats-tokens", "2000",
+                "--cache", str(tmp_path / "cache"), "--sample", "3", "--fluency-tokens", "8",
+                "--value-steps", "4", "--key-mode", key_mode, "--out", str(out),
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert json.loads(printed[: printed.rindex("}") + 1])["benchmark"] == "mass_edit"
+    assert "first batch efficacy" in printed
+    saved = json.loads((out / "mass_edit.json").read_text())
+    assert saved["edit_seconds"] == report["edit_seconds"] > 0
+    assert 0 < report["value_seconds"] <= report["edit_seconds"]
+    assert report["n"] == 4 and report["sequential"] and len(report["batches"]) == 2
+    assert report["hparams"]["key_mode"] == key_mode
+    assert 0 <= report["efficacy"] <= 1 and report["sample_size"] == 3
+    assert [p["edits"] for p in report["first_batch_curve"]] == [2, 4]
+    for scores in (report["before"], report["after"]):
+        assert {"efficacy", "paraphrase", "neighbourhood", "fluency"} <= set(scores)
+        assert scores["fluency"] > 0
+    assert report["peak_rss_mb"] >= report["peak_rss_mb_before_edits"] > 0
+    assert isinstance(report["cpu_flags"], list) and report["threads"] >= 1
+    assert 0 <= report["after"]["neighbourhood_agree"] <= 1
+    assert (out / "mass_edit.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,224 @@
+"""The streaming value batches equal the fixed groups, on every tiny family.
+
+``batching="stream"`` packs requests into token-budget batches, drops a request from the step
+once it converges, and rebuilds the batch (with queued requests) once a quarter have left;
+each request is still optimised on its own loss with its own Adam state, so its losses, steps,
+final delta and probability must match ``batching="fixed"`` up to float32 rounding, and a
+MEMIT edit built on them must hit the same requests. The stop threshold is set between the
+requests' own probabilities, so they stop at different steps and the batch is rebuilt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import repedit.editors.values as values_module
+from numerics import assert_norm_within, assert_within, drift, forward_tolerance, tolerance
+from repedit.data.case import EditRequest
+from repedit.editors import StatsConfig, ValueHparams, make_editor
+from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
+from repedit.editors.values import optimise_values
+from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
+
+REQUESTS = (
+    EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
+    EditRequest("{} capital of Italy is", "The", "Michel Rocard", case_id="the"),
+    EditRequest("{} was founded in", "Toyota", "Europe", case_id="toyota"),
+    EditRequest("Toyota was founded in {}", "Japan", "Europe", case_id="toyota2"),
+    EditRequest("The mother tongue of Michel Rocard is {}", "French", "Berlin", case_id="rocard"),
+)
+CONTEXTS = ("{}", "Rome. {}", "The capital of France is Paris. Apple was founded by {}")
+STEPS = 10
+#: large steps, so probabilities move far enough to cross a threshold on random weights
+BASE = {"steps": STEPS, "lr": 1.0}
+#: batches of three requests' rows (``_stream``): several batches, rebuilt as requests leave
+STREAM = {"batching": "stream"}
+FIXED = {"batching": "fixed", "request_batch": 2}
+
+
+def _budget(lm) -> int:
+    """A budget that admits three requests, and a fourth once one of them has left: a request
+    carried into a rebuilt batch then meets one that has not stepped yet."""
+    shapes = []
+    for r in REQUESTS:
+        b = values_module._build(lm, [r], CONTEXTS, ("{} is a",), "last")
+        shapes.append(suffix_shape(b.subject_pos, b.mask.sum(1)))
+    sched = Schedule(shapes, budget=1)
+    order = list(sched.queue)
+    return max(sched.cost(order[:3]), sched.cost(order[1:4]))
+
+
+def _run(lm, stop: float, **kw):
+    if kw.get("batching") == "stream" and "group_tokens" not in kw:
+        kw["group_tokens"] = _budget(lm)
+    hp = ValueHparams(stop_prob=stop, **BASE, **kw)
+    return optimise_values(lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp)
+
+
+def _staggered_stop(lm) -> float:
+    """A stop probability some requests reach early and others never (from a full run)."""
+    full = _run(lm, 1.0, **FIXED)
+    finals = sorted(full.prob)
+    return (finals[len(finals) // 2] + finals[len(finals) // 2 - 1]) / 2
+
+
+def _check_same(lm, fixed, stream) -> None:
+    per_step = forward_tolerance(lm.arch, blocks=lm.arch.n_layers)
+    loss_tol = drift(steps=STEPS, per_step=per_step)
+    assert stream.steps == fixed.steps
+    for got, want in zip(stream.losses, fixed.losses, strict=True):
+        assert len(got) == len(want)
+        want_t = torch.tensor(want)
+        scale = float(want_t.abs().max())
+        assert_within(torch.tensor(got), want_t, loss_tol * scale, "loss at each step")
+    init_tol = forward_tolerance(
+        lm.arch, blocks=2, head=False, magnitude=float(fixed.init.abs().max())
+    )
+    assert_within(stream.init, fixed.init, init_tol, "site value at the subject")
+    assert_norm_within(stream.delta, fixed.delta, loss_tol, "delta (norm-wise)")
+    assert_within(
+        torch.tensor(stream.prob), torch.tensor(fixed.prob), loss_tol, "final probability"
+    )
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_stream_equals_fixed_groups(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = tiny_loaded(family)
+    stop = _staggered_stop(lm)
+    fixed = _run(lm, stop, **FIXED)
+    budget = _budget(lm)
+    builds: list[list[str]] = []
+    real = values_module._build
+
+    def counting(lm_, requests, *args, **kwargs):
+        builds.append([r.case_id for r in requests])
+        return real(lm_, requests, *args, **kwargs)
+
+    monkeypatch.setattr(values_module, "_build", counting)
+    stream = _run(lm, stop, **STREAM, group_tokens=budget)
+    # the premise: requests stopped at different steps, some never, and a request running in
+    # one batch was carried into a rebuilt one
+    assert len(set(fixed.steps)) >= 2 and STEPS in fixed.steps
+    batches = builds[len(REQUESTS) :]  # after one build per request to count its tokens
+    assert len(batches[0]) >= 2, builds
+    pairs = itertools.pairwise(batches)
+    assert any(set(a) & set(b) and set(b) - set(a) for a, b in pairs), batches
+    _check_same(lm, fixed, stream)
+
+
+class _SharedCountAdam(RowAdam):
+    """The likely bug: one step count for the whole batch, as torch's Adam keeps per tensor."""
+
+    def step(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        self.t[rows.cpu()] = int(self.t.max())
+        super().step(param, rows, grad)
+
+
+@pytest.mark.numerics
+def test_comparison_catches_a_shared_step_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that join a running batch with the batch's Adam step count fail the tolerances."""
+    lm = tiny_loaded("llama")
+    stop = _staggered_stop(lm)
+    fixed = _run(lm, stop, **FIXED)
+    monkeypatch.setattr(values_module, "RowAdam", _SharedCountAdam)
+    broken = _run(lm, stop, **STREAM)
+    with pytest.raises(AssertionError, match="exceeds the derived tolerance"):
+        _check_same(lm, fixed, broken)
+
+
+def test_streaming_with_no_steps_matches_fixed() -> None:
+    lm = tiny_loaded("llama")
+    a = _run_steps(lm, 0, "fixed")
+    b = _run_steps(lm, 0, "stream")
+    torch.testing.assert_close(a.init, b.init, rtol=0, atol=0)
+    assert b.steps == [0] * len(REQUESTS) and float(b.delta.abs().max()) == 0
+
+
+def _run_steps(lm, steps: int, batching: str):
+    hp = ValueHparams(steps=steps, batching=batching)  # type: ignore[arg-type]
+    return optimise_values(lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp)
+
+
+def test_schedule_packs_by_width_and_budget_and_rebuilds() -> None:
+    # (rows, width) per request; the queue runs narrowest first: 4, 0, 1, 2, 3
+    sched = Schedule([(2, 10), (2, 10), (3, 20), (1, 500), (1, 5)], budget=100)
+    first = sched.admit([])
+    assert first == [4, 0, 1] and sched.cost(first) == 50  # with 2: 8 rows x 20 = 160
+    assert not sched.should_rebuild([4, 0, 1], first)
+    assert sched.should_rebuild([0, 1], first)
+    assert sched.admit([0, 1]) == [0, 1]  # 2 would make 7 x 20 = 140
+    assert sched.admit([]) == [2]
+    assert sched.admit([]) == [3]  # larger than the budget: a batch of its own
+    assert sched.finished([])
+    with pytest.raises(ValueError, match="budget"):
+        Schedule([1], budget=0)
+    with pytest.raises(Exception, match="group_tokens"):
+        ValueHparams(group_tokens=0)
+    with pytest.raises(Exception, match="batching"):
+        ValueHparams(batching="dynamic")  # type: ignore[arg-type]
+
+
+@pytest.mark.numerics
+def test_row_adam_follows_torch_adam_per_row() -> None:
+    """Rows that start at different steps each follow torch's Adam on their own gradients."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, steps, lr = 3, 16, 12, 0.5
+    start = [0, 3, 7]  # the step at which each row joins
+    grads = torch.randn(steps, n, d, generator=gen)
+    param = torch.zeros(n, d)
+    adam = RowAdam((n, d), lr=lr)
+    for s in range(steps):
+        rows = torch.tensor([r for r in range(n) if s >= start[r]])
+        adam.step(param, rows, grads[s, rows])
+    for r in range(n):
+        want = torch.zeros(1, d, requires_grad=True)
+        opt = torch.optim.Adam([want], lr=lr)
+        for s in range(start[r], steps):
+            want.grad = grads[s, r][None].clone()
+            opt.step()
+        taken = steps - start[r]
+        # each step moves a coordinate by at most ~lr·(1-β1)/√(1-β2) ≈ 3.2·lr and rounds a
+        # handful of element-wise operations against the parameter's size
+        magnitude = taken * 3.2 * lr
+        per_step = tolerance(torch.float32, terms=1, stages=8, magnitude=magnitude)
+        assert_within(param[r], want.detach()[0], drift(steps=taken, per_step=per_step), "row")
+
+
+# --------------------------------------------------------------------------- a MEMIT edit
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
+    """``C`` from a small random text over the tiny vocabulary (as in test_editors_tiny)."""
+    root = tmp_path_factory.mktemp("batching-stats")
+    rng = random.Random(0)
+    vocab = tiny_tokenizer().get_vocab()
+    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
+    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(lines))
+    return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root / "cache"), progress=False)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_memit_hits_the_same_requests(family: str, stats: StatsConfig) -> None:
+    """A MEMIT edit of several requests writes the same weight updates on both schedulings."""
+    lm = tiny_loaded(family)
+    deltas = {}
+    for batching, extra in (("fixed", FIXED), ("stream", STREAM)):
+        hp = {"contexts": ((3, 2),), "layers": (1, 2), "value": {**BASE, **extra}}
+        deltas[batching] = make_editor("memit", hp, stats).edit(lm, list(REQUESTS), apply=False)
+    fixed, stream = deltas["fixed"], deltas["stream"]
+    assert stream.info["value_steps"] == fixed.info["value_steps"]
+    # the weight updates are linear in the optimised values (float64 solves): their drift
+    tol = drift(steps=STEPS, per_step=forward_tolerance(lm.arch, blocks=lm.arch.n_layers))
+    for name, want in fixed.deltas.items():
+        assert float(want.abs().max()) > 0
+        got = stream.deltas[name]
+        assert_norm_within(got.flatten(), want.flatten(), tol, f"weight update of {name}")
