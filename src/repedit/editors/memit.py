@@ -22,6 +22,7 @@ from repedit.editors.result import EditResult
 from repedit.editors.solve import least_squares_update
 from repedit.editors.values import current_values, optimise_values
 from repedit.errors import InvalidRequestError
+from repedit.models.loading import LoadedModel
 from repedit.stats.second_moment import SecondMoment
 
 #: (layer, keys [d_mlp, n], residual share [d_model, n], C) -> ΔW [d_model, d_mlp]
@@ -48,7 +49,7 @@ class MemitHparams(LocateEditHparams):
 
 
 def fraction_layers(
-    lm: Any, layers: tuple[int, ...] | None, fractions: tuple[float, float]
+    lm: LoadedModel, layers: tuple[int, ...] | None, fractions: tuple[float, float]
 ) -> list[int]:
     if layers:
         return sorted(layers)
@@ -58,7 +59,7 @@ def fraction_layers(
 
 def spread_over_layers(
     editor: Editor,
-    lm: Any,
+    lm: LoadedModel,
     hp: LocateEditHparams,
     requests: list[EditRequest],
     layers: list[int],
@@ -112,12 +113,12 @@ class Memit(Editor):
     name: ClassVar[str] = "memit"
     hparams_class = MemitHparams
 
-    def layers(self, lm: Any, hp: MemitHparams) -> list[int]:  # type: ignore[override]
+    def layers(self, lm: LoadedModel, hp: MemitHparams) -> list[int]:  # type: ignore[override]
         return fraction_layers(lm, hp.layers, hp.layer_fractions)
 
     def _compute(
         self,
-        lm: Any,
+        lm: LoadedModel,
         hp: MemitHparams,  # type: ignore[override]
         requests: list[EditRequest],
     ) -> EditResult:
@@ -132,7 +133,7 @@ class Memit(Editor):
         return spread_over_layers(self, lm, hp, requests, self.layers(lm, hp), solve, extra)
 
     def values_with(
-        self, lm: Any, hp: MemitHparams, requests: list[EditRequest]
+        self, lm: LoadedModel, hp: MemitHparams, requests: list[EditRequest]
     ) -> dict[str, Any] | None:
         """Extra arguments of the value step (None: MEMIT's own); a variant on MEMIT's solve,
         such as CoRE, overrides only this."""

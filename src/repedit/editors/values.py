@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from repedit.editors.value_plan import Plan, RowBatch, ValuePath, make_plan
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.models.runner import UpperRunner, frozen
 from repedit.models.tokens import Position, continuation_ids, locate, pad_id, pad_right
 
@@ -110,12 +111,12 @@ class ValueResult:
         return self.init + self.delta
 
 
-def injection_module(lm: Any, layer: int, site: Site) -> torch.nn.Module:
+def injection_module(lm: LoadedModel, layer: int, site: Site) -> torch.nn.Module:
     return lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer)
 
 
 def _build(
-    lm: Any,
+    lm: LoadedModel,
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
     kl_prompts: Sequence[str],
@@ -168,7 +169,7 @@ def _build(
 
 
 def optimise_values(
-    lm: Any,
+    lm: LoadedModel,
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
     *,
@@ -220,7 +221,7 @@ def optimise_values(
 
 
 def _training_forms(
-    lm: Any,
+    lm: LoadedModel,
     requests: Sequence[EditRequest],
     hp: ValueHparams,
     forms: Sequence[Sequence[Form]] | None,
@@ -241,7 +242,7 @@ def _training_forms(
 class _Loss:
     """The group's loss as a function of ``δ``: the tensors every step reads, prepared once."""
 
-    lm: Any
+    lm: LoadedModel
     module: torch.nn.Module
     runner: UpperRunner
     owner: torch.Tensor  # [rows] request of each row
@@ -320,7 +321,7 @@ class _Loss:
 
 
 def _loss(
-    lm: Any,
+    lm: LoadedModel,
     b: RowBatch,
     module: torch.nn.Module,
     plan: Plan,
@@ -391,7 +392,7 @@ def _apply_step(
 
 
 def _optimise_group(
-    lm: Any,
+    lm: LoadedModel,
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
     layer: int,
@@ -458,7 +459,7 @@ class _Stream:
 
 
 def _stream_batch(
-    lm: Any,
+    lm: LoadedModel,
     requests: Sequence[EditRequest],
     batch: list[int],
     contexts: Sequence[str],
@@ -480,7 +481,7 @@ def _stream_batch(
 
 
 def _optimise_stream(
-    lm: Any,
+    lm: LoadedModel,
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
     layer: int,
@@ -548,7 +549,12 @@ def _optimise_stream(
 
 
 def current_values(
-    lm: Any, requests: Sequence[EditRequest], *, layer: int, site: Site, position: Position = "last"
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    *,
+    layer: int,
+    site: Site,
+    position: Position = "last",
 ) -> torch.Tensor:
     """The hidden state at ``site`` of ``layer`` at each bare prompt's subject token [n, d]."""
     seqs, subj = [], []

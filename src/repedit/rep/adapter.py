@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -345,10 +345,10 @@ class RepAdapter(_InferenceSettings, nn.Module):
         return kept
 
     # -- parts -----------------------------------------------------------------------------
-    def projection_parameters(self) -> list[nn.Parameter]:
+    def projection_parameters(self) -> list[torch.Tensor]:
         return [self.A.weight, self.B.weight]
 
-    def gate_parameters(self) -> list[nn.Parameter]:
+    def gate_parameters(self) -> list[torch.Tensor]:
         return [*self.gate_in.parameters(), *self.gate_out.parameters()]
 
     def project(self, k: torch.Tensor) -> torch.Tensor:
@@ -425,22 +425,27 @@ class RepStack(_InferenceSettings, nn.Module):
     def __len__(self) -> int:
         return len(self.adapters)
 
+    @property
+    def members(self) -> list[RepAdapter]:
+        """The stacked adapters (``self.adapters`` registers them as submodules)."""
+        return cast(list[RepAdapter], list(self.adapters))
+
     def gate(self, k: torch.Tensor) -> torch.Tensor:
-        return torch.stack([a.gate(k) for a in self.adapters]).amax(0)
+        return torch.stack([a.gate(k) for a in self.members]).amax(0)
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         return self.forward_with_gate(k)[0]
 
     def forward_with_gate(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        gates = [a.gate(k) if a.cfg.use_gate else None for a in self.adapters]
+        gates = [a.gate(k) if a.cfg.use_gate else None for a in self.members]
         every = [g for g in gates if g is not None]
         top = torch.stack(every).amax(0) if every else None
         if not self.training:
-            masks = [a.open_mask(k, g) for a, g in zip(self.adapters, gates, strict=True)]
+            masks = [a.open_mask(k, g) for a, g in zip(self.members, gates, strict=True)]
             if all(m is not None and not bool(m.any()) for m in masks):
                 return k, top
         out = k.float()
-        for a, g in zip(self.adapters, gates, strict=True):
+        for a, g in zip(self.members, gates, strict=True):
             out = out + a.delta(k, g)
         return out.to(k.dtype), top
 

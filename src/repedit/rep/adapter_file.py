@@ -17,6 +17,7 @@ import torch
 from repedit import __version__
 from repedit.errors import FingerprintMismatchError, RepeditError
 from repedit.io import read_safetensors, write_safetensors
+from repedit.models.loading import LoadedModel
 from repedit.rep.adapter import FORMAT, Adapter, RepAdapter, RepConfig, RepStack, stack_adapters
 
 
@@ -73,7 +74,7 @@ def _config_from(values: dict[str, Any]) -> RepConfig:
     return RepConfig().replace(**{k: v for k, v in values.items() if k in known})
 
 
-def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]:
+def load_adapters(path: str | Path, lm: LoadedModel | None = None) -> dict[int, Adapter]:
     """Read adapters saved by :func:`save_adapters`, in eval mode (on ``lm``'s device).
 
     With ``lm``, a file made for another base model is refused (``FingerprintMismatchError``),
@@ -106,7 +107,7 @@ def load_adapters(path: str | Path, lm: Any | None = None) -> dict[int, Adapter]
 
 
 def _build_adapters(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any], lm: Any | None
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], lm: LoadedModel | None
 ) -> dict[int, Adapter]:
     """The adapters described by an adapter file's metadata, filled with its tensors."""
     device = lm.device if lm is not None else None

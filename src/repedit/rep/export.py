@@ -16,6 +16,7 @@ from typing import Any
 
 from repedit.io import atomic_dir
 from repedit.models.fingerprint import model_fingerprint
+from repedit.models.loading import LoadedModel
 from repedit.rep import standalone
 from repedit.rep.adapter import Adapter
 from repedit.rep.adapter_file import save_adapters
@@ -24,7 +25,7 @@ LOADER_FILE = "load_with_rep.py"
 
 
 def export_with_rep(
-    lm: Any, result: Any, adapters: Mapping[int, Adapter], directory: str | Path
+    lm: LoadedModel, result: Any, adapters: Mapping[int, Adapter], directory: str | Path
 ) -> Path:
     """Write ``result``'s edited model, its REP ``adapters`` and their loader to ``directory``.
 

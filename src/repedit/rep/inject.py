@@ -28,8 +28,9 @@ import torch
 
 from repedit.errors import RepeditError
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.models.spans import prompt_span
-from repedit.rep.adapter import Adapter
+from repedit.rep.adapter import Adapter, RepStack
 
 
 class RepInjection:
@@ -37,7 +38,7 @@ class RepInjection:
 
     def __init__(
         self,
-        lm: Any,
+        lm: LoadedModel,
         adapters: Mapping[int, Adapter],
         *,
         count: bool = False,
@@ -149,23 +150,26 @@ def _guarded_open(adapter: Adapter, k: torch.Tensor, g: torch.Tensor) -> int:
     ``g``: the gate ``adapter`` reported for ``k`` (a single adapter's own; a stack's is the
     largest of its members', so theirs are recomputed)."""
     kept = None
-    members = getattr(adapter, "adapters", None)
-    for member in members if members is not None else [adapter]:
+    stacked = isinstance(adapter, RepStack)
+    members: list[Any] = adapter.members if isinstance(adapter, RepStack) else [adapter]
+    for member in members:
         guarded = member.guarded(k)
         if guarded is None or not member.cfg.use_gate:
             continue
-        hit = guarded & ((member.gate(k) if members is not None else g) > member.tau)
+        hit = guarded & ((member.gate(k) if stacked else g) > member.tau)
         kept = hit if kept is None else kept | hit
     return int(kept.sum()) if kept is not None else 0
 
 
-def attach(lm: Any, adapters: Mapping[int, Adapter], **kwargs: Any) -> RepInjection:
+def attach(lm: LoadedModel, adapters: Mapping[int, Adapter], **kwargs: Any) -> RepInjection:
     """Attach ``adapters`` ({layer: adapter}) to ``lm``; call ``.remove()`` to undo."""
     return RepInjection(lm, adapters, **kwargs).attach()
 
 
 @contextlib.contextmanager
-def rep_applied(lm: Any, adapters: Mapping[int, Adapter], **kwargs: Any) -> Iterator[RepInjection]:
+def rep_applied(
+    lm: LoadedModel, adapters: Mapping[int, Adapter], **kwargs: Any
+) -> Iterator[RepInjection]:
     """``with rep_applied(lm, adapters): ...`` — the adapters are on inside the block only."""
     injection = RepInjection(lm, adapters, **kwargs).attach()
     try:

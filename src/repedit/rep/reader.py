@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 
 from repedit.errors import RepeditError
 from repedit.models.batching import length_buckets
 from repedit.models.hooks import Hooks
+from repedit.models.loading import LoadedModel
 from repedit.models.runner import infer_calls, replay, without_hidden
 from repedit.models.tokens import pad_id, pad_right
 from repedit.rep.adapter import Adapter
@@ -33,7 +33,7 @@ def length_chunks(examples: Sequence[RepExample]) -> list[list[int]]:
 
 
 def _chunk_forwards(
-    lm: Any,
+    lm: LoadedModel,
     examples: Sequence[RepExample],
     capture: Sequence[int],
     until: int,
@@ -47,7 +47,7 @@ def _chunk_forwards(
 
 
 def forward_chunk(
-    lm: Any,
+    lm: LoadedModel,
     examples: Sequence[RepExample],
     idx: list[int],
     capture: Sequence[int],
@@ -101,7 +101,7 @@ def _scatter(
 
 
 def read_keys(
-    lm: Any,
+    lm: LoadedModel,
     layers: Sequence[int],
     examples: Sequence[RepExample],
     upstream: Mapping[int, Adapter] | None = None,
@@ -154,7 +154,7 @@ class LayerwiseReader:
     adapters upstream, to float rounding.
     """
 
-    def __init__(self, lm: Any, layers: list[int], examples: Sequence[RepExample]):
+    def __init__(self, lm: LoadedModel, layers: list[int], examples: Sequence[RepExample]):
         self.lm, self.layers, self.examples = lm, layers, examples
         self.blocks = lm.arch.layers()
         lo, deepest = layers[0], layers[-1]
@@ -245,7 +245,9 @@ class LayerwiseReader:
 class KeyCache:
     """Keys per pool example; cached when they cannot depend on the adapters (one layer)."""
 
-    def __init__(self, lm: Any, layers: list[int], examples: list[RepExample], cacheable: bool):
+    def __init__(
+        self, lm: LoadedModel, layers: list[int], examples: list[RepExample], cacheable: bool
+    ):
         self.lm, self.layers, self.examples, self.cacheable = lm, layers, examples, cacheable
         self.store: dict[int, dict[int, torch.Tensor]] = {}
         self.forward_seconds = 0.0

@@ -9,11 +9,11 @@ opens (or opens everywhere) is invisible in the scores alone.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from repedit.models.loading import LoadedModel
 from repedit.rep.adapter import Adapter
 from repedit.rep.reader import read_keys
 from repedit.rep.targets import Targets
@@ -122,7 +122,7 @@ def measure(
 
 
 def gate_rates(
-    lm: Any,
+    lm: LoadedModel,
     adapters: Mapping[int, Adapter],
     examples: Sequence[RepExample],
 ) -> dict[int, dict[str, dict[str, float]]]:

@@ -18,6 +18,7 @@ import torch
 
 from repedit.editors.keys import compute_keys
 from repedit.errors import InvalidRequestError
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position
 from repedit.rep.adapter import RepConfig
 from repedit.rep.variants import RepItem
@@ -49,7 +50,7 @@ def _request_rows(edit_result: Any, items: Sequence[RepItem]) -> list[int]:
 
 
 def edit_targets(
-    lm: Any,
+    lm: LoadedModel,
     edit_result: Any,
     items: Sequence[RepItem],
     layers: Sequence[int],

@@ -41,6 +41,7 @@ import torch
 from repedit.data.case import EditCase, EditRequest
 from repedit.data.variants import PassageSampler
 from repedit.errors import InvalidRequestError, RepeditError
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position
 from repedit.rep.adapter import (
     Adapter,
@@ -161,7 +162,7 @@ class RepTrainResult:
 class _Group:
     """One adapter set's training: its pool, targets and random streams."""
 
-    lm: Any
+    lm: LoadedModel
     adapters: dict[int, RepAdapter]
     pool: RepPool
     targets: Targets
@@ -221,7 +222,7 @@ class _Group:
 
 
 def _train_group(
-    lm: Any,
+    lm: LoadedModel,
     adapters: dict[int, RepAdapter],
     pool: RepPool,
     targets: Targets,
@@ -289,7 +290,7 @@ def _sum_losses(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
 
 
 def train_rep(
-    lm: Any,
+    lm: LoadedModel,
     edit_result: Any,
     cases: Sequence[EditCase | EditRequest | RepItem] | EditCase | EditRequest,
     *,
@@ -349,7 +350,7 @@ def train_rep(
 class _Run:
     """What :func:`train_rep` resolved from its arguments, for :func:`_train`."""
 
-    lm: Any
+    lm: LoadedModel
     edit_result: Any
     items: list[RepItem]
     layers: list[int]
@@ -437,7 +438,7 @@ def _group_pool(run: _Run, group: list[int], sampler: PassageSampler | None) -> 
 
 
 def train_rep_for_editor(
-    lm: Any,
+    lm: LoadedModel,
     editor: Any,
     cases: Sequence[EditCase | EditRequest | RepItem] | EditCase | EditRequest,
     cfg: RepConfig | None = None,
@@ -460,7 +461,7 @@ def train_rep_for_editor(
 
 
 def train_rep_after(
-    lm: Any,
+    lm: LoadedModel,
     editor: Any,
     edit_result: Any,
     cases: Sequence[EditCase | EditRequest | RepItem] | EditCase | EditRequest,
@@ -486,7 +487,7 @@ def train_rep_after(
     )
 
 
-def check_no_model_grads(lm: Any) -> None:
+def check_no_model_grads(lm: LoadedModel) -> None:
     """Raise if any model parameter holds a gradient (REP must leave the model alone)."""
     bad = [n for n, p in lm.model.named_parameters() if p.grad is not None]
     if bad:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from repedit.data.case import EditCase, EditRequest
 from repedit.data.variants import (
@@ -36,6 +35,7 @@ from repedit.data.variants import (
 )
 from repedit.data.variants import passage_sampler as _passage_sampler
 from repedit.errors import InvalidRequestError
+from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position, locate, subject_span, subject_token_index
 from repedit.rep.adapter import RepConfig
 
@@ -140,14 +140,14 @@ def _unique(xs: Sequence[str], exclude: set[str]) -> list[str]:
     return out
 
 
-def passage_sampler(lm: Any, cfg: RepConfig) -> PassageSampler | None:
+def passage_sampler(lm: LoadedModel, cfg: RepConfig) -> PassageSampler | None:
     """The long-context passage sampler REP trains with, or None (with a warning) when no corpus
     is found; an unusable corpus is an error."""
     return _passage_sampler(lm.tokenizer, cfg, purpose="REP trains", strict=True)
 
 
 def item_variants(
-    lm: Any, item: RepItem, cfg: RepConfig, sampler: PassageSampler | None
+    lm: LoadedModel, item: RepItem, cfg: RepConfig, sampler: PassageSampler | None
 ) -> list[Variant]:
     """Every variant of the item's case, with REP's scramble count, seed and passages."""
     n_long = cfg.n_long if cfg.long_context and sampler is not None else 0
@@ -163,7 +163,7 @@ def item_variants(
 
 
 class _Builder:
-    def __init__(self, lm: Any, position: Position):
+    def __init__(self, lm: LoadedModel, position: Position):
         self.tok = lm.tokenizer
         self.position = position
         self.skipped: list[tuple[str, str]] = []
@@ -236,7 +236,7 @@ class NoRepeatBatches:
 
 
 def build_pool(
-    lm: Any,
+    lm: LoadedModel,
     items: Sequence[RepItem],
     contexts: Sequence[str],
     cfg: RepConfig,
@@ -334,7 +334,7 @@ def _subject_negatives(
 
 
 def heldout_examples(
-    lm: Any,
+    lm: LoadedModel,
     case: EditCase | RepItem,
     *,
     scramble_max: int = 10,
