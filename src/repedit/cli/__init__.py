@@ -19,13 +19,17 @@ COMMANDS = ("demo", "stats", "edit", "eval", "report", "analyze", "serve")
 
 DESCRIPTION = """\
 repedit: robust knowledge editing for causal language models
-(ROME, R-ROME, MEMIT, EMMET, AlphaEdit; key statistics; saved, revertible edits).
+(ROME, R-ROME, MEMIT, EMMET, AlphaEdit, CoRE; the REP adapter; key statistics; saved,
+revertible edits; a robustness suite; a playground).
 
 example workflow:
-  repedit demo                                   # edit built-in facts in the embedded model
+  repedit demo                                   # built-in facts, plain edits against REP
   repedit stats --layers 5 --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --tokens 100000
   repedit edit --subject Slovenia --prompt "{} is located in the continent of" \\
-      --target Antarctica --target-true Europe --save slovenia.safetensors
+      --target Antarctica --target-true Europe --rep --save slovenia.safetensors
+  repedit eval --method rome --rep --data rep-counterfact --n 20 --workers 2 --out runs/r
+  repedit report runs/r --out report.html
+  repedit serve                                  # the playground on http://127.0.0.1:8765
 """
 
 EPILOG = """\

@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
     p = common.add_command(
         subparsers,
         "analyze",
-        help="analyse edit keys (whitened similarity of robustness variants to k*)",
+        help="analyse edit keys (whitened similarity of variants to k*) and the key path's ceiling",
         description=DESCRIPTION,
     )
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", title="analyses")

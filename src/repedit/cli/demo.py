@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
     p = common.add_command(
         subparsers,
         "demo",
-        help="edit built-in facts in the embedded model and show before/after",
+        help="edit built-in facts in the embedded model: plain edits against REP",
         description=DESCRIPTION,
     )
     p.add_argument("--method", default="rome", help="editing method (default: %(default)s)")
