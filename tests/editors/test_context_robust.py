@@ -9,7 +9,6 @@ full-row paths, as for the plain loss.
 from __future__ import annotations
 
 import itertools
-import random
 
 import pytest
 import torch
@@ -25,25 +24,12 @@ from repedit.editors.value_plan import make_plan
 from repedit.editors.values import _build, _loss, injection_module, optimise_values
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.scoring import Probe, score_probes
-from repedit.models.tiny import tiny_loaded, tiny_tokenizer
+from repedit.models.tiny import tiny_loaded
 
 REQ = EditRequest(
     "The Eiffel Tower is in {}", "Paris", "Italy", target_true="France", case_id="eiffel"
 )
 FAST = {"contexts": ((3, 2),), "value": {"steps": 8}}
-
-
-@pytest.fixture(scope="module")
-def stats(tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
-    """``C`` from a small random text over the tiny tokenizer's vocabulary, cached on disk."""
-    root = tmp_path_factory.mktemp("core-stats")
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(lines))
-    return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root / "cache"), progress=False)
 
 
 # --------------------------------------------------------------------------- the penalty

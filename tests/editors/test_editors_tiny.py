@@ -11,8 +11,6 @@ every family.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -24,7 +22,7 @@ from repedit.editors import EDITORS, StatsConfig, make_editor
 from repedit.errors import EditError, InvalidRequestError
 from repedit.evaluation.scoring import Probe, score_probes
 from repedit.models import LoadedModel
-from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
+from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 
 METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit", "core")
 BATCHED = ("memit", "emmet", "alphaedit", "core")
@@ -48,24 +46,6 @@ def _combos() -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def stats(tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
-    """``C`` from a small random text over the tiny tokenizer's vocabulary, cached on disk.
-
-    The text uses most of the vocabulary: families whose first MLP sees only the token
-    (parallel attention, rotary positions: GPT-J, GPT-NeoX) would otherwise get a
-    rank-deficient ``C`` at layer 0.
-    """
-    root = tmp_path_factory.mktemp("editor-stats")
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(lines))
-    return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root / "cache"), progress=False)
 
 
 def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ export as a Hugging Face model directory."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,11 @@ from repedit.editors import EditResult, StatsConfig, make_editor, merge_results
 from repedit.errors import EditError, FingerprintMismatchError, RepeditError
 from repedit.io import write_safetensors
 from repedit.models import LoadedModel
-from repedit.models.tiny import tiny_loaded, tiny_tokenizer
+from repedit.models.tiny import tiny_loaded
 
 FAST = {"contexts": ((3, 2),), "value": {"steps": 8}}
 REQ = EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel")
 TEXTS = ["The Eiffel Tower is in Paris", "Toyota was founded in Japan. The capital of France is"]
-
-
-@pytest.fixture(scope="module")
-def stats(tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
-    root = tmp_path_factory.mktemp("result-stats")
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(lines))
-    return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root / "cache"), progress=False)
 
 
 def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ requests' own probabilities, so they stop at different steps and the batch is re
 from __future__ import annotations
 
 import itertools
-import random
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import optimise_values
-from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
+from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 
 REQUESTS = (
     EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
@@ -190,19 +189,6 @@ def test_row_adam_follows_torch_adam_per_row() -> None:
 
 
 # --------------------------------------------------------------------------- a MEMIT edit
-
-
-@pytest.fixture(scope="module")
-def stats(tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
-    """``C`` from a small random text over the tiny vocabulary (as in test_editors_tiny)."""
-    root = tmp_path_factory.mktemp("batching-stats")
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(lines))
-    return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root / "cache"), progress=False)
 
 
 @pytest.mark.numerics

@@ -11,7 +11,6 @@ wrong.
 from __future__ import annotations
 
 import logging
-import random
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
 from repedit.editors.values import _build, injection_module, optimise_values
 from repedit.models.runner import PrefixRunner, UpperRunner
-from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
+from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 
 REQUESTS = (
     EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
@@ -243,19 +242,6 @@ def test_prefix_runner_replays_like_the_full_forward(family: str) -> None:
 
 
 # --------------------------------------------------------------------------- ROME
-
-
-@pytest.fixture(scope="module")
-def stats(tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
-    """``C`` from a small random text over the tiny vocabulary (as in test_editors_tiny)."""
-    root = tmp_path_factory.mktemp("prefix-stats")
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(lines))
-    return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root / "cache"), progress=False)
 
 
 @pytest.mark.numerics
