@@ -4,7 +4,6 @@ command end to end."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from repedit.editors.keys import keys_at
 from repedit.evaluation.probes import SuiteConfig, case_keys
 from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
 from repedit.models.tokens import locate
+from tiny_text import tiny_corpus_text
 
 CASES = Path(__file__).parents[1] / "golden" / "analysis" / "cases.json"
 LAYER = 1
@@ -116,12 +116,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
     path = tmp_path_factory.mktemp("ceiling-corpus") / "corpus.txt"
-    path.write_text("\n\n".join(lines))
+    path.write_text(tiny_corpus_text())
     return path
 
 

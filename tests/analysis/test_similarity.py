@@ -5,7 +5,6 @@ success joins, findings, plots and the ``repedit analyze keys`` command end to e
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from repedit.evaluation.probes import SuiteConfig, build_probes, case_keys
 from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
 from repedit.models.tokens import prompt_ids
 from repedit.stats import SecondMoment, second_moments
+from tiny_text import tiny_corpus_text
 
 LAYER = 1
 CONTEXTS = ["{}", "The capital of France is Paris. {}", "Rome is the capital of Italy. {}"]
@@ -53,12 +53,8 @@ def lm():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random text over most of the tiny vocabulary (a well-conditioned C at every layer)."""
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
     path = tmp_path_factory.mktemp("analysis-corpus") / "corpus.txt"
-    path.write_text("\n\n".join(lines))
+    path.write_text(tiny_corpus_text())
     return path
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from repedit.editors import StatsConfig
-from repedit.models.tiny import tiny_tokenizer
+from tiny_text import tiny_corpus_text
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +18,6 @@ def stats(tmp_path_factory: pytest.TempPathFactory) -> StatsConfig:
     rank-deficient ``C`` at layer 0.
     """
     root = tmp_path_factory.mktemp("editor-stats")
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(lines))
+    corpus.write_text(tiny_corpus_text())
     return StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root / "cache"), progress=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from repedit.evaluation.probes import SuiteConfig, build_probes, case_keys
 from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
 from repedit.rep import RepConfig
 from repedit.rep.variants import build_pool, heldout_examples, rep_items
+from tiny_text import tiny_corpus_text
 
 HERE = Path(__file__).parent / "analysis"
 CASES = HERE / "cases.json"
@@ -37,11 +37,7 @@ ATOL = 1e-6
 
 def _corpus_text() -> str:
     """Random text over the tiny vocabulary's alphabetic tokens (a well-conditioned C)."""
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
-    return "\n\n".join(lines)
+    return tiny_corpus_text()
 
 
 @pytest.fixture(scope="module")

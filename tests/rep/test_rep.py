@@ -20,7 +20,7 @@ from repedit.errors import FingerprintMismatchError, InvalidRequestError
 from repedit.evaluation.scoring import Probe, greedy_completion, score_probes, tokenize_probe
 from repedit.io import read_safetensors, write_safetensors
 from repedit.models.hooks import Hooks
-from repedit.models.tiny import TINY_FAMILIES, tiny_loaded, tiny_tokenizer
+from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 from repedit.models.tokens import locate
 from repedit.rep import (
     RepAdapter,
@@ -44,6 +44,7 @@ from repedit.rep.inject import attach
 from repedit.rep.targets import edit_targets
 from repedit.rep.variants import NoRepeatBatches, passage_sampler
 from repedit.stats import second_moments
+from tiny_text import tiny_corpus_text
 
 #: a fast edit: few contexts, few value steps
 FAST = {"contexts": ((3, 2),), "value": {"steps": 8}}
@@ -85,12 +86,8 @@ def tiny_cfg(corpus: Path, **kw: object) -> RepConfig:
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random text over most of the tiny tokenizer's vocabulary (well-conditioned C)."""
     root = tmp_path_factory.mktemp("rep-corpus")
-    rng = random.Random(0)
-    vocab = tiny_tokenizer().get_vocab()
-    pieces = sorted(k.replace("Ġ", " ") for k in vocab if k.replace("Ġ", "").isalpha())
-    lines = ["".join(rng.choice(pieces) for _ in range(40)).strip() + "." for _ in range(150)]
     path = root / "corpus.txt"
-    path.write_text("\n\n".join(lines))
+    path.write_text(tiny_corpus_text())
     return path
 
 
