@@ -3,6 +3,7 @@ and a real kill of ``repedit eval`` halfway through."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -228,6 +229,25 @@ def test_batch_mode(lm, files, tmp_path):
     assert [r["chunk"] for r in recs] == [0, 0, 0, 1]
     assert recs[0]["chunk_size"] == 3
     assert (out / "summary.json").exists() and (out / "report.html").exists()
+
+
+def test_precision_is_part_of_a_runs_identity(lm, files, tmp_path):
+    """A run scored in float32 cannot be resumed under bfloat16 autocast, nor the reverse;
+    a bfloat16 run goes end to end (statistics and scoring under autocast)."""
+    out = tmp_path / "run"
+    run_eval(_cfg(files, out, n=1, tests="efficacy"), lm=lm, editor=_editor(files), report=False)
+    bf16 = _cfg(files, out, n=1, tests="efficacy")
+    bf16.suite.precision = "bfloat16"
+    with pytest.raises(RepeditError, match=r"different configuration.*precision"):
+        run_eval(bf16, lm=lm, editor=_editor(files), progress=False, report=False)
+    bf16.overwrite = True
+    bf16.stats.precision = "bfloat16"
+    stats = dataclasses.replace(stats_config(files), precision="bfloat16")
+    run_eval(bf16, lm=lm, editor=make_editor("rome", FAST_ROME, stats), progress=False)
+    (rec,) = _records(out)
+    assert rec["tests"]["efficacy"]["n"] == 1
+    stored = json.loads((out / "config.json").read_text())["run_config"]
+    assert stored["suite"]["precision"] == stored["stats"]["precision"] == "bfloat16"
 
 
 def test_sequential_mode_and_resume(lm, files, tmp_path):

@@ -80,6 +80,19 @@ def test_a_flipped_flag_a_moved_probability_and_a_missing_case_are_listed(
     assert "differ" in printed and "efficacy[0].exact: True vs False" in printed
 
 
+def test_ignore_texts_skips_only_the_fluency_texts(tmp_path: Path) -> None:
+    a = _run(tmp_path / "a", RECORDS)
+    texts = copy.deepcopy(RECORDS)
+    texts[0]["tests"]["fluency"]["texts"] = ["x y z"]
+    b = _run(tmp_path / "b", texts)
+    assert diff_runs(a, b) == ["case 1: fluency texts differ"]
+    assert diff_runs(a, b, texts=False) == []
+    assert main(["report", "--diff", str(a), str(b), "--ignore-texts"]) == 0
+    texts[1]["tests"]["efficacy"]["probes"][0]["exact"] = True
+    c = _run(tmp_path / "c", texts)
+    assert diff_runs(a, c, texts=False) == ["case 2: efficacy[0].exact: False vs True"]
+
+
 def test_probabilities_within_the_relative_tolerance_match(tmp_path: Path) -> None:
     a = _run(tmp_path / "a", RECORDS)
     near = copy.deepcopy(RECORDS)

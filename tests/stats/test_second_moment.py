@@ -455,3 +455,35 @@ def test_rank_deficient_moment_warns_and_still_solves() -> None:
 def test_condition_number() -> None:
     c = torch.diag(torch.tensor([1.0, 2.0, 50.0], dtype=torch.float64))
     assert SecondMoment(0, c, 3).condition_number() == pytest.approx(50.0)
+
+
+@pytest.mark.numerics
+def test_bfloat16_precision_is_its_own_cache_entry(corpus_file: Path, tmp_cache: Path) -> None:
+    """``precision="bfloat16"`` is keyed apart from float32 (float32 keys keep their old form,
+    so existing caches stay valid), and its ``C`` is float32's up to bfloat16 rounding."""
+    lm = tiny_loaded("llama")
+    corpus = LocalTextCorpus(corpus_file)
+    f32 = _moments(lm, corpus)
+    plain_key = StatsKey.of(lm, 0, corpus.identity, N_TOKENS, SEQ_LEN)
+    assert plain_key == StatsKey(lm.fingerprint, 0, corpus.identity, N_TOKENS, SEQ_LEN)
+    assert "dtype" not in plain_key.as_dict()
+    report: dict = {}
+    bf16 = _moments(lm, corpus, precision="bfloat16", report=report)
+    assert report["computed_layers"] == LAYERS  # not served from the float32 files
+    for layer in LAYERS:
+        key = StatsKey.of(lm, layer, corpus.identity, N_TOKENS, SEQ_LEN, "bfloat16")
+        assert key.dtype == "float32+autocast-bfloat16"
+        assert key.as_dict()["dtype"] == key.dtype
+        assert key.path(tmp_cache).is_file() and key.path(tmp_cache) != plain_key.path(tmp_cache)
+        a, b = bf16[layer].matrix, f32[layer].matrix
+        assert not torch.equal(a, b), "autocast did not take effect"
+        # each of the layer+1 blocks below the key rounds its activations to bfloat16 a few
+        # times (norm, attention, MLP): relative error of order (layer + 1) · 8 · u_bf16
+        u = 2.0**-8
+        rel = float((a - b).norm() / b.norm())
+        assert rel <= (layer + 1) * 8 * u, rel
+    again: dict = {}
+    _moments(lm, corpus, precision="bfloat16", report=again)
+    assert again["cached_layers"] == LAYERS
+    with pytest.raises(Exception, match="precision must be one of"):
+        _moments(lm, corpus, precision="float16")

@@ -243,6 +243,16 @@ def add_stats_options(
     g.add_argument(
         "--cache-dir", default=None, help="cache root (default: $REPEDIT_CACHE or ~/.cache/repedit)"
     )
+    g.add_argument(
+        "--precision",
+        choices=("model", "bfloat16"),
+        default="model",
+        help="'bfloat16' runs the key-statistics forwards (and, in eval, every scoring and "
+        "generation forward) under bfloat16 autocast: about 2x faster on CPUs with AVX-512 "
+        "BF16/AMX and on CUDA, results then depend on the machine. Part of the statistics "
+        "cache key and of a run's identity; the edit's optimisation is unaffected "
+        "(default: %(default)s = the weights' dtype)",
+    )
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -326,6 +336,7 @@ def stats_config(args: argparse.Namespace) -> StatsConfig:
         n_tokens=args.stats_tokens,
         cache=args.cache_dir,
         progress=True,
+        precision=args.precision,
     )
 
 
@@ -348,7 +359,9 @@ def stats_cached(
     return identity, [
         layer
         for layer in layers
-        if StatsKey(lm.fingerprint, layer, identity, cfg.n_tokens, cfg.seq_len).path(root).exists()
+        if StatsKey.of(lm, layer, identity, cfg.n_tokens, cfg.seq_len, cfg.precision)
+        .path(root)
+        .exists()
     ]
 
 

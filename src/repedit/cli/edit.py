@@ -51,7 +51,6 @@ plus DIR/rep_adapters.safetensors and DIR/load_with_rep.py, a loader that needs 
 """
 
 
-
 def register(subparsers: Any) -> None:
     p = common.add_command(
         subparsers,

@@ -207,6 +207,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         batch_size=args.score_batch_size,
         scoring=args.scoring,
         scoring_impl=args.scoring_impl,
+        precision=args.precision,
     )
     return RunConfig(
         model=args.model,
@@ -227,7 +228,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         dtype=args.dtype,
         cache_dir=args.cache_dir,
         suite=suite,
-        stats=StatsConfig(corpus=args.corpus, n_tokens=args.stats_tokens),
+        stats=StatsConfig(corpus=args.corpus, n_tokens=args.stats_tokens, precision=args.precision),
         rep=rep,
         rep_taus=taus,
     )

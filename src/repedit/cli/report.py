@@ -52,6 +52,12 @@ def register(subparsers: Any) -> None:
         help="compare two runs' records; exit 1 and list the differences if they do not match",
     )
     p.add_argument(
+        "--ignore-texts",
+        action="store_true",
+        help="with --diff: do not compare fluency texts (runs at different thread counts sample "
+        "different texts from logits equal to float rounding)",
+    )
+    p.add_argument(
         "--markdown", action="store_true", help="print the table as Markdown; no HTML written"
     )
     p.add_argument(
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.diff:
         if args.run_dirs:
             raise InvalidRequestError("--diff takes exactly two run directories: --diff A B")
-        return _diff(*args.diff)
+        return _diff(*args.diff, texts=not args.ignore_texts)
     if not args.run_dirs:
         raise InvalidRequestError("give at least one run directory (or --diff A B)")
     from repedit.evaluation.report import run_labels, run_names, write_report
@@ -138,13 +144,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _diff(a: str, b: str) -> int:
+def _diff(a: str, b: str, *, texts: bool = True) -> int:
     from repedit.evaluation.diff import diff_runs
 
     for d in (a, b):
         if not (Path(d) / "config.json").exists():
             raise InvalidRequestError(f"{d} is not a run directory (no config.json)")
-    found = diff_runs(a, b)
+    found = diff_runs(a, b, texts=texts)
     if not found:
         common.out.print(f"{a} and {b} match", markup=False, highlight=False, soft_wrap=True)
         return 0

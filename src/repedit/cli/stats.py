@@ -75,8 +75,8 @@ def layer_rows(
 
     root = cache_dir(args.cache_dir)
     paths = {
-        layer: StatsKey(
-            lm.fingerprint, layer, corpus.identity, args.stats_tokens, args.seq_len
+        layer: StatsKey.of(
+            lm, layer, corpus.identity, args.stats_tokens, args.seq_len, args.precision
         ).path(root)
         for layer in layers
     }
@@ -98,6 +98,7 @@ def layer_rows(
         cache=args.cache_dir,
         use_cache=not args.no_cache,
         progress=not args.json,
+        precision=args.precision,
         report=report,
     )
     cached = set(report.get("cached_layers", []))

@@ -21,6 +21,7 @@ from repedit.editors.result import EditResult
 from repedit.editors.values import ValueHparams
 from repedit.errors import InvalidRequestError
 from repedit.models.loading import LoadedModel
+from repedit.models.precision import Precision, check_precision
 from repedit.models.tokens import Position, continuation_ids, locate
 from repedit.stats.corpus import ModelSampledCorpus, resolve_corpus
 from repedit.stats.second_moment import SecondMoment, second_moments
@@ -31,13 +32,18 @@ SAMPLED_TOKENS = 16_384
 
 @dataclass
 class StatsConfig:
-    """Which text the key statistics ``C`` come from (see ``repedit.stats``)."""
+    """Which text the key statistics ``C`` come from (see ``repedit.stats``), and in what
+    precision its forwards run (``bfloat16``: autocast, opt-in, part of the cache key)."""
 
     corpus: str = "auto"
     n_tokens: int = 100_000
     seq_len: int = 256
     cache: str | None = None
     progress: bool = True
+    precision: Precision = "model"
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Editor:
                 seq_len=cfg.seq_len,
                 cache=cfg.cache,
                 progress=cfg.progress,
+                precision=cfg.precision,
             )
             for layer, moment in got.items():
                 self._stats[(lm.fingerprint, layer)] = moment

@@ -43,7 +43,7 @@ from repedit.evaluation.probes import (
     teacher_forced,
 )
 from repedit.evaluation.rundir import plain
-from repedit.evaluation.scoring import Impl, Probe, ProbeScore, score_probes, tokenize_probe
+from repedit.evaluation.scoring import Probe, ProbeScore, score_probes, tokenize_probe
 from repedit.models import LoadedModel
 from repedit.models.registry import get_attr
 from repedit.rep.ablations import set_tau
@@ -175,6 +175,7 @@ def reference_record(
         gen=generated(ctx.suite.scoring),
         batch_size=ctx.suite.batch_size,
         impl=ctx.suite.scoring_impl,
+        precision=ctx.suite.precision,
     )
     if rec is not None:
         ctx.references[item.key] = rec
@@ -218,18 +219,17 @@ def score_case(
     lm: LoadedModel,
     cp: CaseProbes,
     reference: list[list[int]] | dict[str, list[list[int]]] | None,
-    *,
-    batch_size: int = 32,
-    impl: Impl = "fast",
+    suite: SuiteConfig | None = None,
 ) -> tuple[dict[str, dict[str, Any]], int, float]:
     """Score every probe family of a case: one ``score_probes`` call for the short families
-    and one for the long-context probes (see :data:`SEPARATE_FAMILIES`).
+    and one for the long-context probes (see :data:`SEPARATE_FAMILIES`), with ``suite``'s
+    batch size, implementation and precision.
 
     ``reference``: the unedited predictions per locality test (in probe order; a bare list is
     the neighbourhood's). Returns ``(tests, n_probes, seconds)``; ``tests[name] = {"n",
     "means", "probes"}``.
     """
-    flat, spans = cp.flat, cp.spans
+    flat, spans, suite = cp.flat, cp.spans, suite or SuiteConfig()
     refs = {"neighbourhood": reference} if isinstance(reference, list) else (reference or {})
     ref_at: dict[int, list[int]] = {}
     for test, preds in refs.items():
@@ -260,7 +260,12 @@ def score_case(
                 for i in group
             ]
         got = score_probes(
-            lm, [flat[i] for i in group], batch_size=batch_size, reference=group_ref, impl=impl
+            lm,
+            [flat[i] for i in group],
+            batch_size=suite.batch_size,
+            reference=group_ref,
+            impl=suite.scoring_impl,
+            precision=suite.precision,
         )
         scores.update(zip(group, got, strict=True))
     seconds = time.perf_counter() - t0
@@ -281,17 +286,13 @@ def evaluate(ctx: CaseContext, item: CaseItem, *, fluency: bool = True) -> dict[
     suite = ctx.suite
     t0 = time.perf_counter()
     if teacher_forced(suite.scoring):
-        tests, n_probes, _ = score_case(
-            ctx.lm,
-            cp,
-            reference_preds(ref, cp),
-            batch_size=suite.batch_size,
-            impl=suite.scoring_impl,
-        )
+        tests, n_probes, _ = score_case(ctx.lm, cp, reference_preds(ref, cp), suite)
     else:
         tests, n_probes = unscored_tests(cp), len(cp.flat)
     if generated(suite.scoring):
-        add_generated(ctx.lm, cp, tests, ref, batch_size=suite.batch_size)
+        add_generated(
+            ctx.lm, cp, tests, ref, batch_size=suite.batch_size, precision=suite.precision
+        )
     score_seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"tests": tests, "n_probes": n_probes, "score_seconds": score_seconds}
     if "scrambled_subject" in cp.families:

@@ -24,6 +24,7 @@ from repedit.evaluation.probes import LOCALITY_TESTS, CaseProbes
 from repedit.evaluation.rundir import short_sha
 from repedit.evaluation.scoring import Impl, Probe, continuations, generate_scores, predictions
 from repedit.models.loading import LoadedModel
+from repedit.models.precision import Precision
 
 
 def probes_sig(probes: Sequence[Probe]) -> str:
@@ -62,6 +63,7 @@ def update_reference(
     gen: bool,
     batch_size: int = 32,
     impl: Impl = "fast",
+    precision: Precision = "model",
 ) -> dict[str, Any] | None:
     """A new ``reference.jsonl`` line for the case when ``have`` (its stored line) lacks an
     entry the probes need, else None. Entries still valid are carried over, so the new line
@@ -76,10 +78,10 @@ def update_reference(
         probes = families[test]
         entry: dict[str, Any] = {
             "sig": probes_sig(probes),
-            "pred": predictions(lm, probes, batch_size=batch_size, impl=impl),
+            "pred": predictions(lm, probes, batch_size=batch_size, impl=impl, precision=precision),
         }
         if gen:
-            entry["gen"] = continuations(lm, probes, batch_size=batch_size)
+            entry["gen"] = continuations(lm, probes, batch_size=batch_size, precision=precision)
         tests[test] = entry
     return {"case_id": cp.key, "tests": tests, "seconds": time.perf_counter() - t0}
 
@@ -104,6 +106,7 @@ def add_generated(
     have: dict[str, Any] | None,
     *,
     batch_size: int = 32,
+    precision: Precision = "model",
 ) -> None:
     """Score every probe of ``cp`` by greedy generation into ``tests`` (the case's records):
     each probe gains ``gen_text`` and ``gen_exact`` (success tests: the continuation begins
@@ -116,7 +119,11 @@ def add_generated(
             continue
         local = test in LOCALITY_TESTS
         scores = generate_scores(
-            lm, probes, reference=refs.get(test) if local else None, batch_size=batch_size
+            lm,
+            probes,
+            reference=refs.get(test) if local else None,
+            batch_size=batch_size,
+            precision=precision,
         )
         records = tests[test]["probes"]
         for rec, score in zip(records, scores, strict=True):

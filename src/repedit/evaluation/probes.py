@@ -58,6 +58,7 @@ from repedit.data.variants import passage_sampler as _passage_sampler
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.scoring import Impl, Probe
 from repedit.models.loading import LoadedModel
+from repedit.models.precision import Precision, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ class SuiteConfig:
     most this many look-alike prompts per case. ``scoring``: teacher forcing (the papers'),
     greedy generation (:func:`~repedit.evaluation.scoring.generate_scores`) or both;
     ``scoring_impl``: the teacher-forced scorer's implementation (same results, recorded but
-    not part of a run's identity).
+    not part of a run's identity). ``precision``: ``bfloat16`` runs every scoring and
+    generation forward under bfloat16 autocast (opt-in; part of a run's identity).
     """
 
     tests: tuple[str, ...] = TESTS
@@ -159,9 +161,11 @@ class SuiteConfig:
     near_subject_max: int = 5
     scoring: Scoring = "teacher-forced"
     scoring_impl: Impl = "fast"
+    precision: Precision = "model"
 
     def __post_init__(self) -> None:
         self.tests = parse_tests(self.tests)
+        check_precision(self.precision)
         if self.scoring not in SCORINGS:
             raise InvalidRequestError(
                 f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}"
@@ -380,6 +384,7 @@ def case_fluency(
         top_k=cfg.fluency_top_k,
         seed=fluency_seed(cfg, key),
         batch_size=cfg.batch_size,
+        precision=cfg.precision,
     )
     scores = [text_ngram_entropy(t) for t in texts]
     return {

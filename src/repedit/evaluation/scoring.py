@@ -46,6 +46,8 @@ from repedit.errors import InvalidRequestError
 from repedit.evaluation import packing
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
+from repedit.models.precision import Precision
+from repedit.models.precision import precision_context as _precision_context
 from repedit.models.spans import declare_prompt
 
 
@@ -243,20 +245,12 @@ def _score_sequences(
 #: the fast one against)
 Impl = Literal["fast", "reference"]
 
-#: ``model``: the model's own dtype; ``bfloat16``: the forwards under bfloat16 autocast (CPU
-#: with AVX-512 BF16/AMX, or CUDA); opt-in, since results then depend on the machine
-Precision = Literal["model", "bfloat16"]
-
 
 def precision_context(
     lm: LoadedModel, precision: Precision
 ) -> contextlib.AbstractContextManager[Any]:
     """The autocast context for ``precision`` on ``lm``'s device (a no-op for ``model``)."""
-    if precision == "model":
-        return contextlib.nullcontext()
-    if precision != "bfloat16":
-        raise InvalidRequestError(f"precision must be 'model' or 'bfloat16', got {precision!r}")
-    return torch.autocast(lm.device.type, dtype=torch.bfloat16)
+    return _precision_context(lm.device, precision)
 
 
 def _forward_scores(
@@ -514,7 +508,12 @@ def begins_with(text: str, target: str) -> bool:
 
 
 def continuations(
-    lm: LoadedModel, probes: Sequence[Probe], *, extra_tokens: int = 2, batch_size: int = 32
+    lm: LoadedModel,
+    probes: Sequence[Probe],
+    *,
+    extra_tokens: int = 2,
+    batch_size: int = 32,
+    precision: Precision = "model",
 ) -> list[str]:
     """Each probe's greedy continuation, ``len(target tokens) + extra_tokens`` tokens long
     (probes needing the same length share batches)."""
@@ -528,7 +527,8 @@ def continuations(
         by_length.setdefault(len(t_ids) + extra_tokens, []).append(i)
     out = [""] * len(probes)
     for n_new, idx in by_length.items():
-        texts = greedy_completion(lm, [probes[i].prompt for i in idx], n_new, batch_size=batch_size)
+        prompts = [probes[i].prompt for i in idx]
+        texts = greedy_completion(lm, prompts, n_new, batch_size=batch_size, precision=precision)
         for i, text in zip(idx, texts, strict=True):
             out[i] = text
     return out
@@ -541,6 +541,7 @@ def generate_scores(
     reference: Sequence[str] | None = None,
     extra_tokens: int = 2,
     batch_size: int = 32,
+    precision: Precision = "model",
 ) -> list[GenerateScore]:
     """Generation-scored probes: success when the greedy continuation of the target's token
     count plus ``extra_tokens`` begins with the target. ``reference``: the unedited model's
@@ -551,7 +552,9 @@ def generate_scores(
         raise InvalidRequestError(
             f"reference has {len(reference)} continuations for {len(probes)} probes"
         )
-    texts = continuations(lm, probes, extra_tokens=extra_tokens, batch_size=batch_size)
+    texts = continuations(
+        lm, probes, extra_tokens=extra_tokens, batch_size=batch_size, precision=precision
+    )
     return [
         GenerateScore(
             continuation=text,

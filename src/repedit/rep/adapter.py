@@ -179,9 +179,7 @@ class RepConfig(Hparams):
         for name, kind in _CHOICES.items():
             if getattr(self, name) not in get_args(kind):
                 choices = " or ".join(repr(c) for c in get_args(kind))
-                raise InvalidRequestError(
-                    f"{name} must be {choices}, got {getattr(self, name)!r}"
-                )
+                raise InvalidRequestError(f"{name} must be {choices}, got {getattr(self, name)!r}")
         if isinstance(self.negative_sources, str):
             self.negative_sources = tuple(
                 s.strip() for s in self.negative_sources.split(",") if s.strip()

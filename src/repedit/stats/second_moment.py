@@ -27,6 +27,7 @@ from repedit.io import read_safetensors, write_json, write_safetensors
 from repedit.locks import file_lock
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
+from repedit.models.precision import Precision, compute_dtype, precision_context
 from repedit.paths import cache_dir
 from repedit.progress import progress_bar
 from repedit.stats.corpus import Corpus, resolve_corpus, token_windows
@@ -90,9 +91,26 @@ class StatsKey:
     corpus: str
     n_tokens: int
     seq_len: int
+    #: what the forwards computed in (:func:`~repedit.models.precision.compute_dtype`); the
+    #: fingerprint cannot tell, since it hashes weights rounded to bfloat16
+    dtype: str = "float32"
+
+    @classmethod
+    def of(
+        cls,
+        lm: LoadedModel,
+        layer: int,
+        corpus: str,
+        n_tokens: int,
+        seq_len: int,
+        precision: Precision = "model",
+    ) -> StatsKey:
+        """The key of ``C`` for ``lm``'s layer from ``corpus`` (its identity) at ``precision``."""
+        dtype = compute_dtype(lm.dtype, precision)
+        return cls(lm.fingerprint, layer, corpus, n_tokens, seq_len, dtype)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "fingerprint": self.fingerprint,
             "layer": self.layer,
             "corpus": self.corpus,
@@ -100,6 +118,9 @@ class StatsKey:
             "seq_len": self.seq_len,
             "format": FORMAT_VERSION,
         }
+        if self.dtype != "float32":  # float32 files written before the field keep their key
+            out["dtype"] = self.dtype
+        return out
 
     def path(self, root: Path) -> Path:
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.corpus)[:80]
@@ -108,8 +129,13 @@ class StatsKey:
             / "stats"
             / self.fingerprint
             / slug
-            / f"layer{self.layer}-tokens{self.n_tokens}-seq{self.seq_len}.safetensors"
+            / f"layer{self.layer}-tokens{self.n_tokens}-seq{self.seq_len}{self._dtype_tag}"
+            ".safetensors"
         )
+
+    @property
+    def _dtype_tag(self) -> str:
+        return "" if self.dtype == "float32" else "-" + self.dtype.replace("+", "-")
 
     def partial_path(self, root: Path) -> Path:
         return self.path(root).with_suffix(".partial.safetensors")
@@ -170,6 +196,7 @@ def second_moments(
     checkpoint_tokens: int = 100_000,
     progress: bool = True,
     report: dict[str, Any] | None = None,
+    precision: Precision = "model",
 ) -> dict[int, SecondMoment]:
     """``C`` for each layer in ``layers``, from the first ``n_tokens`` tokens of ``corpus``.
 
@@ -177,6 +204,8 @@ def second_moments(
     warning. Missing layers are computed under a per-key file lock, so two processes asking for
     the same statistics compute them once: the second waits, then reads the first one's file.
     ``report`` (if given) receives tokens, seconds and tokens/s of the computation.
+    ``precision="bfloat16"`` runs the forwards under bfloat16 autocast (keys are accumulated
+    in float64 either way); it is part of the cache key.
     """
     if isinstance(corpus, str):
         corpus = resolve_corpus(corpus, lm)
@@ -186,7 +215,7 @@ def second_moments(
     for layer in layers:
         lm.arch.check_layer(layer)
     keys = {
-        layer: StatsKey(lm.fingerprint, layer, corpus.identity, n_tokens, seq_len)
+        layer: StatsKey.of(lm, layer, corpus.identity, n_tokens, seq_len, precision)
         for layer in sorted(set(layers))
     }
     result, seen = _read_cached(keys, root, {}) if use_cache else ({}, {})
@@ -200,12 +229,12 @@ def second_moments(
             if report is not None:
                 report.update(cached_layers=sorted(result), computed_layers=sorted(todo))
             if todo:
-                job = _Job(lm, corpus, n_tokens, seq_len, batch_tokens, root, True)
+                job = _Job(lm, corpus, n_tokens, seq_len, batch_tokens, root, True, precision)
                 result.update(_compute(job, todo, checkpoint_tokens, progress, report))
     elif todo:
         if report is not None:
             report.update(cached_layers=[], computed_layers=sorted(todo))
-        job = _Job(lm, corpus, n_tokens, seq_len, batch_tokens, root, False)
+        job = _Job(lm, corpus, n_tokens, seq_len, batch_tokens, root, False, precision)
         result.update(_compute(job, todo, checkpoint_tokens, progress, report))
     elif report is not None:
         report.update(cached_layers=sorted(result), computed_layers=[])
@@ -278,6 +307,7 @@ class _Job:
     batch_tokens: int
     root: Path
     use_cache: bool
+    precision: Precision = "model"
 
 
 @dataclass
@@ -401,7 +431,8 @@ def _compute(
             if sums.seen >= n_tokens:
                 break
             ids, mask = _padded(batch, n_tokens - sums.seen, pad)
-            _accumulate(lm, keys, ids, mask, window_index, sums)
+            with precision_context(lm.device, job.precision):
+                _accumulate(lm, keys, ids, mask, window_index, sums)
             window_index += ids.shape[0]
             computed += int(mask.sum())
             bar.update(task, completed=sums.seen)
