@@ -97,6 +97,13 @@ def padded_tokens(seqs: list[tuple[list[int], list[int]]], batch_size: int) -> i
     )
 
 
+def floor_tokens(seqs: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens a scorer must run at least: every distinct prefix of every sequence once (the
+    nodes of their prefix tree). A token's logits depend on its whole prefix, so no exact
+    scorer can run fewer."""
+    return len({tuple((p + t)[:i]) for p, t in seqs for i in range(1, len(p) + len(t) + 1)})
+
+
 def plain_forward(lm: Any, seqs: list[tuple[list[int], list[int]]]) -> float:
     """Seconds of a plain forward of each sequence on its own (no padding, no scoring)."""
     t0 = time.perf_counter()
@@ -212,6 +219,7 @@ def timed_case(lm: Any, case: Any, suite: Any, sampler: Any, batch_size: int) ->
         "unpadded_tokens": sum(len(p) + len(t) for p, t in seqs),
         "reference_tokens": ref_tokens,
         "fast_tokens": sum(len(r.ids) for r in build_rows(seqs)),
+        "floor_tokens": floor_tokens(seqs),
         "reference_s": ref_s,
         "fast_s": fast_s,
         "plain_s": plain_s,
@@ -230,6 +238,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     n, flu = len(runs), total("fluency_s")
     ref_s, fast_s = total("reference_s") + flu, total("fast_s") + flu
     probes, unpadded = total("probes"), total("unpadded_tokens")
+    # the best an exact scorer could do: the reference's probe time scaled to the floor's
+    # tokens (time follows tokens: compare probe_speedup with the tokens ratio), fluency as is
+    floor_share = total("floor_tokens") / total("reference_tokens")
+    best_s = total("reference_s") * floor_share + flu
     return {
         "cases": n,
         "reference_s_per_case": ref_s / n,
@@ -246,7 +258,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_run_per_case": {
             "reference": total("reference_tokens") / n,
             "fast": total("fast_tokens") / n,
+            "floor": total("floor_tokens") / n,
         },
+        "max_probe_speedup": 1 / floor_share,
+        "max_speedup_vs_reference": ref_s / best_s,
         "unpadded_tokens_per_s": {
             "reference": unpadded / total("reference_s"),
             "fast": unpadded / total("fast_s"),
@@ -340,6 +355,9 @@ def table(report: dict[str, Any]) -> str:
         f"efficiency {s['efficiency']:.2f} (plain forward "
         f"{s['unpadded_tokens_per_s']['plain_forward']:.0f} unpadded tok/s); "
         f"vs the packed rows' plain forward {s['efficiency_vs_packed_forward']:.2f}",
+        f"bound for any exact scorer: {s['tokens_run_per_case']['floor']:.0f} tokens/case (each "
+        f"distinct prefix once): probes {s['max_probe_speedup']:.2f}x, with fluency "
+        f"{s['max_speedup_vs_reference']:.2f}x",
         f"fluency {s['fluency_s_per_case']:.2f} s/case, generation "
         f"{s['generation_tokens_per_s'] or 0:.1f} tok/s (each step reads "
         f"{report['weights_mb']:.0f} MiB of weights); records match: {s['records_match']} "

@@ -44,7 +44,7 @@ def test_score_case_known_outcomes(monkeypatch):
     """All families go through one score_probes call; per-test means follow the outcomes."""
     calls = []
 
-    def fake_score(lm, probes, *, batch_size=32, reference=None, impl="fast"):
+    def fake_score(lm, probes, *, batch_size=32, reference=None, impl="fast", precision="model"):
         calls.append((len(probes), reference is not None))
         out = []
         for p in probes:
