@@ -4,11 +4,14 @@ Each folder ``docs/results/GROUP/`` holds one sub-folder per run with its ``summ
 (small, committed) and a ``commands.sh`` with the evaluation commands that produced them. The
 table of each group is ``repedit report GROUP/* --markdown``; this script writes those tables
 between the ``generated`` markers of docs/results.md, so the numbers are never copied by hand.
+A group whose runs hold ``ceiling.json`` (``repedit analyze ceiling``) instead gets one table
+of REP's rate and the share of the plain → oracle-key gap it closes, per run.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +22,38 @@ PAGE = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 
+def ceiling_table(runs: list[Path]) -> str:
+    """Rows: tests; columns: plain and oracle key (from the first run: every run of a group
+    makes the same edits), then per run REP's rate and the gap it closes, in %."""
+    docs = {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
+    first = next(iter(docs.values()))["tests"]
+    head = ["test", "n", "plain", "oracle key", *(f"{name}: REP (gap closed)" for name in docs)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for test, t in first.items():
+        cells = [test, str(t["n"]), f"{100 * t['plain']:.1f}", f"{100 * t['oracle_key']:.1f}"]
+        for doc in docs.values():
+            r = doc["tests"].get(test, {})
+            gap = r.get("gap_closed")
+            rep = "—" if r.get("rep") is None else f"{100 * r['rep']:.1f}"
+            cells.append(rep + ("" if gap is None else f" ({100 * gap:.0f} %)"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def group_section(group: Path) -> str:
-    """The Markdown of one group: its table from ``repedit report --markdown`` and commands."""
+    """The Markdown of one group: its table (``repedit report --markdown``, or the ceiling
+    table) and its commands."""
+    ceilings = sorted(p for p in group.iterdir() if (p / "ceiling.json").is_file())
     runs = sorted(p for p in group.iterdir() if (p / "summary.json").is_file())
+    commands = (group / "commands.sh").read_text(encoding="utf-8").strip()
+    if ceilings:
+        return (
+            f"### {group.name}\n\n{ceiling_table(ceilings).rstrip()}\n\n"
+            f"Table: `repedit analyze ceiling` outputs ({', '.join(r.name for r in ceilings)})."
+            f" Runs:\n\n```bash\n{commands}\n```\n"
+        )
     if not runs:
-        raise SystemExit(f"{group}: no run folder with a summary.json")
+        raise SystemExit(f"{group}: no run folder with a summary.json or ceiling.json")
     table = subprocess.run(
         ["repedit", "report", *map(str, runs), "--markdown"],
         check=True,
@@ -31,7 +61,6 @@ def group_section(group: Path) -> str:
         text=True,
         cwd=ROOT,
     ).stdout
-    commands = (group / "commands.sh").read_text(encoding="utf-8").strip()
     rel = " ".join(str(r.relative_to(ROOT)) for r in runs)
     return (
         f"### {group.name}\n\n{table.rstrip()}\n\n"
