@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from numerics import forward_tolerance
 from repedit.analysis.ceiling import (
     _Item,
     _oracle_scores,
@@ -16,12 +17,14 @@ from repedit.analysis.ceiling import (
     _score,
     case_items,
     ceiling_markdown,
+    oracle_probe_scores,
     tally,
 )
 from repedit.data import load_cases
 from repedit.data.variants import NearSubjects
 from repedit.editors.keys import keys_at
 from repedit.evaluation.probes import SuiteConfig, case_keys
+from repedit.evaluation.scoring import score_probes
 from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
 from repedit.models.tokens import locate
 from tiny_text import tiny_corpus_text
@@ -83,6 +86,26 @@ def test_writing_a_probes_own_key_changes_nothing(lm, cases) -> None:
         h.rewrite(lm.arch.down_proj(LAYER), huge)
         after = score_probes(lm, [items[0].probe])[0].logprob
     assert before != after
+
+
+def test_an_oracle_group_scores_as_its_probes_alone(lm, cases) -> None:
+    """Probes sharing oracle positions are scored in one call; each must get ``k*`` at its own
+    subject token, exactly as when scored alone (a packed scorer puts the second probe of a row
+    at another offset, so its rewrite would land on the wrong token)."""
+    items = [i for i in _items(lm, cases) if i.last is not None][:4]
+    assert len(items) >= 3
+    pos = items[0].last
+    forced = [_Item(i.probe, i.test, pos, pos) for i in items]
+    ref = _reference(lm, forced, 8)
+    k = {LAYER: torch.full((lm.arch.d_mlp,), 3.0)}
+    together = oracle_probe_scores(lm, forced, ref, k, "oracle_key", 8)
+    for j, (item, r) in enumerate(zip(forced, ref, strict=True)):
+        alone = oracle_probe_scores(lm, [item], [r], k, "oracle_key", 8)[0]
+        tol = forward_tolerance(lm.arch, blocks=lm.arch.n_layers, magnitude=abs(alone.logprob))
+        assert together[j].logprob == pytest.approx(alone.logprob, abs=tol), j
+    # the rewrite matters: without it the log-probs differ by far more than rounding
+    plain = score_probes(lm, [f.probe for f in forced], reference=ref)
+    assert max(abs(p.logprob - together[j].logprob) for j, p in enumerate(plain)) > 100 * tol
 
 
 def test_tally_rates_and_gap_closed() -> None:

@@ -41,7 +41,13 @@ from repedit.evaluation.probes import (
     passage_sampler,
     variant_probe,
 )
-from repedit.evaluation.scoring import Probe, predictions, score_probes, tokenize_probe
+from repedit.evaluation.scoring import (
+    Probe,
+    ProbeScore,
+    predictions,
+    score_probes,
+    tokenize_probe,
+)
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
 from repedit.models.tokens import prompt_ids, subject_token_index
@@ -149,6 +155,39 @@ def _writer(where: torch.Tensor, k: torch.Tensor) -> Callable[[torch.Tensor], to
     return write
 
 
+def oracle_probe_scores(
+    lm: LoadedModel,
+    items: Sequence[_Item],
+    reference: list[list[int]],
+    k_stars: dict[int, torch.Tensor],
+    which: Mode,
+    batch_size: int,
+) -> dict[int, ProbeScore]:
+    """Scores (by item index) with ``k*`` written at each probe's subject token(s), probes
+    grouped by positions; items without positions are left out."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, item in enumerate(items):
+        pos = item.last if which == "oracle_key" else item.every
+        if pos is not None:
+            groups.setdefault(pos, []).append(j)
+    out: dict[int, ProbeScore] = {}
+    for pos, idx in groups.items():
+        with Hooks() as hooks:
+            for layer, k in k_stars.items():
+                hooks.rewrite(lm.arch.down_proj(layer), _writer(torch.tensor(pos), k))
+            # the positions count from each sequence's start: the padded reference scorer keeps
+            # them, the packed one puts several sequences in a row at other offsets
+            got = score_probes(
+                lm,
+                [items[j].probe for j in idx],
+                batch_size=batch_size,
+                reference=[reference[j] for j in idx],
+                impl="reference",
+            )
+        out.update(zip(idx, got, strict=True))
+    return out
+
+
 def _oracle_scores(
     lm: LoadedModel,
     items: Sequence[_Item],
@@ -158,22 +197,10 @@ def _oracle_scores(
     batch_size: int,
     plain: list[float],
 ) -> list[float]:
-    """Scores with ``k*`` written at each probe's subject token(s), probes grouped by positions;
-    probes without positions keep their plain score."""
-    out = list(plain)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for j, item in enumerate(items):
-        pos = item.last if which == "oracle_key" else item.every
-        if pos is not None:
-            groups.setdefault(pos, []).append(j)
-    for pos, idx in groups.items():
-        with Hooks() as hooks:
-            for layer, k in k_stars.items():
-                hooks.rewrite(lm.arch.down_proj(layer), _writer(torch.tensor(pos), k))
-            got = _score(lm, [items[j] for j in idx], [reference[j] for j in idx], batch_size)
-        for j, hit in zip(idx, got, strict=True):
-            out[j] = hit
-    return out
+    """Rates with ``k*`` written (:func:`oracle_probe_scores`); probes without positions keep
+    their plain rate."""
+    got = oracle_probe_scores(lm, items, reference, k_stars, which, batch_size)
+    return [_hit(items[j], got[j]) if j in got else plain[j] for j in range(len(items))]
 
 
 def _reference(lm: LoadedModel, items: Sequence[_Item], batch_size: int) -> list[list[int]]:
