@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, cast, get_args
 import torch
 from torch import nn
 
+from repedit.data.augment import parse_kinds
 from repedit.editors.hparams import Hparams
 from repedit.errors import InvalidRequestError
 
@@ -165,6 +166,12 @@ class RepConfig(Hparams):
     long_context_corpus: str | None = None
     #: at most this many scrambles are drawn; the first half train (the harness's split)
     scramble_max: int = 10
+    #: generated subject forms trained on as positives (:mod:`repedit.data.augment`: ``case``,
+    #: ``spacing``, ``punct``, ``noise``, ``determiner``, ``initials``, ``truncate``; a comma
+    #: string is accepted), ``n_augment`` per kind and request, none equal to an evaluation
+    #: probe. Empty: none (the paper)
+    augment: tuple[str, ...] = ()
+    n_augment: int = 2
     target: Target = "whitened"
     #: aggregation loss: ``direction`` = the paper's −(k̂/‖k̂‖)·t; ``match`` = ‖k̂ − k*‖²/‖k*‖²
     #: (pull each surface form's key onto the edit's key, so the edit fires once, not β̃ times)
@@ -184,6 +191,12 @@ class RepConfig(Hparams):
             self.negative_sources = tuple(
                 s.strip() for s in self.negative_sources.split(",") if s.strip()
             )
+        try:
+            self.augment = parse_kinds(self.augment)
+        except ValueError as exc:
+            raise InvalidRequestError(f"augment: {exc}") from None
+        if self.n_augment < 0:
+            raise InvalidRequestError(f"n_augment must be >= 0, got {self.n_augment}")
         unknown = set(self.negative_sources) - {"subjects", "neighbourhood", "text"}
         if unknown:
             raise InvalidRequestError(
@@ -213,6 +226,7 @@ class RepConfig(Hparams):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["negative_sources"] = list(self.negative_sources)
+        out["augment"] = list(self.augment)
         return out
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,6 +302,7 @@ def train_rep(
     sampler: PassageSampler | None = _AUTO,
     keys: Sequence[str] | None = None,
     negative_subjects: Sequence[str] = (),
+    exclude_subjects: Collection[str] = (),
     report: bool = True,
 ) -> RepTrainResult:
     """Train REP adapters for the edit in ``edit_result`` (see the module docstring).
@@ -311,7 +312,9 @@ def train_rep(
     layers. ``stats``: ``C`` per layer. ``contexts``: the editor's templates. ``position``:
     default the editor's. ``sampler``: long-context passages (default from ``cfg``). ``keys``:
     case keys seeding scrambles/passages (default: case ids, as the evaluation suite).
-    ``negative_subjects``: other subjects for ``cfg.negatives``. ``report``: measure gates and
+    ``negative_subjects``: other subjects for ``cfg.negatives``. ``exclude_subjects``: subjects
+    no generated form (``cfg.augment``) may equal (the evaluation's look-alike subjects, e.g.
+    :attr:`~repedit.data.variants.NearSubjects.subjects`). ``report``: measure gates and
     alignment on the whole pool before and after training.
 
     If the edit is not applied, it is applied for the training and reverted afterwards.
@@ -331,7 +334,7 @@ def train_rep(
         position = (getattr(edit_result, "hparams", {}) or {}).get("position")
     run = _Run(
         lm, edit_result, items, layers, stats, contexts, cfg, position or "last",
-        sampler, negative_subjects, report, t_start,
+        sampler, negative_subjects, exclude_subjects, report, t_start,
     )  # fmt: skip
     applied_here = False
     if hasattr(edit_result, "applied") and not edit_result.applied:
@@ -360,6 +363,7 @@ class _Run:
     position: Position
     sampler: PassageSampler | None
     negative_subjects: Sequence[str]
+    exclude_subjects: Collection[str]
     report: bool
     t_start: float
 
@@ -430,6 +434,7 @@ def _group_pool(run: _Run, group: list[int], sampler: PassageSampler | None) -> 
         sampler=sampler,
         position=run.position,
         negative_subjects=[*run.negative_subjects, *others],
+        exclude_subjects=run.exclude_subjects,
     )
     wanted_long = cfg.long_context and sampler is not None and cfg.n_long > 0
     if wanted_long and not any(ex.kind == "long" for ex in pool.positives):
