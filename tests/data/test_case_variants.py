@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from repedit.data import EditCase, EditRequest, PassageSampler, load_cases
-from repedit.data.augment import AUGMENT_KINDS, augment_forms, fold, is_reordering, probe_texts
+from repedit.data.augment import (
+    AUGMENT_KINDS,
+    Forbidden,
+    augment_forms,
+    fold,
+    is_reordering,
+    probe_texts,
+)
 from repedit.data.case import Neighbour
 from repedit.data.variants import (
     NearSubjects,
@@ -140,7 +147,7 @@ def _check_augments(lm, cases, sampler, *, pool_every: int) -> tuple[int, int]:
         variants = case_variants(case, lm.tokenizer, key=key, sampler=sampler, passages=2)
         forms = augment_forms(
             subject, AUGMENT_KINDS, 1000, tokenizer=lm.tokenizer, key=key,
-            forbidden=probe_texts(variants) | near.subjects,
+            forbidden=Forbidden(subject, probe_texts(variants), near.subjects),
         )  # fmt: skip
         pieces = [lm.tokenizer.decode([t]) for t in lm.tokenizer(subject)["input_ids"]]
         pieces = ["".join(p.split()).casefold() for p in pieces if p.strip()]
@@ -202,6 +209,8 @@ def test_forced_collisions_are_filtered_from_the_pool(lm) -> None:
     probes, _ = _probe_sets(case, lm, "c1", None, near)
     assert fold("Jobs") in probes  # the look-alike is a near_subject probe ...
     assert fold("Jobs was born in") in texts["free"]  # ... only the look-alike list removes
+    assert fold(req.subject) in near.subjects  # the edited subject is no look-alike of itself:
+    assert fold("steve jobs was born in") in texts["near"]  # its case forms stay
     for form in clashes:
         assert fold(f"{form} was born in") not in texts["near"], form
     assert texts["near"] and not texts["near"] & probes

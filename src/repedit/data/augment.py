@@ -29,7 +29,7 @@ held-out half of the scrambles must not see. Forms are drawn from a generator se
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -219,6 +219,22 @@ def probe_texts(variants: Sequence[Variant]) -> set[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Forbidden:
+    """The folded texts no form of ``subject`` may equal: ``probes`` (:func:`probe_texts`) and
+    ``others``, other cases' subjects (the evaluation's look-alikes), less the subject itself:
+    a look-alike never has the edited subject's own text."""
+
+    subject: str
+    probes: Container[str]
+    others: Container[str] = frozenset()
+
+    def __contains__(self, text: object) -> bool:
+        if text in self.probes:
+            return True
+        return text in self.others and text != fold(self.subject)
+
+
 def augment_forms(
     subject: str,
     kinds: Sequence[str],
@@ -227,13 +243,13 @@ def augment_forms(
     tokenizer: Any,
     seed: int = 0,
     key: str = "",
-    forbidden: Collection[str] = (),
+    forbidden: Container[str] = (),
 ) -> list[AugmentForm]:
     """Up to ``n`` forms of each kind, in a seeded order, none of which is the subject, a
     reordering of it, another kind's form, or (folded) in ``forbidden``.
 
-    ``forbidden``: folded texts (:func:`fold`), e.g. :func:`probe_texts` of the case's
-    variants and the dataset's look-alike subjects.
+    ``forbidden``: folded texts (:func:`fold`), e.g. a :class:`Forbidden` of the case's
+    probes and the dataset's look-alike subjects.
     """
     pieces = _pieces(tokenizer, subject)
     seen = {normalise(subject)}

@@ -28,7 +28,7 @@ import random
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from repedit.data.augment import augment_forms, fold, probe_texts
+from repedit.data.augment import Forbidden, augment_forms, fold, probe_texts
 from repedit.data.case import EditCase, EditRequest
 from repedit.data.variants import (
     PassageSampler,
@@ -269,7 +269,7 @@ def build_pool(
         forms = training_forms(variants)
         own_subjects.update(_add_positives(b, pool.positives, item.request, forms, ctxs, r))
         if cfg.augment:
-            forbidden = probe_texts(variants) | excluded
+            forbidden = Forbidden(item.request.subject, probe_texts(variants), excluded)
             own_subjects.update(_add_augments(b, pool.positives, item, cfg, ctxs, r, forbidden))
         if cfg.negatives:
             pool.negatives.extend(_item_negatives(b, item, cfg, sampler, r))
@@ -324,7 +324,7 @@ def _add_augments(
     cfg: RepConfig,
     ctxs: Sequence[str],
     r: int,
-    forbidden: set[str],
+    forbidden: Forbidden,
 ) -> list[str]:
     """The generated forms (``cfg.augment``) in the prompt and every context, the key at the
     rewritten subject's last token; returns the forms trained on. A sequence whose text is a
