@@ -188,10 +188,7 @@ class _Group:
         cfg = self.cfg
         proj = [p for a in trained.values() for p in a.projection_parameters()]
         gate = [p for a in trained.values() for p in a.gate_parameters()]
-        opt = torch.optim.Adam(
-            [{"params": proj, "lr": cfg.lr}, {"params": gate, "lr": cfg.gate_lr or cfg.lr}],
-            weight_decay=0.0,
-        )
+        opt = _optimizer(cfg, proj, gate)
         pos_batches = NoRepeatBatches(len(self.pos_index), cfg.batch, self.rng)
         neg_batches = NoRepeatBatches(len(self.neg_index), cfg.negative_batch, self.rng)
         out = []
@@ -209,6 +206,9 @@ class _Group:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if cfg.max_norm is not None:
+                for a in trained.values():
+                    a.clip_projection(cfg.max_norm)
             out.append(parts)
         for a in trained.values():
             a.eval()
@@ -219,6 +219,22 @@ class _Group:
         got = keys_from.get(list(range(self.n_prompts)), self.adapters)[layer]
         k_o = [got[i][ex.position] for i, ex in enumerate(self.examples[: self.n_prompts])]
         self.adapters[layer].set_prompt_keys(torch.stack(k_o))
+
+
+def _optimizer(
+    cfg: RepConfig, proj: list[torch.Tensor], gate: list[torch.Tensor]
+) -> torch.optim.Optimizer:
+    """Adam over the projection (lr ``cfg.lr``) and the gate (``cfg.gate_lr``); AdamW with
+    ``cfg.weight_decay`` on the projection alone when that is set."""
+    groups: list[dict[str, Any]] = [
+        {"params": proj, "lr": cfg.lr},
+        {"params": gate, "lr": cfg.gate_lr or cfg.lr},
+    ]
+    if not cfg.weight_decay:
+        return torch.optim.Adam(groups, weight_decay=0.0)
+    groups[0]["weight_decay"] = cfg.weight_decay
+    groups[1]["weight_decay"] = 0.0
+    return torch.optim.AdamW(groups)
 
 
 def _train_group(
