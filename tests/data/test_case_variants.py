@@ -9,6 +9,14 @@ from pathlib import Path
 import pytest
 
 from repedit.data import EditCase, EditRequest, PassageSampler, load_cases
+from repedit.data.augment import (
+    AUGMENT_KINDS,
+    Forbidden,
+    augment_forms,
+    fold,
+    is_reordering,
+    probe_texts,
+)
 from repedit.data.case import Neighbour
 from repedit.data.variants import (
     NearSubjects,
@@ -107,6 +115,105 @@ def test_a_colliding_training_form_is_dropped_not_shared(lm, sampler) -> None:
     held = _heldout_probe_texts(case, lm, "c1", sampler)
     assert "the Tower is located in" in held
     assert not held & _pool_texts(lm, case, "c1", sampler)
+
+
+#: every kind, and more forms per kind than any kind has, so every candidate is tried
+ALL_AUGMENTS = {"augment": AUGMENT_KINDS, "n_augment": 1000}
+
+
+def _probe_sets(case, lm, key, sampler, near) -> tuple[set[str], str]:
+    """The folded texts and subjects of every evaluation probe of ``case`` but the edit prompt,
+    and the edit prompt's text (compared without case folding: a ``case`` form differs from
+    the subject in case only)."""
+    suite = SuiteConfig(long_context_length=20, long_context_passages=2)
+    fams = build_probes(case, lm, suite, sampler=sampler, key=key, near=near)
+    texts = {fold(p.prompt) for fam, ps in fams.items() if fam != "efficacy" for p in ps}
+    texts |= {fold(p.meta["subject"]) for p in fams["near_subject"]}
+    texts |= {fold(s) for s in case.subject_paraphrases}
+    held = [v.subject for v in case_variants(case, lm.tokenizer, key=key)]
+    texts |= {fold(s) for s in held if normalise(s) != normalise(case.request.subject)}
+    return texts, normalise(fams["efficacy"][0].prompt)
+
+
+def _check_augments(lm, cases, sampler, *, pool_every: int) -> tuple[int, int]:
+    """No generated form or training sequence is a probe of its case; returns how many forms
+    were kept and how many the filter dropped."""
+    near = NearSubjects(cases, lm.tokenizer)
+    cfg = RepConfig(n_long=2, long_context_length=20, long_context_unit="tokens", **ALL_AUGMENTS)
+    made = dropped = 0
+    for i, (case, key) in enumerate(zip(cases, case_keys(cases), strict=True)):
+        probes, efficacy = _probe_sets(case, lm, key, sampler, near)
+        subject = case.request.subject
+        variants = case_variants(case, lm.tokenizer, key=key, sampler=sampler, passages=2)
+        forms = augment_forms(
+            subject, AUGMENT_KINDS, 1000, tokenizer=lm.tokenizer, key=key,
+            forbidden=Forbidden(subject, probe_texts(variants), near.subjects),
+        )  # fmt: skip
+        pieces = [lm.tokenizer.decode([t]) for t in lm.tokenizer(subject)["input_ids"]]
+        pieces = ["".join(p.split()).casefold() for p in pieces if p.strip()]
+        for f in forms:
+            assert fold(f.text) not in probes, (key, f)
+            assert not is_reordering(f.text, subject, pieces), (key, f)
+        made += len(forms)
+        dropped += len(augment_forms(subject, AUGMENT_KINDS, 1000, tokenizer=lm.tokenizer, key=key))
+        dropped -= len(forms)
+        if i % pool_every:
+            continue
+        pool = build_pool(
+            lm, rep_items([case], [key]), CONTEXTS, cfg, sampler=sampler,
+            exclude_subjects=near.subjects,
+        )  # fmt: skip
+        augmented = [ex for ex in pool.positives if ex.kind == "augment"]
+        assert augmented or not forms
+        for ex in augmented:
+            assert fold(ex.text) not in probes and normalise(ex.text) != efficacy, (key, ex.text)
+    return made, dropped
+
+
+def test_no_generated_form_is_a_probe(lm, cases, sampler) -> None:
+    assert _check_augments(lm, cases, sampler, pool_every=1)[0] > 0
+
+
+def test_no_generated_form_is_a_probe_on_rep_counterfact(lm, sampler, shared_data) -> None:
+    path = shared_data / "rep" / "valid.counterfact_para_prompt_para_subject.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    cases = load_cases(str(path), n=150).cases
+    made, dropped = _check_augments(lm, cases, sampler, pool_every=15)
+    assert made > 10 * len(cases) and dropped > 0  # real collisions exist and are removed
+
+
+def test_forced_collisions_are_filtered_from_the_pool(lm) -> None:
+    # the probes and a look-alike spell forms of several kinds, up to case and spaces
+    req = EditRequest("{} was born in", "Steve Jobs", "Paris", "San Francisco", "c1")
+    case = EditCase(
+        req,
+        subject_paraphrases=["the Steve Jobs", "Steve  Jobs,", "S. Jobs", "SJ", "STEVE-JOBS"],
+        id_split=1,
+    )
+    lookalike = EditCase(EditRequest("{} was founded in", "jobs", "x", "Cupertino", "c2"))
+    near = NearSubjects([case, lookalike], lm.tokenizer)
+    clashes = ("the Steve Jobs", "Steve Jobs,", "S. Jobs", "SJ", "Steve-Jobs", "Jobs")
+    unfiltered = augment_forms("Steve Jobs", AUGMENT_KINDS, 1000, tokenizer=lm.tokenizer)
+    assert {fold(c) for c in clashes} <= {fold(f.text) for f in unfiltered}
+    cfg = RepConfig(long_context=False, **ALL_AUGMENTS)
+    items = rep_items([case], ["c1"])
+    pools = {
+        "free": build_pool(lm, items, CONTEXTS, cfg),
+        "near": build_pool(lm, items, CONTEXTS, cfg, exclude_subjects=near.subjects),
+    }
+    texts = {
+        name: {fold(ex.text) for ex in pool.positives if ex.kind == "augment"}
+        for name, pool in pools.items()
+    }
+    probes, _ = _probe_sets(case, lm, "c1", None, near)
+    assert fold("Jobs") in probes  # the look-alike is a near_subject probe ...
+    assert fold("Jobs was born in") in texts["free"]  # ... only the look-alike list removes
+    assert fold(req.subject) in near.subjects  # the edited subject is no look-alike of itself:
+    assert fold("steve jobs was born in") in texts["near"]  # its case forms stay
+    for form in clashes:
+        assert fold(f"{form} was born in") not in texts["near"], form
+    assert texts["near"] and not texts["near"] & probes
 
 
 def test_few_permutations_give_fewer_training_scrambles(lm) -> None:

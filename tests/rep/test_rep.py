@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from numerics import assert_within, forward_tolerance, max_error, tolerance
+from repedit.data.augment import candidates
 from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.editors import StatsConfig, make_editor
 from repedit.errors import FingerprintMismatchError, InvalidRequestError
@@ -478,6 +479,27 @@ def test_pool_has_every_variant_kind_and_long_context(lm, corpus: Path) -> None:
         lm, rep_items(CASE), contexts, tiny_cfg(corpus, long_context=False), sampler=sampler
     )
     assert "long" not in off.counts()
+
+
+def test_pool_trains_generated_forms_at_the_subjects_last_token(lm, corpus: Path) -> None:
+    cfg = tiny_cfg(corpus, long_context=False, augment="punct,determiner,noise", n_augment=2)
+    contexts = ["{}", "Hello there. {}", "The capital. {}"]
+    pool = build_pool(lm, rep_items(CASE), contexts, cfg)
+    plain = build_pool(lm, rep_items(CASE), contexts, tiny_cfg(corpus, long_context=False))
+    aug = [ex for ex in pool.positives if ex.kind == "augment"]
+    assert "augment" not in plain.counts()
+    assert len(aug) == 3 * 2 * 3  # kinds x forms x (prompt + two contexts)
+    assert pool.positives[: len(plain.positives)] == plain.positives  # the rest as before
+    tok = lm.tokenizer
+    for ex in aug:
+        assert ex.position is not None and ex.subject_start is not None
+        head = tok.decode(list(ex.ids[: ex.position + 1])).rstrip()
+        # punctuation and determiners sit outside the subject: the key is read at its end
+        assert not head.endswith(tuple("\"'(),:;.!-")), ex.text
+        assert "The Eiffel Tower is in" in ex.text
+        assert tok.decode(list(ex.ids[ex.subject_start : ex.position + 1])).strip() in {
+            f.core for f in candidates("Paris", "noise")
+        } | {"Paris"}
 
 
 def test_negative_pool(lm, corpus: Path) -> None:

@@ -464,11 +464,20 @@ class NearSubjects:
         self._tok = tokenizer
         self._cases = [c for c in cases if c.request.target_true]
         self._pieces = [self.pieces(c.request.subject) for c in self._cases]
+        self._subjects: frozenset[str] | None = None
 
     @property
     def cases(self) -> tuple[EditCase, ...]:
         """The cases that can serve as look-alikes (those with a true answer)."""
         return tuple(self._cases)
+
+    @property
+    def subjects(self) -> frozenset[str]:
+        """Every subject a look-alike can have, whitespace-normalised and case-folded: what a
+        generated training form must never equal."""
+        if self._subjects is None:
+            self._subjects = frozenset(normalise(c.request.subject).casefold() for c in self._cases)
+        return self._subjects
 
     def pieces(self, subject: str) -> frozenset[str]:
         """The subject's token texts and word beginnings (case-folded) that can be shared."""

@@ -568,6 +568,7 @@ def _edit(ctx: CaseContext, valid: Sequence[CaseItem], *, keep: bool) -> _EditSt
                 cfg=ctx.rep_cfg,
                 keys=[it.key for it in valid],
                 sampler=ctx.rep_sampler,
+                exclude_subjects=ctx.near.subjects if ctx.near is not None else (),
             )
             step.rep_seconds = time.perf_counter() - t0
         if keep:

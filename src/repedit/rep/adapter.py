@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, cast, get_args
 import torch
 from torch import nn
 
+from repedit.data.augment import parse_kinds
 from repedit.editors.hparams import Hparams
 from repedit.errors import InvalidRequestError
 
@@ -71,10 +72,12 @@ class RepConfig(Hparams):
 
     Data: contexts × {original, in-domain paraphrases, first half of the scrambles} + ``n_long``
     passages of ``long_context_length`` ``long_context_unit`` from ``long_context_corpus``
-    (None: ``$REPEDIT_DATA/wikitext/wiki.test.raw``). Optimisation: Adam, ``steps`` batches of
+    (None: ``$REPEDIT_DATA/wikitext/wiki.test.raw``), and with ``augment`` generated subject
+    forms. Optimisation: Adam, ``steps`` batches of
     ``batch`` pool items + every bare prompt, drawn without repetition; lr ``lr`` for the
-    projection, ``gate_lr`` (None: ``lr``) for the gate. ``shared``: one adapter set for all
-    requests of a batch edit instead of one per request.
+    projection, ``gate_lr`` (None: ``lr``) for the gate; ``weight_decay`` (AdamW) and
+    ``max_norm`` (a bound on P's spectral norm) regularise the projection. ``shared``: one
+    adapter set for all requests of a batch edit instead of one per request.
     """
 
     method: ClassVar[str] = "rep"
@@ -82,6 +85,12 @@ class RepConfig(Hparams):
     rank: int = 32
     alpha: float = 32.0
     dropout: float = 0.1
+    #: decoupled weight decay (AdamW) on the projection's factors A and B, not the gate: each
+    #: step shrinks them by ``lr · weight_decay`` of themselves. 0: plain Adam (the paper)
+    weight_decay: float = 0.0
+    #: after each step the projection is rescaled so that its spectral norm ‖(α/r)·BA‖₂, the
+    #: most it can change a key relative to the key's length, is at most this. None: unbounded
+    max_norm: float | None = None
     gate_hidden_fraction: float = 0.1
     gate_hidden_min: int = 8
     tau: float = 0.9
@@ -165,6 +174,12 @@ class RepConfig(Hparams):
     long_context_corpus: str | None = None
     #: at most this many scrambles are drawn; the first half train (the harness's split)
     scramble_max: int = 10
+    #: generated subject forms trained on as positives (:mod:`repedit.data.augment`: ``case``,
+    #: ``spacing``, ``punct``, ``noise``, ``determiner``, ``initials``, ``truncate``; a comma
+    #: string is accepted), ``n_augment`` per kind and request, none equal to an evaluation
+    #: probe. Empty: none (the paper)
+    augment: tuple[str, ...] = ()
+    n_augment: int = 2
     target: Target = "whitened"
     #: aggregation loss: ``direction`` = the paper's −(k̂/‖k̂‖)·t; ``match`` = ‖k̂ − k*‖²/‖k*‖²
     #: (pull each surface form's key onto the edit's key, so the edit fires once, not β̃ times)
@@ -184,6 +199,12 @@ class RepConfig(Hparams):
             self.negative_sources = tuple(
                 s.strip() for s in self.negative_sources.split(",") if s.strip()
             )
+        try:
+            self.augment = parse_kinds(self.augment)
+        except ValueError as exc:
+            raise InvalidRequestError(f"augment: {exc}") from None
+        if self.n_augment < 0:
+            raise InvalidRequestError(f"n_augment must be >= 0, got {self.n_augment}")
         unknown = set(self.negative_sources) - {"subjects", "neighbourhood", "text"}
         if unknown:
             raise InvalidRequestError(
@@ -197,6 +218,10 @@ class RepConfig(Hparams):
             raise InvalidRequestError(f"tau must be in (0, 1), got {self.tau}")
         if self.beta_guard is not None and not math.isfinite(self.beta_guard):
             raise InvalidRequestError(f"beta_guard must be a finite number, got {self.beta_guard}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
+            raise InvalidRequestError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            raise InvalidRequestError(f"max_norm must be a positive number, got {self.max_norm}")
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidRequestError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -213,6 +238,7 @@ class RepConfig(Hparams):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["negative_sources"] = list(self.negative_sources)
+        out["augment"] = list(self.augment)
         return out
 
 
@@ -348,6 +374,20 @@ class RepAdapter(_InferenceSettings, nn.Module):
 
     def gate_parameters(self) -> list[torch.Tensor]:
         return [*self.gate_in.parameters(), *self.gate_out.parameters()]
+
+    def projection_norm(self) -> torch.Tensor:
+        """The spectral norm of ``P = (α/r)·BA`` (a float32 scalar), from ``r × r`` factors:
+        with ``Aᵀ = QR`` (Q orthonormal), ``BA = (B Rᵀ) Qᵀ`` has the singular values of ``B Rᵀ``."""
+        a, b = self.A.weight.detach().float(), self.B.weight.detach().float()
+        r = torch.linalg.qr(a.T, mode="reduced").R
+        return torch.linalg.matrix_norm(b @ r.T, ord=2) * self.scale
+
+    @torch.no_grad()
+    def clip_projection(self, max_norm: float) -> None:
+        """Rescale ``B`` so that :meth:`projection_norm` is at most ``max_norm``."""
+        norm = float(self.projection_norm())
+        if norm > max_norm:
+            self.B.weight.mul_(max_norm / norm)
 
     def project(self, k: torch.Tensor) -> torch.Tensor:
         """``P(k)`` in float32 (dropout active in training mode)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,10 +188,7 @@ class _Group:
         cfg = self.cfg
         proj = [p for a in trained.values() for p in a.projection_parameters()]
         gate = [p for a in trained.values() for p in a.gate_parameters()]
-        opt = torch.optim.Adam(
-            [{"params": proj, "lr": cfg.lr}, {"params": gate, "lr": cfg.gate_lr or cfg.lr}],
-            weight_decay=0.0,
-        )
+        opt = _optimizer(cfg, proj, gate)
         pos_batches = NoRepeatBatches(len(self.pos_index), cfg.batch, self.rng)
         neg_batches = NoRepeatBatches(len(self.neg_index), cfg.negative_batch, self.rng)
         out = []
@@ -209,6 +206,9 @@ class _Group:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if cfg.max_norm is not None:
+                for a in trained.values():
+                    a.clip_projection(cfg.max_norm)
             out.append(parts)
         for a in trained.values():
             a.eval()
@@ -219,6 +219,22 @@ class _Group:
         got = keys_from.get(list(range(self.n_prompts)), self.adapters)[layer]
         k_o = [got[i][ex.position] for i, ex in enumerate(self.examples[: self.n_prompts])]
         self.adapters[layer].set_prompt_keys(torch.stack(k_o))
+
+
+def _optimizer(
+    cfg: RepConfig, proj: list[torch.Tensor], gate: list[torch.Tensor]
+) -> torch.optim.Optimizer:
+    """Adam over the projection (lr ``cfg.lr``) and the gate (``cfg.gate_lr``); AdamW with
+    ``cfg.weight_decay`` on the projection alone when that is set."""
+    groups: list[dict[str, Any]] = [
+        {"params": proj, "lr": cfg.lr},
+        {"params": gate, "lr": cfg.gate_lr or cfg.lr},
+    ]
+    if not cfg.weight_decay:
+        return torch.optim.Adam(groups, weight_decay=0.0)
+    groups[0]["weight_decay"] = cfg.weight_decay
+    groups[1]["weight_decay"] = 0.0
+    return torch.optim.AdamW(groups)
 
 
 def _train_group(
@@ -302,6 +318,7 @@ def train_rep(
     sampler: PassageSampler | None = _AUTO,
     keys: Sequence[str] | None = None,
     negative_subjects: Sequence[str] = (),
+    exclude_subjects: Collection[str] = (),
     report: bool = True,
 ) -> RepTrainResult:
     """Train REP adapters for the edit in ``edit_result`` (see the module docstring).
@@ -311,7 +328,9 @@ def train_rep(
     layers. ``stats``: ``C`` per layer. ``contexts``: the editor's templates. ``position``:
     default the editor's. ``sampler``: long-context passages (default from ``cfg``). ``keys``:
     case keys seeding scrambles/passages (default: case ids, as the evaluation suite).
-    ``negative_subjects``: other subjects for ``cfg.negatives``. ``report``: measure gates and
+    ``negative_subjects``: other subjects for ``cfg.negatives``. ``exclude_subjects``: subjects
+    no generated form (``cfg.augment``) may equal (the evaluation's look-alike subjects, e.g.
+    :attr:`~repedit.data.variants.NearSubjects.subjects`). ``report``: measure gates and
     alignment on the whole pool before and after training.
 
     If the edit is not applied, it is applied for the training and reverted afterwards.
@@ -331,7 +350,7 @@ def train_rep(
         position = (getattr(edit_result, "hparams", {}) or {}).get("position")
     run = _Run(
         lm, edit_result, items, layers, stats, contexts, cfg, position or "last",
-        sampler, negative_subjects, report, t_start,
+        sampler, negative_subjects, exclude_subjects, report, t_start,
     )  # fmt: skip
     applied_here = False
     if hasattr(edit_result, "applied") and not edit_result.applied:
@@ -360,6 +379,7 @@ class _Run:
     position: Position
     sampler: PassageSampler | None
     negative_subjects: Sequence[str]
+    exclude_subjects: Collection[str]
     report: bool
     t_start: float
 
@@ -430,6 +450,7 @@ def _group_pool(run: _Run, group: list[int], sampler: PassageSampler | None) -> 
         sampler=sampler,
         position=run.position,
         negative_subjects=[*run.negative_subjects, *others],
+        exclude_subjects=run.exclude_subjects,
     )
     wanted_long = cfg.long_context and sampler is not None and cfg.n_long > 0
     if wanted_long and not any(ex.kind == "long" for ex in pool.positives):

@@ -6,6 +6,9 @@ For each request the pool holds (positives: the subject-last key should align wi
   subject paraphrases (the first ``case.id_split``), the first half of the scrambles};
 * ``n_long`` long-context examples ``passage + " " + prompt`` with the original subject: the
   paper's released code built these but never trained on them;
+* with ``cfg.augment``, ``n_augment`` generated forms of the subject per kind
+  (:mod:`repedit.data.augment`) in the prompt and every context template, none equal to an
+  evaluation probe of the case or to an ``exclude_subjects`` subject (the dataset's look-alikes);
 
 and, apart from the pool, the bare original prompt, which goes into *every* batch (its key
 ``k_o`` anchors the consistency loss). With ``negatives`` the pool also holds negative
@@ -22,9 +25,10 @@ the same function the evaluation suite builds its probes from: with the suite's 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+from repedit.data.augment import Forbidden, augment_forms, fold, probe_texts
 from repedit.data.case import EditCase, EditRequest
 from repedit.data.variants import (
     PassageSampler,
@@ -40,7 +44,7 @@ from repedit.models.tokens import Position, locate, subject_span, subject_token_
 from repedit.rep.adapter import RepConfig
 
 #: kinds whose ``position`` token is a positive (the gate should open, the key align)
-POSITIVE_KINDS = ("prompt", "original", "paraphrase", "scramble", "long")
+POSITIVE_KINDS = ("prompt", "original", "paraphrase", "scramble", "long", "augment")
 #: kinds whose every token is a negative
 NEGATIVE_KINDS = ("subject_negative", "neighbourhood", "text")
 
@@ -244,22 +248,29 @@ def build_pool(
     sampler: PassageSampler | None = None,
     position: Position = "last",
     negative_subjects: Sequence[str] = (),
+    exclude_subjects: Collection[str] = (),
 ) -> RepPool:
     """The training pool for ``items`` (one adapter set): see the module docstring.
 
     ``contexts``: the editor's templates (``editor.contexts(lm, hp)``, the first being "{}").
     ``sampler``: long-context passages (required for ``cfg.long_context``; None skips them with
-    the count visible in :meth:`RepPool.counts`).
+    the count visible in :meth:`RepPool.counts`). ``exclude_subjects``: subjects no generated
+    form (``cfg.augment``) may equal, folded or not (the dataset's look-alike subjects).
     """
     b = _Builder(lm, position)
     ctxs = [c for c in contexts if c != "{}"]
     pool = RepPool(prompts=[], positives=[], negatives=[])
     own_subjects: set[str] = set()
+    excluded = {fold(s) for s in exclude_subjects} if cfg.augment else set()
     for r, item in enumerate(items):
         pool.prompts.append(_prompt_example(b, item.request, r))
         own_subjects.add(normalise(item.request.subject))
-        forms = training_forms(item_variants(lm, item, cfg, sampler))
+        variants = item_variants(lm, item, cfg, sampler)
+        forms = training_forms(variants)
         own_subjects.update(_add_positives(b, pool.positives, item.request, forms, ctxs, r))
+        if cfg.augment:
+            forbidden = Forbidden(item.request.subject, probe_texts(variants), excluded)
+            own_subjects.update(_add_augments(b, pool.positives, item, cfg, ctxs, r, forbidden))
         if cfg.negatives:
             pool.negatives.extend(_item_negatives(b, item, cfg, sampler, r))
     if cfg.negatives and "subjects" in cfg.negative_sources:
@@ -304,6 +315,37 @@ def _add_positives(
             made.append(b.positive(v.template, req.subject, "long", r))
     out.extend(ex for ex in made if ex is not None)
     return [*paraphrases, *scrambles]
+
+
+def _add_augments(
+    b: _Builder,
+    out: list[RepExample],
+    item: RepItem,
+    cfg: RepConfig,
+    ctxs: Sequence[str],
+    r: int,
+    forbidden: Forbidden,
+) -> list[str]:
+    """The generated forms (``cfg.augment``) in the prompt and every context, the key at the
+    rewritten subject's last token; returns the forms trained on. A sequence whose text is a
+    probe's (``forbidden``, folded) is left out as well as a form that is one."""
+    req = item.request
+    forms = augment_forms(
+        req.subject,
+        cfg.augment,
+        cfg.n_augment,
+        tokenizer=b.tok,
+        seed=cfg.seed,
+        key=item.key,
+        forbidden=forbidden,
+    )
+    templates = [req.prompt, *(c.replace("{}", req.prompt) for c in ctxs)]
+    for form in forms:
+        for t in templates:
+            ex = b.positive(form.wrap(t), form.core, "augment", r)
+            if ex is not None and fold(ex.text) not in forbidden:
+                out.append(ex)
+    return [normalise(f.text) for f in forms]
 
 
 def _item_negatives(
