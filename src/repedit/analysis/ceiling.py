@@ -21,7 +21,7 @@ The scrambles' halves are reported as tests of their own (``scrambled_subject_id
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -220,8 +220,10 @@ def score_case(
     key: str,
     items: Sequence[_Item],
     cfg: CeilingConfig,
+    exclude_subjects: Collection[str] = (),
 ) -> dict[str, list[float]]:
-    """Every item scored in every mode (the model is unedited again on return)."""
+    """Every item scored in every mode (the model is unedited again on return).
+    ``exclude_subjects``: subjects REP's generated forms must not take (the look-alikes)."""
     bs = cfg.suite.batch_size
     reference = _reference(lm, items, bs)
     result = editor.edit(lm, [case.request])
@@ -235,7 +237,15 @@ def score_case(
                 lm, items, reference, k_stars, which, bs, scores["plain"]
             )
         if cfg.rep is not None:
-            rep = train_rep_after(lm, editor, result, [case], cfg=cfg.rep, keys=[key])
+            rep = train_rep_after(
+                lm,
+                editor,
+                result,
+                [case],
+                cfg=cfg.rep,
+                keys=[key],
+                exclude_subjects=exclude_subjects,
+            )
             with rep_applied(lm, rep.adapters):
                 scores["rep"] = _score(lm, items, reference, bs)
     finally:
@@ -308,7 +318,7 @@ def run_ceiling(
     for case, key in zip(cases, case_keys(cases), strict=True):
         items = case_items(lm, case, key, cfg.suite, sampler, near)
         items = [i for i in items if i.probe.test in cfg.suite.tests]
-        scores = score_case(lm, editor, case, key, items, cfg)
+        scores = score_case(lm, editor, case, key, items, cfg, near.subjects if near else ())
         for j, item in enumerate(items):
             rows.append((item.test, {m: s[j] for m, s in scores.items()}))
         on_case(key)
