@@ -99,6 +99,18 @@ def test_reorderings_are_never_generated(tok) -> None:
             assert flat == "SteveJobs" or sorted(flat) != own, (kind, f)
 
 
+def test_span_forms_are_strict_runs_of_the_subjects_tokens() -> None:
+    chars = CharTokenizer()
+    spans = _texts("Jobs", "span", chars)
+    # every contiguous run shorter than the whole keeping >= 40 % of its letters, none a
+    # reordering of all four tokens
+    assert set(spans) == {"Jo", "ob", "bs", "Job", "obs"}
+    assert _texts("J", "span", chars) == []  # one token: nothing shorter
+    assert "of" not in _texts("Edwin of York", "span", chars)  # a minor word is no form
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        candidates("Jobs", "span")
+
+
 def test_forms_equal_to_a_probe_are_dropped(tok) -> None:
     # the case's probes spell several generated forms (up to case and spaces)
     req = EditRequest("{} was born in", "Steve Jobs", "Paris", "San Francisco", "c1")

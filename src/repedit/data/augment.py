@@ -11,7 +11,11 @@ Each kind rewrites the subject one way (``Steve Jobs`` as the example):
   a letter dropped (``Stve``) or doubled (``Stteve``);
 * ``determiner``: ``the Steve Jobs``, ``The Steve Jobs``;
 * ``initials`` (several words): ``S. Jobs``, ``S Jobs``, acronyms ``SJ`` and ``S.J.``;
-* ``truncate`` (several words): leading words dropped (``Jobs``).
+* ``truncate`` (several words): leading words dropped (``Jobs``);
+* ``span`` (several tokens): a contiguous run of the subject's tokens, shorter than the whole
+  (``Ste``, ``ve Jobs`` for tokens ``Ste|ve| Jobs``), so each of its tokens is trained as the
+  last one a key is read at, in its own order. A strict part of the token sequence is never a
+  reordering of all of it.
 
 A form is an :class:`AugmentForm`: the text around the subject (quotes, punctuation, a
 determiner) is kept apart from the subject's own rewrite, so a trainer can read the key at the
@@ -35,7 +39,9 @@ from typing import Any, Literal, get_args
 
 from repedit.data.variants import Variant, escape_braces, normalise, stable_rng
 
-AugmentKind = Literal["case", "spacing", "punct", "noise", "determiner", "initials", "truncate"]
+AugmentKind = Literal[
+    "case", "spacing", "punct", "noise", "determiner", "initials", "truncate", "span"
+]
 AUGMENT_KINDS: tuple[str, ...] = get_args(AugmentKind)
 
 #: variant kinds whose subject is an evaluation probe's subject (the original subject is not)
@@ -44,6 +50,8 @@ _PROBE_SUBJECT_KINDS = ("subject_paraphrase", "ood_subject_paraphrase", "scrambl
 _WRAPS = (('"', '"'), ("'", "'"), ("(", ")"), ("", ","), ("", ":"), ("", "."), ("", ";"),
           ("", "!"), ("- ", ""), (": ", ""))  # fmt: skip
 _DETERMINERS = ("the ", "The ")
+#: the least share of the subject's letters and digits a ``span`` form keeps
+SPAN_SHARE = 0.4
 #: words left out of an acronym's capitals and never the first word of a truncation
 _MINOR_WORDS = frozenset({"of", "the", "and", "de", "la", "le", "von", "van", "der", "in", "for"})
 
@@ -167,8 +175,28 @@ _GENERATORS = {
 }
 
 
-def candidates(subject: str, kind: str) -> list[AugmentForm]:
-    """Every form of ``kind`` for ``subject``, in a fixed order, before any filtering."""
+def _spans(tokenizer: Any, subject: str) -> list[AugmentForm]:
+    """Contiguous runs of the subject's tokens, shorter than the whole, decoded and stripped,
+    that keep at least :data:`SPAN_SHARE` of the subject's letters and digits (a fragment such
+    as ``of`` or ``ia`` is no form of the subject: the gate would learn to open on it)."""
+    ids = tokenizer(normalise(subject), add_special_tokens=False)["input_ids"]
+    need = SPAN_SHARE * sum(c.isalnum() for c in subject)
+    out = []
+    for length in range(1, len(ids)):
+        for start in range(len(ids) - length + 1):
+            text = normalise(tokenizer.decode(ids[start : start + length]))
+            if sum(c.isalnum() for c in text) >= max(need, 1) and fold(text) not in _MINOR_WORDS:
+                out.append(AugmentForm("span", text))
+    return out
+
+
+def candidates(subject: str, kind: str, tokenizer: Any = None) -> list[AugmentForm]:
+    """Every form of ``kind`` for ``subject``, in a fixed order, before any filtering
+    (``span`` needs the ``tokenizer``)."""
+    if kind == "span":
+        if tokenizer is None:
+            raise ValueError("augment kind 'span' needs the tokenizer")
+        return _spans(tokenizer, subject)
     if kind not in _GENERATORS:
         raise ValueError(f"unknown augment kind {kind!r}; choose from {list(AUGMENT_KINDS)}")
     return _GENERATORS[kind](normalise(subject).split())
@@ -255,7 +283,7 @@ def augment_forms(
     seen = {normalise(subject)}
     out: list[AugmentForm] = []
     for kind in kinds:
-        pool = candidates(subject, kind)
+        pool = candidates(subject, kind, tokenizer)
         stable_rng("augment", seed, key, subject, kind).shuffle(pool)
         taken = 0
         for form in pool:
