@@ -9,11 +9,24 @@ single product over the members open at some token of the batch. The gates still
 proportion to the members that open, which a well-trained gate keeps near the number of
 edits whose subject is in the batch. Outputs equal the stack's up to
 the order of summation (eval mode only: it is an inference module).
+
+``candidates="key"`` adds a screening stage so that the gates' cost no longer grows with N:
+every member's retrieval directions ``w = C⁻¹k*/(k*ᵀC⁻¹k*)`` (its β̃ guard rows; the stored
+prompt key ``k_o/‖k_o‖²`` for a member without them) form one ``[N·G, d]`` matrix, so a
+token's whitened similarity ``β̃ = k·w`` to every member's edit is one product of ``G·d`` per
+member (against ``h·d`` for its gate, ``h ≈ 0.1·d``), and only the (token, member) pairs with
+``β̃ ≥ threshold`` (and, with ``top``, among the token's ``top`` best) run the member's gate,
+guard and projection. A member with neither guard rows nor prompt keys is a candidate
+everywhere. This is not exact: a member whose gate would open on a key with ``β̃`` below the
+threshold leaves that key alone, so the threshold must sit below the β̃ of the keys a member's
+gate is trained to open on; ``threshold=-inf`` selects every member and computes what
+``candidates="all"`` computes.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+import math
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -25,6 +38,10 @@ from repedit.rep.adapter import PROMPT_KEY_TOLERANCE, RepAdapter, RepConfig, Rep
 SHARED = ("use_gate", "gate_input_norm", "tau", "beta_guard", "keep_prompt_key", "prompt_only")
 #: members per chunk when comparing tokens with stored prompt keys ([tokens, chunk, d] at once)
 CHUNK = 64
+#: "all": every member's gate at every token; "key": screen members by β̃ first (module doc)
+Candidates = Literal["all", "key"]
+#: default β̃ a key must reach for a member to be screened in (``candidates="key"``)
+CANDIDATE_THRESHOLD = 0.1
 
 
 def _padded(rows: list[torch.Tensor], d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +53,34 @@ def _padded(rows: list[torch.Tensor], d: int) -> tuple[torch.Tensor, torch.Tenso
         out[i, : r.shape[0]] = r.float()
         valid[i, : r.shape[0]] = True
     return out, valid
+
+
+def _retrieval_rows(adapter: RepAdapter) -> torch.Tensor:
+    """A member's β̃ directions for the candidate screen: its guard rows ``C⁻¹k*/(k*ᵀC⁻¹k*)``,
+    else its prompt keys as ``k_o/‖k_o‖²`` (β̃ = 1 at ``k_o``), else none (always screened in)."""
+    if adapter.guard_w.shape[0]:
+        return adapter.guard_w
+    k_o = adapter.prompt_k.float()
+    return k_o / k_o.pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _near_prompt(x: torch.Tensor, prompt_k: torch.Tensor, prompt_ok: torch.Tensor) -> torch.Tensor:
+    """[T, N]: tokens within ``PROMPT_KEY_TOLERANCE`` of a member's stored prompt key (direct
+    differences, a chunk of members at a time)."""
+    n = prompt_k.shape[0]
+    near = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
+    norms = prompt_k.norm(dim=-1)  # [N, P]
+    for lo in range(0, n, CHUNK):
+        rows, ok = prompt_k[lo : lo + CHUNK], prompt_ok[lo : lo + CHUNK]
+        for j in range(rows.shape[1]):
+            dist = (x[:, None, :] - rows[None, :, j, :]).norm(dim=-1)  # [T, chunk]
+            hit = dist < PROMPT_KEY_TOLERANCE * norms[lo : lo + CHUNK, j]
+            near[:, lo : lo + CHUNK] |= hit & ok[:, j]
+    return near
+
+
+def _shaped(top: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+    return None if top is None else top.reshape(k.shape[:-1])
 
 
 class MergedStack(nn.Module):
@@ -54,14 +99,28 @@ class MergedStack(nn.Module):
     guard_ok: torch.Tensor
     prompt_k: torch.Tensor  # [N, P, d] stored prompt keys, zero-padded (prompt_ok)
     prompt_ok: torch.Tensor
+    key_w: torch.Tensor
+    key_ok: torch.Tensor
+    key_none: torch.Tensor
 
-    def __init__(self, members: RepStack | list[RepAdapter]):
+    def __init__(
+        self,
+        members: RepStack | list[RepAdapter],
+        *,
+        candidates: Candidates = "all",
+        threshold: float = CANDIDATE_THRESHOLD,
+        top: int | None = None,
+    ):
         super().__init__()
         adapters = cast(
             list[RepAdapter], list(members.adapters if isinstance(members, RepStack) else members)
         )
         if not adapters:
             raise InvalidRequestError("MergedStack needs at least one adapter")
+        if candidates not in get_args(Candidates):
+            raise InvalidRequestError(f"candidates must be 'all' or 'key', got {candidates!r}")
+        if math.isnan(threshold) or (top is not None and top < 1):
+            raise InvalidRequestError(f"bad candidate screen: threshold={threshold}, top={top}")
         first = adapters[0]
         for i, a in enumerate(adapters):
             diff = [k for k in SHARED if getattr(a.cfg, k) != getattr(first.cfg, k)]
@@ -71,6 +130,7 @@ class MergedStack(nn.Module):
                 )
         self.cfg: RepConfig = first.cfg
         self.d_mlp, self.n = first.d_mlp, len(adapters)
+        self.candidates, self.threshold, self.top = candidates, float(threshold), top
         stack = lambda ts: torch.stack([t.detach().float() for t in ts])  # noqa: E731
         self.register_buffer("A", stack([a.A.weight for a in adapters]))  # [N, r, d]
         # Bᵀ per member, [N, r, d]: all members' projections are then two matrix products
@@ -86,6 +146,10 @@ class MergedStack(nn.Module):
         self.register_buffer("guard_ok", guard_ok)
         self.register_buffer("prompt_k", prompt)
         self.register_buffer("prompt_ok", prompt_ok)
+        key_w, key_ok = _padded([_retrieval_rows(a) for a in adapters], self.d_mlp)
+        self.register_buffer("key_w", key_w)  # [N, G, d] β̃ directions for the screen
+        self.register_buffer("key_ok", key_ok)
+        self.register_buffer("key_none", ~key_ok.any(-1))  # [N] members never screened out
         self.to(first.A.weight.device)
         self.eval()
 
@@ -96,32 +160,50 @@ class MergedStack(nn.Module):
     def __len__(self) -> int:
         return self.n
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's soft gate for tokens ``x`` [T, d]: [T, N] (one matrix product)."""
+    def gates(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Every member's (or members ``idx``') soft gate for tokens ``x`` [T, d]: [T, N]."""
         if self.cfg.gate_input_norm:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
-        hidden = nn.functional.gelu(x @ self.gate_in_w.T + self.gate_in_b)
-        hidden = hidden.view(x.shape[0], self.n, -1)
-        logit = torch.einsum("tnh,nh->tn", hidden, self.gate_out_w) + self.gate_out_b
+        w_in, b_in = self.gate_in_w, self.gate_in_b
+        w_out, b_out = self.gate_out_w, self.gate_out_b
+        if idx is not None:
+            h = w_out.shape[1]
+            w_in = w_in.view(self.n, h, self.d_mlp)[idx].reshape(-1, self.d_mlp)
+            b_in = b_in.view(self.n, h)[idx].reshape(-1)
+            w_out, b_out = w_out[idx], b_out[idx]
+        hidden = nn.functional.gelu(x @ w_in.T + b_in)
+        hidden = hidden.view(x.shape[0], w_out.shape[0], -1)
+        logit = torch.einsum("tnh,nh->tn", hidden, w_out) + b_out
         return torch.sigmoid(logit)
 
-    def kept(self, x: torch.Tensor) -> torch.Tensor | None:
+    def screen(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, N] bool: the (token, member) pairs that pass the candidate screen (one product
+        of the tokens with every member's retrieval rows, then the threshold and ``top``)."""
+        g = self.key_w.shape[1]
+        beta = (x @ self.key_w.reshape(-1, self.d_mlp).T).view(x.shape[0], self.n, g)
+        beta = beta.masked_fill(~self.key_ok, float("-inf")).amax(-1)  # [T, N]
+        cand = beta >= self.threshold
+        if self.top is not None and self.top < self.n:
+            best = beta.topk(self.top, dim=-1).indices
+            cand &= torch.zeros_like(cand).scatter_(1, best, True)
+        return cand | self.key_none
+
+    def kept(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor | None:
         """[T, N]: tokens a member leaves as they are although its gate may open (its β̃ guard
-        or its prompt keys, as ``RepAdapter.guarded``); None when no member has either."""
+        or its prompt keys, as ``RepAdapter.guarded``); None when no member has either.
+        ``idx``: only those members' columns."""
+        guard_w, guard_ok = self.guard_w, self.guard_ok
+        prompt_k, prompt_ok = self.prompt_k, self.prompt_ok
+        if idx is not None:
+            guard_w, guard_ok = guard_w[idx], guard_ok[idx]
+            prompt_k, prompt_ok = prompt_k[idx], prompt_ok[idx]
         out = None
-        if self.cfg.beta_guard is not None and bool(self.guard_ok.any()):
-            beta = torch.einsum("td,ngd->tng", x, self.guard_w)
-            beta = beta.masked_fill(~self.guard_ok, float("-inf"))
+        if self.cfg.beta_guard is not None and bool(guard_ok.any()):
+            beta = torch.einsum("td,ngd->tng", x, guard_w)
+            beta = beta.masked_fill(~guard_ok, float("-inf"))
             out = beta.amax(-1) >= self.cfg.beta_guard
-        if self.cfg.keep_prompt_key and bool(self.prompt_ok.any()):
-            near = torch.zeros(x.shape[0], self.n, dtype=torch.bool, device=x.device)
-            norms = self.prompt_k.norm(dim=-1)  # [N, P]
-            for lo in range(0, self.n, CHUNK):
-                rows, ok = self.prompt_k[lo : lo + CHUNK], self.prompt_ok[lo : lo + CHUNK]
-                for j in range(rows.shape[1]):
-                    dist = (x[:, None, :] - rows[None, :, j, :]).norm(dim=-1)  # [T, chunk]
-                    hit = dist < PROMPT_KEY_TOLERANCE * norms[lo : lo + CHUNK, j]
-                    near[:, lo : lo + CHUNK] |= hit & ok[:, j]
+        if self.cfg.keep_prompt_key and bool(prompt_ok.any()):
+            near = _near_prompt(x, prompt_k, prompt_ok)
             out = near if out is None else out | near
         return out
 
@@ -134,32 +216,66 @@ class MergedStack(nn.Module):
         return self.forward_with_gate(k)[0]
 
     def forward_with_gate(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(k + Σ open members' P(k), the largest gate or None)``, as ``RepStack``."""
+        """``(k + Σ open members' P(k), the largest gate or None)``, as ``RepStack``; with the
+        candidate screen, a member's gate counts only at tokens that screen it in (0 elsewhere)."""
         x = k.float().reshape(-1, self.d_mlp)
-        g = self.gates(x) if self.cfg.use_gate else None
-        open_ = g > self.tau if g is not None else torch.ones(x.shape[0], self.n, dtype=torch.bool)
-        kept = self.kept(x)
+        if self.candidates == "all":
+            out, top = self._adapt(x, None, None)
+            return (k if out is None else out.reshape(k.shape).to(k.dtype)), _shaped(top, k)
+        cand = self.screen(x)
+        rows, idx = cand.any(1).nonzero()[:, 0], cand.any(0).nonzero()[:, 0]
+        top = torch.zeros(x.shape[0], device=x.device) if self.cfg.use_gate else None
+        if rows.numel() == 0:
+            return k, _shaped(top, k)  # no token near any member's edit: no gate runs
+        full_rows, full_idx = rows.numel() == x.shape[0], idx.numel() == self.n
+        xs = x if full_rows else x[rows]
+        sub = cand if full_rows else cand[rows]
+        out_s, top_s = self._adapt(xs, None if full_idx else idx, sub if full_idx else sub[:, idx])
+        if top is not None and top_s is not None:
+            top[rows] = top_s
+        if out_s is None:
+            return k, _shaped(top, k)
+        out = out_s if full_rows else x.index_copy(0, rows, out_s)
+        return out.reshape(k.shape).to(k.dtype), _shaped(top, k)
+
+    def _adapt(
+        self, x: torch.Tensor, idx: torch.Tensor | None, cand: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Tokens ``x`` [T, d] through members ``idx`` (None: all), opened only where ``cand``
+        [T, M] allows: (adapted keys, or None when nothing opens; the largest allowed gate)."""
+        m_all = self.n if idx is None else idx.numel()
+        g = self.gates(x, idx) if self.cfg.use_gate else None
+        open_ = g > self.tau if g is not None else torch.ones(x.shape[0], m_all, dtype=torch.bool)
+        if cand is not None:
+            open_ = open_ & cand
+        kept = self.kept(x, idx)
         if kept is not None:
             open_ = open_ & ~kept
-        top = None if g is None else g.amax(-1).reshape(k.shape[:-1])
+        top = None
+        if g is not None:
+            top = (g if cand is None else g.masked_fill(~cand, 0.0)).amax(-1)
         if not bool(open_.any()):
-            return k, top  # every token shut in every member: the key itself, untouched
+            return None, top  # every token shut in every member: the key itself, untouched
         used = open_.any(0)  # members open at some token: only their projections are computed
         a, b, scale = self.A, self.B_t, self.scale
-        if not bool(used.all()):
+        if idx is not None:
+            a, b, scale = a[idx[used]], b[idx[used]], scale[idx[used]]
+            open_ = open_[:, used]
+        elif not bool(used.all()):
             a, b, scale, open_ = a[used], b[used], scale[used], open_[:, used]
         m, r = a.shape[0], a.shape[1]
         low = (x @ a.reshape(m * r, self.d_mlp).T).view(-1, m, r)
         low = low * (open_.float() * scale)[..., None]
-        out = x + low.reshape(-1, m * r) @ b.reshape(m * r, self.d_mlp)
-        return out.reshape(k.shape).to(k.dtype), top
+        return x + low.reshape(-1, m * r) @ b.reshape(m * r, self.d_mlp), top
 
     def extra_repr(self) -> str:
         return f"members={self.n}, d_mlp={self.d_mlp}, tau={self.tau}"
 
 
-def merge_adapters(adapters: dict[int, Any]) -> dict[int, Any]:
-    """``{layer: adapter}`` with every ``RepStack`` replaced by its ``MergedStack``."""
+def merge_adapters(adapters: dict[int, Any], **screen: Any) -> dict[int, Any]:
+    """``{layer: adapter}`` with every ``RepStack`` replaced by its ``MergedStack`` (``screen``:
+    its ``candidates``/``threshold``/``top`` arguments)."""
     return {
-        layer: MergedStack(a) if isinstance(a, RepStack) else a for layer, a in adapters.items()
+        layer: MergedStack(a, **screen) if isinstance(a, RepStack) else a
+        for layer, a in adapters.items()
     }
