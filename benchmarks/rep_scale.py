@@ -119,7 +119,8 @@ def best(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, float, to
 def time_size(
     lm: Any, forward: Callable[[], torch.Tensor], n: int, args: argparse.Namespace, ctx: dict
 ) -> dict[str, Any]:
-    """One N: the merged stack (and the RepStack, and the screened stack) timed."""
+    """One N: the plain forward, the merged stack (and the RepStack, and the screened stack)
+    timed; ratios are to this N's plain forward."""
     from repedit.rep import RepStack, rep_applied
     from repedit.rep.merged import CANDIDATE_THRESHOLD, MergedStack
 
@@ -129,7 +130,10 @@ def time_size(
         for layer in ctx["layers"]
     }
     stacks = {layer: RepStack(m).eval() for layer, m in members.items()}
-    run: dict[str, Any] = {"n": n}
+    # the plain forward again next to this N's runs (a shared machine's load drifts)
+    plain_wall, plain_cpu, _ = best(forward, args.repeats)
+    ctx["plain_wall"], ctx["plain_cpu"] = plain_wall, plain_cpu
+    run: dict[str, Any] = {"n": n, "plain_wall": plain_wall, "plain_cpu": plain_cpu}
     if "all" in ctx["variants"]:
         merged = {layer: MergedStack(s) for layer, s in stacks.items()}
         with rep_applied(lm, merged, count=False):
@@ -230,7 +234,8 @@ def table(report: dict[str, Any]) -> None:
     )
     fmt = lambda r, p: f"{r[p + '_wall']:.3f}s/{r[p + '_cpu']:.3f}s" if p + "_wall" in r else "-"  # noqa: E731
     for r in report["runs"]:
-        line = f"  N={r['n']:>5}  RepStack {fmt(r, 'stack'):>16}  merged {fmt(r, 'merged'):>16}"
+        line = f"  N={r['n']:>5}  plain {fmt(r, 'plain')}  RepStack {fmt(r, 'stack'):>16}"
+        line += f"  merged {fmt(r, 'merged'):>16}"
         if "merged_cpu" in r:
             line += f" ({r['merged_over_plain_cpu']}x)"
         if "key_wall" in r:

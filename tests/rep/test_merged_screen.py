@@ -82,8 +82,8 @@ def test_far_key_runs_no_gate_and_a_member_key_opens_its_member() -> None:
     merged = MergedStack(members, candidates="key", threshold=0.5)
     far = member_keys[N_MEMBERS:]  # orthogonal to every member's key: β̃ = 0 for all
     seen: list[int] = []
-    gates = merged.gates
-    merged.gates = lambda x, idx=None: seen.append(x.shape[0]) or gates(x, idx)  # type: ignore[method-assign]
+    gate = merged.member_gate
+    merged.member_gate = lambda m, x: seen.append(x.shape[0]) or gate(m, x)  # type: ignore[method-assign]
     with torch.no_grad():
         out, top = merged.forward_with_gate(far)
         assert out is far and seen == [] and top is not None and not bool(top.any())

@@ -16,7 +16,9 @@ prompt key ``k_o/‖k_o‖²`` for a member without them) form one ``[N·G, d]``
 token's whitened similarity ``β̃ = k·w`` to every member's edit is one product of ``G·d`` per
 member (against ``h·d`` for its gate, ``h ≈ 0.1·d``), and only the (token, member) pairs with
 ``β̃ ≥ threshold`` (and, with ``top``, among the token's ``top`` best) run the member's gate,
-guard and projection. A member with neither guard rows nor prompt keys is a candidate
+guard and projection, member by member on its own tokens (a Python loop over the members
+screened in at some token: cost in proportion to the pairs, plus a few microseconds per
+member). A member with neither guard rows nor prompt keys is a candidate
 everywhere. This is not exact: a member whose gate would open on a key with ``β̃`` below the
 threshold leaves that key alone, so the threshold must sit below the β̃ of the keys a member's
 gate is trained to open on; ``threshold=-inf`` selects every member and computes what
@@ -160,21 +162,23 @@ class MergedStack(nn.Module):
     def __len__(self) -> int:
         return self.n
 
-    def gates(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Every member's (or members ``idx``') soft gate for tokens ``x`` [T, d]: [T, N]."""
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's soft gate for tokens ``x`` [T, d]: [T, N] (one matrix product)."""
         if self.cfg.gate_input_norm:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
-        w_in, b_in = self.gate_in_w, self.gate_in_b
-        w_out, b_out = self.gate_out_w, self.gate_out_b
-        if idx is not None:
-            h = w_out.shape[1]
-            w_in = w_in.view(self.n, h, self.d_mlp)[idx].reshape(-1, self.d_mlp)
-            b_in = b_in.view(self.n, h)[idx].reshape(-1)
-            w_out, b_out = w_out[idx], b_out[idx]
-        hidden = nn.functional.gelu(x @ w_in.T + b_in)
-        hidden = hidden.view(x.shape[0], w_out.shape[0], -1)
-        logit = torch.einsum("tnh,nh->tn", hidden, w_out) + b_out
+        hidden = nn.functional.gelu(x @ self.gate_in_w.T + self.gate_in_b)
+        hidden = hidden.view(x.shape[0], self.n, -1)
+        logit = torch.einsum("tnh,nh->tn", hidden, self.gate_out_w) + self.gate_out_b
         return torch.sigmoid(logit)
+
+    def member_gate(self, m: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``m``'s soft gate for tokens ``x`` [T, d]: [T]."""
+        if self.cfg.gate_input_norm:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
+        h = self.gate_out_w.shape[1]
+        w_in = self.gate_in_w[m * h : (m + 1) * h]
+        hidden = nn.functional.gelu(x @ w_in.T + self.gate_in_b[m * h : (m + 1) * h])
+        return torch.sigmoid(hidden @ self.gate_out_w[m] + self.gate_out_b[m])
 
     def screen(self, x: torch.Tensor) -> torch.Tensor:
         """[T, N] bool: the (token, member) pairs that pass the candidate screen (one product
@@ -220,48 +224,53 @@ class MergedStack(nn.Module):
         candidate screen, a member's gate counts only at tokens that screen it in (0 elsewhere)."""
         x = k.float().reshape(-1, self.d_mlp)
         if self.candidates == "all":
-            out, top = self._adapt(x, None, None)
-            return (k if out is None else out.reshape(k.shape).to(k.dtype)), _shaped(top, k)
-        cand = self.screen(x)
-        rows, idx = cand.any(1).nonzero()[:, 0], cand.any(0).nonzero()[:, 0]
-        top = torch.zeros(x.shape[0], device=x.device) if self.cfg.use_gate else None
-        if rows.numel() == 0:
-            return k, _shaped(top, k)  # no token near any member's edit: no gate runs
-        full_rows, full_idx = rows.numel() == x.shape[0], idx.numel() == self.n
-        xs = x if full_rows else x[rows]
-        sub = cand if full_rows else cand[rows]
-        out_s, top_s = self._adapt(xs, None if full_idx else idx, sub if full_idx else sub[:, idx])
-        if top is not None and top_s is not None:
-            top[rows] = top_s
-        if out_s is None:
-            return k, _shaped(top, k)
-        out = out_s if full_rows else x.index_copy(0, rows, out_s)
-        return out.reshape(k.shape).to(k.dtype), _shaped(top, k)
+            out, top = self._adapt(x)
+        else:
+            out, top = self._adapt_pairs(x, self.screen(x))
+        return (k if out is None else out.reshape(k.shape).to(k.dtype)), _shaped(top, k)
 
-    def _adapt(
-        self, x: torch.Tensor, idx: torch.Tensor | None, cand: torch.Tensor | None
+    def _adapt_pairs(
+        self, x: torch.Tensor, cand: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Tokens ``x`` [T, d] through members ``idx`` (None: all), opened only where ``cand``
-        [T, M] allows: (adapted keys, or None when nothing opens; the largest allowed gate)."""
-        m_all = self.n if idx is None else idx.numel()
-        g = self.gates(x, idx) if self.cfg.use_gate else None
-        open_ = g > self.tau if g is not None else torch.ones(x.shape[0], m_all, dtype=torch.bool)
-        if cand is not None:
-            open_ = open_ & cand
-        kept = self.kept(x, idx)
+        """Only the screened-in (token, member) pairs, member by member: each runs its gate,
+        guard and projection on its own tokens, so the cost follows the pairs, not N."""
+        top = torch.zeros(x.shape[0], device=x.device) if self.cfg.use_gate else None
+        pairs = cand.T.nonzero()  # (member, token), member-major
+        if pairs.shape[0] == 0:
+            return None, top  # no token near any member's edit: no gate runs
+        members, counts = torch.unique_consecutive(pairs[:, 0], return_counts=True)
+        out = None
+        for m, tok in zip(members.tolist(), pairs[:, 1].split(counts.tolist()), strict=True):
+            xm = x[tok]
+            if top is not None:
+                g = self.member_gate(m, xm)
+                top[tok] = torch.maximum(top[tok], g)
+                keep = g > self.tau
+            else:
+                keep = torch.ones(tok.shape[0], dtype=torch.bool, device=x.device)
+            kept = self.kept(xm, torch.tensor([m], device=x.device))
+            if kept is not None:
+                keep &= ~kept[:, 0]
+            if bool(keep.any()):
+                sel = tok[keep]
+                low = (x[sel] @ self.A[m].T) * self.scale[m]
+                out = (x.clone() if out is None else out).index_add_(0, sel, low @ self.B_t[m])
+        return out, top
+
+    def _adapt(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Tokens ``x`` [T, d] through every member: (adapted keys, or None when nothing
+        opens; the largest gate or None)."""
+        g = self.gates(x) if self.cfg.use_gate else None
+        open_ = g > self.tau if g is not None else torch.ones(x.shape[0], self.n, dtype=torch.bool)
+        kept = self.kept(x)
         if kept is not None:
             open_ = open_ & ~kept
-        top = None
-        if g is not None:
-            top = (g if cand is None else g.masked_fill(~cand, 0.0)).amax(-1)
+        top = None if g is None else g.amax(-1)
         if not bool(open_.any()):
             return None, top  # every token shut in every member: the key itself, untouched
         used = open_.any(0)  # members open at some token: only their projections are computed
         a, b, scale = self.A, self.B_t, self.scale
-        if idx is not None:
-            a, b, scale = a[idx[used]], b[idx[used]], scale[idx[used]]
-            open_ = open_[:, used]
-        elif not bool(used.all()):
+        if not bool(used.all()):
             a, b, scale, open_ = a[used], b[used], scale[used], open_[:, used]
         m, r = a.shape[0], a.shape[1]
         low = (x @ a.reshape(m * r, self.d_mlp).T).view(-1, m, r)
