@@ -55,12 +55,23 @@ def _tol(members: list[RepAdapter], keys: torch.Tensor) -> float:
 
 
 @pytest.mark.numerics
-def test_screen_letting_every_member_through_is_the_stack() -> None:
+@pytest.mark.parametrize("rules", [True, False])
+def test_screen_letting_every_member_through_is_the_stack(rules: bool) -> None:
+    """``rules``: the β̃ guard and the prompt-key rule on, one token at a member's prompt key
+    and one at β̃ = 1 of another member's guard row."""
     d = 48
     keys = torch.randn(2, 6, d, generator=torch.Generator().manual_seed(1)) * 3
     flat = keys.reshape(-1, d)
     member_keys = _orthogonal_keys(d, N_MEMBERS, seed=2)
-    members = [_member(d, s, member_keys[s] if s != 3 else None) for s in range(N_MEMBERS)]
+    members = [
+        _member(d, s, member_keys[s] if s != 3 else None, 40.0 if rules and s in (2, 4) else None)
+        for s in range(N_MEMBERS)
+    ]
+    if rules:  # members 2 and 4 open everywhere: only their rules keep tokens 3 and 5
+        for m in members:
+            m.cfg = m.cfg.replace(beta_guard=0.5, keep_prompt_key=True)
+        members[2].set_prompt_keys(flat[3:4])
+        members[4].set_guard(flat[5:6] / flat[5].pow(2).sum())
     stack = RepStack(members).eval()
     everyone = MergedStack(stack, candidates="key", threshold=float("-inf"))
     with torch.no_grad():
@@ -82,15 +93,15 @@ def test_far_key_runs_no_gate_and_a_member_key_opens_its_member() -> None:
     merged = MergedStack(members, candidates="key", threshold=0.5)
     far = member_keys[N_MEMBERS:]  # orthogonal to every member's key: β̃ = 0 for all
     seen: list[int] = []
-    gate = merged.member_gate
-    merged.member_gate = lambda m, x: seen.append(x.shape[0]) or gate(m, x)  # type: ignore[method-assign]
+    gate = merged.member_gates
+    merged.member_gates = lambda lo, hi, xs: seen.append(int(xs.shape[1])) or gate(lo, hi, xs)  # type: ignore[method-assign]
     with torch.no_grad():
         out, top = merged.forward_with_gate(far)
         assert out is far and seen == [] and top is not None and not bool(top.any())
         at_member = torch.stack([far[0], member_keys[2], far[1]])
         got, top = merged.forward_with_gate(at_member)
         want = members[2](member_keys[2:3])[0]
-    assert seen == [1]  # one gate evaluation, for the one screened-in token
+    assert seen == [1]  # one gate evaluation, one token wide: the one screened-in token
     assert torch.equal(got[0], far[0]) and torch.equal(got[2], far[1])
     assert top is not None and float(top[1]) > merged.tau and float(top[0]) == 0.0
     assert_within(got[1], want, _tol(members, member_keys), "the member's own adaptation")

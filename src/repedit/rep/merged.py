@@ -14,15 +14,18 @@ the order of summation (eval mode only: it is an inference module).
 every member's retrieval directions ``w = C⁻¹k*/(k*ᵀC⁻¹k*)`` (its β̃ guard rows; the stored
 prompt key ``k_o/‖k_o‖²`` for a member without them) form one ``[N·G, d]`` matrix, so a
 token's whitened similarity ``β̃ = k·w`` to every member's edit is one product of ``G·d`` per
-member (against ``h·d`` for its gate, ``h ≈ 0.1·d``), and only the (token, member) pairs with
+member (against ``h·d`` for its gate, ``h ≈ 0.1·d``). Only the (token, member) pairs with
 ``β̃ ≥ threshold`` (and, with ``top``, among the token's ``top`` best) run the member's gate,
-guard and projection, member by member on its own tokens (a Python loop over the members
-screened in at some token: cost in proportion to the pairs, plus a few microseconds per
-member). A member with neither guard rows nor prompt keys is a candidate
-everywhere. This is not exact: a member whose gate would open on a key with ``β̃`` below the
-threshold leaves that key alone, so the threshold must sit below the β̃ of the keys a member's
-gate is trained to open on; ``threshold=-inf`` selects every member and computes what
-``candidates="all"`` computes.
+guard and projection, on that member's own tokens (batched over chunks of members, each
+padded to the chunk's most-selected member). A member with neither guard rows nor prompt
+keys is a candidate everywhere. ``threshold=-inf`` selects every pair and computes what
+``candidates="all"`` computes, up to summation order.
+
+The screen is not exact, and it is opt-in for that reason: a member whose gate would open on a
+key with β̃ below the threshold leaves that key alone. Trained REP gates open mostly on keys
+whose β̃ is small (the paraphrases the plain edit misses are what REP is for), so on them a
+threshold that saves work also drops most of their adaptations (``docs/scale.md``). It suits
+members whose gates are meant to open only near their edit's key.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from repedit.rep.adapter import PROMPT_KEY_TOLERANCE, RepAdapter, RepConfig, Rep
 #: inference settings every member must share to be merged (each is applied per member)
 SHARED = ("use_gate", "gate_input_norm", "tau", "beta_guard", "keep_prompt_key", "prompt_only")
 #: members per chunk when comparing tokens with stored prompt keys ([tokens, chunk, d] at once)
+#: and when the candidate screen runs members on their own tokens
 CHUNK = 64
 #: "all": every member's gate at every token; "key": screen members by β̃ first (module doc)
 Candidates = Literal["all", "key"]
@@ -171,15 +175,6 @@ class MergedStack(nn.Module):
         logit = torch.einsum("tnh,nh->tn", hidden, self.gate_out_w) + self.gate_out_b
         return torch.sigmoid(logit)
 
-    def member_gate(self, m: int, x: torch.Tensor) -> torch.Tensor:
-        """Member ``m``'s soft gate for tokens ``x`` [T, d]: [T]."""
-        if self.cfg.gate_input_norm:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
-        h = self.gate_out_w.shape[1]
-        w_in = self.gate_in_w[m * h : (m + 1) * h]
-        hidden = nn.functional.gelu(x @ w_in.T + self.gate_in_b[m * h : (m + 1) * h])
-        return torch.sigmoid(hidden @ self.gate_out_w[m] + self.gate_out_b[m])
-
     def screen(self, x: torch.Tensor) -> torch.Tensor:
         """[T, N] bool: the (token, member) pairs that pass the candidate screen (one product
         of the tokens with every member's retrieval rows, then the threshold and ``top``)."""
@@ -232,30 +227,71 @@ class MergedStack(nn.Module):
     def _adapt_pairs(
         self, x: torch.Tensor, cand: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Only the screened-in (token, member) pairs, member by member: each runs its gate,
-        guard and projection on its own tokens, so the cost follows the pairs, not N."""
+        """Only the screened-in (token, member) pairs: per chunk of ``CHUNK`` members, each
+        member's own tokens (padded to the chunk's most) run its gate, guard and projection
+        as batched products, so the cost follows the pairs, not ``N · T``."""
         top = torch.zeros(x.shape[0], device=x.device) if self.cfg.use_gate else None
         pairs = cand.T.nonzero()  # (member, token), member-major
         if pairs.shape[0] == 0:
             return None, top  # no token near any member's edit: no gate runs
-        members, counts = torch.unique_consecutive(pairs[:, 0], return_counts=True)
+        counts = torch.bincount(pairs[:, 0], minlength=self.n)
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(pairs.shape[0], device=x.device) - starts[pairs[:, 0]]
         out = None
-        for m, tok in zip(members.tolist(), pairs[:, 1].split(counts.tolist()), strict=True):
-            xm = x[tok]
+        for lo in range(0, self.n, CHUNK):
+            hi = min(lo + CHUNK, self.n)
+            width = int(counts[lo:hi].max())
+            if width == 0:
+                continue
+            here = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
+            m, t, j = pairs[here, 0] - lo, pairs[here, 1], slot[here]
+            tok = torch.zeros(hi - lo, width, dtype=torch.long, device=x.device)
+            valid = torch.zeros(hi - lo, width, dtype=torch.bool, device=x.device)
+            tok[m, j], valid[m, j] = t, True
+            xs = x[tok]  # [M, width, d]
+            keep = valid
             if top is not None:
-                g = self.member_gate(m, xm)
-                top[tok] = torch.maximum(top[tok], g)
-                keep = g > self.tau
-            else:
-                keep = torch.ones(tok.shape[0], dtype=torch.bool, device=x.device)
-            kept = self.kept(xm, torch.tensor([m], device=x.device))
+                g = self.member_gates(lo, hi, xs)
+                top.scatter_reduce_(0, t, g[m, j], "amax")
+                keep = keep & (g > self.tau)
+            kept = self._kept_own(lo, hi, xs)
             if kept is not None:
-                keep &= ~kept[:, 0]
+                keep = keep & ~kept
             if bool(keep.any()):
-                sel = tok[keep]
-                low = (x[sel] @ self.A[m].T) * self.scale[m]
-                out = (x.clone() if out is None else out).index_add_(0, sel, low @ self.B_t[m])
+                low = torch.bmm(xs, self.A[lo:hi].transpose(1, 2))
+                low = low * (keep.float() * self.scale[lo:hi, None])[..., None]
+                delta = torch.bmm(low, self.B_t[lo:hi])  # [M, width, d]
+                out = (x.clone() if out is None else out).index_add_(0, tok[keep], delta[keep])
         return out, top
+
+    def member_gates(self, lo: int, hi: int, xs: torch.Tensor) -> torch.Tensor:
+        """Members ``lo..hi-1``'s soft gates, each on its own tokens ``xs[m]``: [M, width]."""
+        if self.cfg.gate_input_norm:
+            xs = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-12)
+        h = self.gate_out_w.shape[1]
+        w_in = self.gate_in_w[lo * h : hi * h].view(hi - lo, h, self.d_mlp)
+        b_in = self.gate_in_b[lo * h : hi * h].view(hi - lo, 1, h)
+        hidden = nn.functional.gelu(torch.baddbmm(b_in, xs, w_in.transpose(1, 2)))
+        logit = (hidden * self.gate_out_w[lo:hi, None, :]).sum(-1) + self.gate_out_b[lo:hi, None]
+        return torch.sigmoid(logit)
+
+    def _kept_own(self, lo: int, hi: int, xs: torch.Tensor) -> torch.Tensor | None:
+        """As :meth:`kept` for members ``lo..hi-1``, each on its own tokens ``xs[m]``."""
+        out = None
+        guard_ok, prompt_ok = self.guard_ok[lo:hi], self.prompt_ok[lo:hi]
+        if self.cfg.beta_guard is not None and bool(guard_ok.any()):
+            beta = torch.bmm(xs, self.guard_w[lo:hi].transpose(1, 2))  # [M, width, G]
+            beta = beta.masked_fill(~guard_ok[:, None, :], float("-inf"))
+            out = beta.amax(-1) >= self.cfg.beta_guard
+        if self.cfg.keep_prompt_key and bool(prompt_ok.any()):
+            rows = self.prompt_k[lo:hi]  # [M, P, d]
+            dist = (xs[:, :, None, :] - rows[:, None, :, :]).norm(dim=-1)  # [M, width, P]
+            hit = (dist < PROMPT_KEY_TOLERANCE * rows.norm(dim=-1)[:, None, :]) & prompt_ok[
+                :, None, :
+            ]
+            near = hit.any(-1)
+            out = near if out is None else out | near
+        return out
 
     def _adapt(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Tokens ``x`` [T, d] through every member: (adapted keys, or None when nothing
