@@ -15,7 +15,7 @@ from numerics import assert_within, forward_tolerance, tolerance
 from repedit.errors import InvalidRequestError
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 from repedit.rep import RepAdapter, RepConfig, RepStack, rep_applied
-from repedit.rep.merged import MergedStack
+from repedit.rep.merged import WIDE, MergedStack
 
 N_MEMBERS = 5
 #: no guard and no prompt-key rule, so a screened-in member with an open gate always acts
@@ -56,11 +56,13 @@ def _tol(members: list[RepAdapter], keys: torch.Tensor) -> float:
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("rules", [True, False])
-def test_screen_letting_every_member_through_is_the_stack(rules: bool) -> None:
+@pytest.mark.parametrize("seq", [6, WIDE])
+def test_screen_letting_every_member_through_is_the_stack(rules: bool, seq: int) -> None:
     """``rules``: the β̃ guard and the prompt-key rule on, one token at a member's prompt key
-    and one at β̃ = 1 of another member's guard row."""
+    and one at β̃ = 1 of another member's guard row. ``seq``: 2·seq tokens, so with
+    ``seq = WIDE`` every member has more than ``WIDE`` tokens and runs alone."""
     d = 48
-    keys = torch.randn(2, 6, d, generator=torch.Generator().manual_seed(1)) * 3
+    keys = torch.randn(2, seq, d, generator=torch.Generator().manual_seed(1)) * 3
     flat = keys.reshape(-1, d)
     member_keys = _orthogonal_keys(d, N_MEMBERS, seed=2)
     members = [

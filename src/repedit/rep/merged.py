@@ -44,6 +44,8 @@ SHARED = ("use_gate", "gate_input_norm", "tau", "beta_guard", "keep_prompt_key",
 #: members per chunk when comparing tokens with stored prompt keys ([tokens, chunk, d] at once)
 #: and when the candidate screen runs members on their own tokens
 CHUNK = 64
+#: the candidate screen batches members with at most this many tokens; wider ones run alone
+WIDE = 16
 #: "all": every member's gate at every token; "key": screen members by β̃ first (module doc)
 Candidates = Literal["all", "key"]
 #: default β̃ a key must reach for a member to be screened in (``candidates="key"``)
@@ -227,42 +229,59 @@ class MergedStack(nn.Module):
     def _adapt_pairs(
         self, x: torch.Tensor, cand: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Only the screened-in (token, member) pairs: per chunk of ``CHUNK`` members, each
-        member's own tokens (padded to the chunk's most) run its gate, guard and projection
-        as batched products, so the cost follows the pairs, not ``N · T``."""
+        """Only the screened-in (token, member) pairs, as batched products: members with at
+        most ``WIDE`` tokens together per chunk of ``CHUNK`` members (padded to the chunk's
+        most), each wider member alone, so the cost follows the pairs, not ``N · T``."""
         top = torch.zeros(x.shape[0], device=x.device) if self.cfg.use_gate else None
         pairs = cand.T.nonzero()  # (member, token), member-major
         if pairs.shape[0] == 0:
             return None, top  # no token near any member's edit: no gate runs
-        counts = torch.bincount(pairs[:, 0], minlength=self.n)
-        starts = counts.cumsum(0) - counts
-        slot = torch.arange(pairs.shape[0], device=x.device) - starts[pairs[:, 0]]
+        member = pairs[:, 0]
+        counts = torch.bincount(member, minlength=self.n)
+        slot = torch.arange(pairs.shape[0], device=x.device) - (counts.cumsum(0) - counts)[member]
+        wide = counts[member] > WIDE
         out = None
         for lo in range(0, self.n, CHUNK):
             hi = min(lo + CHUNK, self.n)
-            width = int(counts[lo:hi].max())
-            if width == 0:
-                continue
-            here = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
-            m, t, j = pairs[here, 0] - lo, pairs[here, 1], slot[here]
-            tok = torch.zeros(hi - lo, width, dtype=torch.long, device=x.device)
-            valid = torch.zeros(hi - lo, width, dtype=torch.bool, device=x.device)
-            tok[m, j], valid[m, j] = t, True
-            xs = x[tok]  # [M, width, d]
-            keep = valid
-            if top is not None:
-                g = self.member_gates(lo, hi, xs)
-                top.scatter_reduce_(0, t, g[m, j], "amax")
-                keep = keep & (g > self.tau)
-            kept = self._kept_own(lo, hi, xs)
-            if kept is not None:
-                keep = keep & ~kept
-            if bool(keep.any()):
-                low = torch.bmm(xs, self.A[lo:hi].transpose(1, 2))
-                low = low * (keep.float() * self.scale[lo:hi, None])[..., None]
-                delta = torch.bmm(low, self.B_t[lo:hi])  # [M, width, d]
-                out = (x.clone() if out is None else out).index_add_(0, tok[keep], delta[keep])
+            here = (member >= lo) & (member < hi) & ~wide
+            if bool(here.any()):
+                out = self._run_pairs(x, out, top, (lo, hi), pairs[here], slot[here])
+        for m in torch.unique(member[wide]).tolist():
+            here = member == m
+            out = self._run_pairs(x, out, top, (m, m + 1), pairs[here], slot[here])
         return out, top
+
+    def _run_pairs(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor | None,
+        top: torch.Tensor | None,
+        span: tuple[int, int],
+        pairs: torch.Tensor,
+        slot: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Members ``span`` on their (member, token) ``pairs``: ``out`` (None: nothing adapted
+        yet) with their changes added; their gates into ``top`` (in place)."""
+        lo, hi = span
+        m, t = pairs[:, 0] - lo, pairs[:, 1]
+        width = int(slot.max()) + 1
+        tok = torch.zeros(hi - lo, width, dtype=torch.long, device=x.device)
+        keep = torch.zeros(hi - lo, width, dtype=torch.bool, device=x.device)
+        tok[m, slot], keep[m, slot] = t, True
+        xs = x[tok]  # [M, width, d]
+        if top is not None:
+            g = self.member_gates(lo, hi, xs)
+            top.scatter_reduce_(0, t, g[m, slot], "amax")
+            keep &= g > self.tau
+        kept = self._kept_own(lo, hi, xs)
+        if kept is not None:
+            keep &= ~kept
+        if not bool(keep.any()):
+            return out
+        low = torch.bmm(xs, self.A[lo:hi].transpose(1, 2))
+        low = low * (keep.float() * self.scale[lo:hi, None])[..., None]
+        delta = torch.bmm(low, self.B_t[lo:hi])  # [M, width, d]
+        return (x.clone() if out is None else out).index_add_(0, tok[keep], delta[keep])
 
     def member_gates(self, lo: int, hi: int, xs: torch.Tensor) -> torch.Tensor:
         """Members ``lo..hi-1``'s soft gates, each on its own tokens ``xs[m]``: [M, width]."""
