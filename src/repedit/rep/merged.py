@@ -46,6 +46,9 @@ SHARED = ("use_gate", "gate_input_norm", "tau", "beta_guard", "keep_prompt_key",
 CHUNK = 64
 #: the candidate screen batches members with at most this many tokens; wider ones run alone
 WIDE = 16
+#: a chunk where fewer than one member in this many has a pair runs those members one by one
+#: (a batched product would also multiply the idle members' weights by padding)
+SPARSE = 4
 #: "all": every member's gate at every token; "key": screen members by β̃ first (module doc)
 Candidates = Literal["all", "key"]
 #: default β̃ a key must reach for a member to be screened in (``candidates="key"``)
@@ -231,7 +234,8 @@ class MergedStack(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Only the screened-in (token, member) pairs, as batched products: members with at
         most ``WIDE`` tokens together per chunk of ``CHUNK`` members (padded to the chunk's
-        most), each wider member alone, so the cost follows the pairs, not ``N · T``."""
+        most); wider members, and those of a chunk where fewer than one in ``SPARSE`` members
+        has a pair, one at a time. The cost follows the pairs, not ``N · T``."""
         top = torch.zeros(x.shape[0], device=x.device) if self.cfg.use_gate else None
         pairs = cand.T.nonzero()  # (member, token), member-major
         if pairs.shape[0] == 0:
@@ -239,16 +243,22 @@ class MergedStack(nn.Module):
         member = pairs[:, 0]
         counts = torch.bincount(member, minlength=self.n)
         slot = torch.arange(pairs.shape[0], device=x.device) - (counts.cumsum(0) - counts)[member]
-        wide = counts[member] > WIDE
+        wide = counts > WIDE
+        alone = wide.clone()  # members run on their own: wide ones, and those of sparse chunks
+        for lo in range(0, self.n, CHUNK):
+            busy = (counts[lo : lo + CHUNK] > 0) & ~wide[lo : lo + CHUNK]
+            if int(busy.sum()) * SPARSE < busy.shape[0]:
+                alone[lo : lo + CHUNK] |= busy
         out = None
         for lo in range(0, self.n, CHUNK):
             hi = min(lo + CHUNK, self.n)
-            here = (member >= lo) & (member < hi) & ~wide
+            here = (member >= lo) & (member < hi) & ~alone[member]
             if bool(here.any()):
                 out = self._run_pairs(x, out, top, (lo, hi), pairs[here], slot[here])
-        for m in torch.unique(member[wide]).tolist():
-            here = member == m
-            out = self._run_pairs(x, out, top, (m, m + 1), pairs[here], slot[here])
+        starts = (counts.cumsum(0) - counts).tolist()
+        for m in (alone & (counts > 0)).nonzero()[:, 0].tolist():
+            a, b = starts[m], starts[m] + int(counts[m])  # pairs are member-major
+            out = self._run_pairs(x, out, top, (m, m + 1), pairs[a:b], slot[a:b])
         return out, top
 
     def _run_pairs(
