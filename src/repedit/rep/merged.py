@@ -192,22 +192,16 @@ class MergedStack(nn.Module):
             cand &= torch.zeros_like(cand).scatter_(1, best, True)
         return cand | self.key_none
 
-    def kept(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor | None:
+    def kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """[T, N]: tokens a member leaves as they are although its gate may open (its β̃ guard
-        or its prompt keys, as ``RepAdapter.guarded``); None when no member has either.
-        ``idx``: only those members' columns."""
-        guard_w, guard_ok = self.guard_w, self.guard_ok
-        prompt_k, prompt_ok = self.prompt_k, self.prompt_ok
-        if idx is not None:
-            guard_w, guard_ok = guard_w[idx], guard_ok[idx]
-            prompt_k, prompt_ok = prompt_k[idx], prompt_ok[idx]
+        or its prompt keys, as ``RepAdapter.guarded``); None when no member has either."""
         out = None
-        if self.cfg.beta_guard is not None and bool(guard_ok.any()):
-            beta = torch.einsum("td,ngd->tng", x, guard_w)
-            beta = beta.masked_fill(~guard_ok, float("-inf"))
+        if self.cfg.beta_guard is not None and bool(self.guard_ok.any()):
+            beta = torch.einsum("td,ngd->tng", x, self.guard_w)
+            beta = beta.masked_fill(~self.guard_ok, float("-inf"))
             out = beta.amax(-1) >= self.cfg.beta_guard
-        if self.cfg.keep_prompt_key and bool(prompt_ok.any()):
-            near = _near_prompt(x, prompt_k, prompt_ok)
+        if self.cfg.keep_prompt_key and bool(self.prompt_ok.any()):
+            near = _near_prompt(x, self.prompt_k, self.prompt_ok)
             out = near if out is None else out | near
         return out
 
@@ -326,7 +320,11 @@ class MergedStack(nn.Module):
         """Tokens ``x`` [T, d] through every member: (adapted keys, or None when nothing
         opens; the largest gate or None)."""
         g = self.gates(x) if self.cfg.use_gate else None
-        open_ = g > self.tau if g is not None else torch.ones(x.shape[0], self.n, dtype=torch.bool)
+        open_ = (
+            g > self.tau
+            if g is not None
+            else torch.ones(x.shape[0], self.n, dtype=torch.bool, device=x.device)
+        )
         kept = self.kept(x)
         if kept is not None:
             open_ = open_ & ~kept
