@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=100, help="cases for paraphrase/neighbours")
     p.add_argument("--seed", type=int, default=0, help="for the sample and the fluency texts")
     p.add_argument("--fluency-tokens", type=int, default=100, help="sampled tokens per text")
-    p.add_argument("--key-mode", default=None, choices=("each", "mean"), help="default: editor's")
+    p.add_argument(
+        "--key-mode", default=None, choices=("auto", "each", "mean"), help="default: editor's"
+    )
     p.add_argument("--value-steps", type=int, default=None, help="default: editor's")
     p.add_argument("--batching", default=None, choices=("stream", "fixed"))
     p.add_argument("--group-tokens", type=int, default=None, help="stream batching budget")
@@ -239,6 +241,17 @@ def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def key_mode_used(lm: Any, editor: Any, batch: int) -> str | None:
+    """The mode a MEMIT-family ``key_mode`` (e.g. "auto") resolves to for a full batch."""
+    from repedit.editors.memit import resolve_key_mode
+
+    hp = editor.resolved(lm)
+    mode = getattr(hp, "key_mode", None)
+    if mode is None:
+        return None
+    return resolve_key_mode(mode, batch, len(editor.contexts(lm, hp)), lm.arch.d_mlp)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -279,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "sequential": args.batch_size < len(cases),
         "hparams": editor.hparams.to_dict(),
+        "key_mode_used": key_mode_used(lm, editor, min(args.batch_size, len(cases))),
         "threads": torch.get_num_threads(),
         "cpu_flags": cpu_flags(),
         "torch": torch.__version__,

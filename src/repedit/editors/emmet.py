@@ -15,7 +15,7 @@ import torch
 
 from repedit.data.case import EditRequest
 from repedit.editors.base import Editor, LocateEditHparams
-from repedit.editors.memit import fraction_layers, spread_over_layers
+from repedit.editors.memit import KeyMode, fraction_layers, spread_over_layers
 from repedit.editors.result import EditResult
 from repedit.editors.solve import equality_constrained_update
 from repedit.models.loading import LoadedModel
@@ -34,8 +34,8 @@ class EmmetHparams(LocateEditHparams):
     mom2_update_weight: float | None = None
     #: ρ added to K_Eᵀ(λC)⁻¹K_E (also for a single edit, as in the reference code)
     emmet_lambda: float = 0.1
-    #: "mean" or "each" (see MemitHparams.key_mode)
-    key_mode: str = "each"
+    #: "auto", "each" or "mean" (see MemitHparams.key_mode)
+    key_mode: KeyMode = "auto"
 
 
 class Emmet(Editor):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 
@@ -32,6 +32,22 @@ LayerSolve = Callable[[int, torch.Tensor, torch.Tensor, SecondMoment], torch.Ten
 #: keeps the share of the residual written at a typical key the same across model sizes
 LAMBDA_PER_DIM = 15000 / 11008
 
+#: how a request's context keys enter the solve (see ``MemitHparams.key_mode``)
+KeyMode = Literal["auto", "each", "mean"]
+
+
+def resolve_key_mode(
+    mode: str, n_requests: int, n_contexts: int, d_mlp: int
+) -> Literal["each", "mean"]:
+    """``"each"`` or ``"mean"``; ``"auto"`` is ``"each"`` while the batch's context keys fit
+    in the key space (``n_requests · n_contexts ≤ d_mlp``), else ``"mean"``: beyond that the
+    per-context columns span every direction and their deviations pull ΔW towards zero."""
+    if mode not in get_args(KeyMode):
+        raise InvalidRequestError(f"key_mode must be 'auto', 'each' or 'mean', not {mode!r}")
+    if mode == "auto":
+        return "each" if n_requests * n_contexts <= d_mlp else "mean"
+    return "each" if mode == "each" else "mean"
+
 
 @dataclass
 class MemitHparams(LocateEditHparams):
@@ -41,11 +57,13 @@ class MemitHparams(LocateEditHparams):
     layer_fractions: tuple[float, float] = (0.125, 0.25)
     #: λ in (λC + KKᵀ); None derives it from the model as LAMBDA_PER_DIM · d_mlp
     mom2_update_weight: float | None = None
-    #: "each" (default): every context's key is its own column sharing the request's residual,
-    #: so the edit also holds where a key is far from the average, e.g. a subject at the very
-    #: start of a prompt with no BOS token (SmolLM2: β̃ of the bare key ≈ 0.3); "mean": one
-    #: context-averaged key per request, as in the reference code (for reproduction)
-    key_mode: str = "each"
+    #: "each": every context's key is its own column sharing the request's residual, so the
+    #: edit also holds where a key is far from the average, e.g. a subject at the very start of
+    #: a prompt with no BOS token (SmolLM2: β̃ of the bare key ≈ 0.3); "mean": one
+    #: context-averaged key per request, as in the reference code (for reproduction and mass
+    #: editing); "auto" (default): "each" while requests × contexts ≤ d_mlp, else "mean"
+    #: (:func:`resolve_key_mode`; the mode used is in the result's ``info["key_mode"]``)
+    key_mode: KeyMode = "auto"
 
 
 def fraction_layers(
@@ -74,9 +92,9 @@ def spread_over_layers(
     """
     contexts = editor.contexts(lm, hp)
     stats = editor.second_moment(lm, layers)
-    key_mode = getattr(hp, "key_mode", "mean")
-    if key_mode not in ("mean", "each"):
-        raise InvalidRequestError(f"key_mode must be 'mean' or 'each', not {key_mode!r}")
+    key_mode = resolve_key_mode(
+        getattr(hp, "key_mode", "mean"), len(requests), len(contexts), lm.arch.d_mlp
+    )
     last = layers[-1]
     value_args: dict[str, Any] = {"contexts": contexts, **(values_with or {})}
     values = optimise_values(
@@ -105,7 +123,12 @@ def spread_over_layers(
         for step in reversed(applied):
             step.revert(lm)
     tensors[f"targets.{last}"] = z
-    info = {"layers": layers, "value_prob": values.prob, "value_steps": values.steps}
+    info = {
+        "layers": layers,
+        "value_prob": values.prob,
+        "value_steps": values.steps,
+        "key_mode": key_mode,
+    }
     return EditResult(editor.name, lm.fingerprint, deltas, info=info, tensors=tensors)
 
 
