@@ -9,3 +9,6 @@ repedit analyze ceiling $C --out runs/base                                  # RE
 repedit analyze ceiling $C --rep-set augment=span --rep-set n_augment=4 --out runs/span
 repedit analyze ceiling $C --rep-set tau=0.5 --out runs/tau05
 repedit analyze ceiling $C --rep-set weight_decay=1.0 --out runs/wd1
+repedit analyze ceiling $C --rep-set augment=case,spacing,punct,noise,determiner,initials,truncate \
+    --rep-set n_augment=2 --out runs/augall
+repedit analyze ceiling $C --rep-set steps=80 --out runs/steps80
