@@ -5,7 +5,8 @@ Each folder ``docs/results/GROUP/`` holds one sub-folder per run with its ``summ
 table of each group is ``repedit report GROUP/* --markdown``; this script writes those tables
 between the ``generated`` markers of docs/results.md, so the numbers are never copied by hand.
 A group whose runs hold ``ceiling.json`` (``repedit analyze ceiling``) instead gets one table
-of REP's rate and the share of the plain → oracle-key gap it closes, per run.
+of REP's rate, the share of the plain → oracle-key gap it closes and (newer runs) how often
+REP's gate opened at the probes' subject token, per run.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
 
@@ -27,15 +28,23 @@ def ceiling_table(runs: list[Path]) -> str:
     makes the same edits), then per run REP's rate and the gap it closes, in %."""
     docs = {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
     first = next(iter(docs.values()))["tests"]
-    head = ["test", "n", "plain", "oracle key", *(f"{name}: REP (gap closed)" for name in docs)]
+    head = [
+        "test",
+        "n",
+        "plain",
+        "oracle key",
+        *(f"{name}: REP (gap closed, gate)" for name in docs),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for test, t in first.items():
         cells = [test, str(t["n"]), f"{100 * t['plain']:.1f}", f"{100 * t['oracle_key']:.1f}"]
         for doc in docs.values():
             r = doc["tests"].get(test, {})
-            gap = r.get("gap_closed")
+            gap, gate = r.get("gap_closed"), r.get("rep_gate_open")
             rep = "—" if r.get("rep") is None else f"{100 * r['rep']:.1f}"
-            cells.append(rep + ("" if gap is None else f" ({100 * gap:.0f} %)"))
+            notes = [] if gap is None else [f"{100 * gap:.0f} %"]
+            notes += [] if gate is None else [f"gate {100 * gate:.0f} %"]
+            cells.append(rep + (f" ({', '.join(notes)})" if notes else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

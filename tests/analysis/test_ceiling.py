@@ -18,6 +18,7 @@ from repedit.analysis.ceiling import (
     case_items,
     ceiling_markdown,
     oracle_probe_scores,
+    rep_gate_open,
     tally,
 )
 from repedit.data import load_cases
@@ -26,7 +27,7 @@ from repedit.editors.keys import keys_at
 from repedit.evaluation.probes import SuiteConfig, case_keys
 from repedit.evaluation.scoring import score_probes
 from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
-from repedit.models.tokens import locate
+from repedit.models.tokens import locate, prompt_ids
 from tiny_text import tiny_corpus_text
 
 CASES = Path(__file__).parents[1] / "golden" / "analysis" / "cases.json"
@@ -126,7 +127,47 @@ def test_tally_rates_and_gap_closed() -> None:
     }
     assert doc["tests"]["neighbourhood"]["gap_closed"] is None  # no gap to close
     assert "rep" not in tally(rows, with_rep=False)["tests"]["efficacy"]
-    assert "| efficacy | 2 | 0.0 | 50.0 | 100.0 | 50.0 | 50 % |" in ceiling_markdown(doc)
+    assert "| efficacy | 2 | 0.0 | 50.0 | 100.0 | 50.0 | 50 % | — |" in ceiling_markdown(doc)
+
+
+def test_tally_gate_open_share_skips_probes_without_a_subject() -> None:
+    modes = {"plain": 0.0, "rep": 0.0, "oracle_key": 0.0, "oracle_key_all": 0.0}
+    nan = float("nan")
+    rows = [
+        ("ood_subject_paraphrase", {**modes, "rep_gate": 1.0}),
+        ("ood_subject_paraphrase", {**modes, "rep_gate": 0.0}),
+        ("ood_subject_paraphrase", {**modes, "rep_gate": 1.0}),
+        ("ood_subject_paraphrase", {**modes, "rep_gate": nan}),
+        ("neighbourhood", {**modes, "rep_gate": nan}),
+    ]
+    doc = tally(rows, with_rep=True)
+    assert doc["tests"]["ood_subject_paraphrase"]["rep_gate_open"] == pytest.approx(2 / 3)
+    assert "rep_gate_open" not in doc["tests"]["neighbourhood"]
+    assert "| — | 67 % |" in ceiling_markdown(doc)
+
+
+class _HalfGate(torch.nn.Module):
+    """A gate that opens where the key's mean is positive (τ = 0.5)."""
+
+    tau = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def gate(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(1e3 * k.mean(-1) + self.w)
+
+
+def test_rep_gate_open_reads_the_key_at_each_probes_last_subject_token(lm, cases) -> None:
+    items = [i for i in _items(lm, cases) if i.last is not None][:5]
+    local = [i for i in _items(lm, cases) if i.last is None][:1]
+    got = rep_gate_open(lm, {LAYER: _HalfGate()}, [*items, *local])
+    for item, g in zip(items, got[: len(items)], strict=True):
+        ids = prompt_ids(lm.tokenizer, item.probe.prompt)
+        key = keys_at(lm, [LAYER], [ids], [item.last[0]])[LAYER][0]
+        assert g == float(key.mean() > 0)
+    assert got[-1] != got[-1]  # NaN: a locality probe has no subject token
 
 
 @pytest.fixture(scope="module")
@@ -170,4 +211,6 @@ def test_cli_analyze_ceiling_end_to_end(tmp_path, tiny_dir, corpus, tmp_cache, c
     nb = tests["neighbourhood"]
     assert nb["oracle_key"] == nb["plain"] == nb["oracle_key_all"]
     assert tests["efficacy"]["n"] == 2
+    assert 0.0 <= tests["efficacy"]["rep_gate_open"] <= 1.0
+    assert "rep_gate_open" not in nb
     assert "| efficacy | 2 |" in (out / "ceiling.md").read_text()

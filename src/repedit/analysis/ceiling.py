@@ -32,6 +32,7 @@ from repedit.data.case import EditCase
 from repedit.data.loaders import load_cases
 from repedit.data.variants import NearSubjects, PassageSampler, Variant, case_variants
 from repedit.editors import make_editor
+from repedit.editors.keys import keys_at
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.probes import (
     LOCALITY_TESTS,
@@ -203,6 +204,26 @@ def _oracle_scores(
     return [_hit(items[j], got[j]) if j in got else plain[j] for j in range(len(items))]
 
 
+def rep_gate_open(lm: LoadedModel, adapters: dict[int, Any], items: Sequence[_Item]) -> list[float]:
+    """Per item, 1.0 if REP's gate opens (``g > τ``) at the probe's last subject token at the
+    lowest adapted layer (the first the key path meets), else 0.0; NaN for items without
+    positions. Tells a probe REP missed because its gate stayed shut from one it adapted
+    badly."""
+    layer = min(adapters)
+    adapter = adapters[layer]
+    idx = [j for j, item in enumerate(items) if item.last is not None]
+    out = [float("nan")] * len(items)
+    if not idx:
+        return out
+    seqs = [prompt_ids(lm.tokenizer, items[j].probe.prompt) for j in idx]
+    keys = keys_at(lm, [layer], seqs, [items[j].last[0] for j in idx])[layer]  # type: ignore[index]
+    with torch.no_grad():
+        gates = adapter.gate(keys.to(next(adapter.parameters()).device)).cpu()
+    for j, g in zip(idx, gates.tolist(), strict=True):
+        out[j] = float(g > adapter.tau)
+    return out
+
+
 def _reference(lm: LoadedModel, items: Sequence[_Item], batch_size: int) -> list[list[int]]:
     """Per probe: the unedited model's predictions (locality), else the target's own ids."""
     local = [j for j, i in enumerate(items) if i.probe.test in LOCALITY_TESTS]
@@ -248,6 +269,7 @@ def score_case(
             )
             with rep_applied(lm, rep.adapters):
                 scores["rep"] = _score(lm, items, reference, bs)
+            scores["rep_gate"] = rep_gate_open(lm, rep.adapters, items)
     finally:
         result.revert(lm)
     return scores
@@ -255,20 +277,27 @@ def score_case(
 
 def tally(rows: Sequence[tuple[str, dict[str, float]]], with_rep: bool) -> dict[str, Any]:
     """``{"tests": {TEST: {"plain", "rep"?, "oracle_key", "oracle_key_all", "gap_closed"?,
-    "n"}}}`` from ``(test, {mode: hit})`` rows: rates as fractions over probes."""
+    "rep_gate_open"?, "n"}}}`` from ``(test, {mode: hit})`` rows: rates as fractions over
+    probes; ``rep_gate_open`` over the probes with a subject position (absent for none)."""
     modes: list[str] = ["plain", *(["rep"] if with_rep else []), *ORACLES]
     tests: dict[str, Any] = {}
+    gates: dict[str, list[float]] = {}
     for test, hits in rows:
         t = tests.setdefault(test, {"n": 0, **{m: 0.0 for m in modes}})
         t["n"] += 1
         for m in modes:
             t[m] += hits[m]
-    for t in tests.values():
+        g = hits.get("rep_gate")
+        if g is not None and g == g:  # NaN: no subject position
+            gates.setdefault(test, []).append(g)
+    for test, t in tests.items():
         for m in modes:
             t[m] /= t["n"]
         if with_rep:
             gap = t["oracle_key"] - t["plain"]
             t["gap_closed"] = (t["rep"] - t["plain"]) / gap if gap > 0 else None
+            if gates.get(test):
+                t["rep_gate_open"] = sum(gates[test]) / len(gates[test])
     return {"tests": tests}
 
 
@@ -277,7 +306,7 @@ def ceiling_markdown(doc: dict[str, Any], title: str = "Key-path ceiling") -> st
     with_rep = any("rep" in t for t in doc["tests"].values())
     head = ["test", "n", "plain", *(["REP"] if with_rep else []), "oracle key", "oracle all"]
     if with_rep:
-        head.append("gap closed")
+        head += ["gap closed", "REP gate open"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, t in doc["tests"].items():
         cells = [name, str(t["n"]), f"{100 * t['plain']:.1f}"]
@@ -287,6 +316,8 @@ def ceiling_markdown(doc: dict[str, Any], title: str = "Key-path ceiling") -> st
         if with_rep:
             g = t.get("gap_closed")
             cells.append("—" if g is None else f"{100 * g:.0f} %")
+            o = t.get("rep_gate_open")
+            cells.append("—" if o is None else f"{100 * o:.0f} %")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
