@@ -12,3 +12,7 @@ repedit analyze ceiling $C --rep-set weight_decay=1.0 --out runs/wd1
 repedit analyze ceiling $C --rep-set augment=case,spacing,punct,noise,determiner,initials,truncate \
     --rep-set n_augment=2 --out runs/augall
 repedit analyze ceiling $C --rep-set steps=80 --out runs/steps80
+repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore --out runs/ignore
+repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore \
+    --rep-set augment=case,spacing,punct,noise,determiner,initials,truncate --rep-set n_augment=2 \
+    --out runs/ignore-aug
