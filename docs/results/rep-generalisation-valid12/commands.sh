@@ -16,3 +16,8 @@ repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore --out runs/ignor
 repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore \
     --rep-set augment=case,spacing,punct,noise,determiner,initials,truncate --rep-set n_augment=2 \
     --out runs/ignore-aug
+repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore --rep-set negatives=true \
+    --out runs/ignore-neg
+repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore --rep-set negatives=true \
+    --rep-set augment=case,spacing,punct,noise,determiner,initials,truncate --rep-set n_augment=2 \
+    --out runs/ignore-aug-neg
