@@ -1,0 +1,7 @@
+# SmolLM2-135M, ROME, REP-CounterFact test cases 0-99, REP with its defaults: plain, REP and the
+# oracle key k* at the probe's last subject token (every subject token: oracle all).
+# Made with repedit 0.2.0.dev0 on 2026-12-06, 2 threads, machine otherwise idle (16 min).
+export REPEDIT_DATA=../shared/data
+repedit analyze ceiling --method rome --rep --data rep-counterfact --n 100 --threads 2 \
+    --tests efficacy,subject_paraphrase,ood_subject_paraphrase,scrambled_subject,neighbourhood,near_subject \
+    --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000 --out runs/rome-rep
