@@ -38,11 +38,10 @@ import time
 from typing import Any
 
 import torch
-from bench_common import default_data_dir
+from bench_common import cpu_flags, default_data_dir
 
 #: tests the harness scores in a call of their own in the reference path (padding)
 APART = ("long_context",)
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,20 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's instruction-set flags this benchmark cares about (Linux ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            words = set(next(line for line in fh if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return []
-    return [f for f in FLAGS if f in words]
-
-
 def precision(dtype: str) -> contextlib.AbstractContextManager[Any]:
+    from repedit.models.precision import fast_bfloat16
+
     if dtype == "float32":
         return contextlib.nullcontext()
-    if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+    if not fast_bfloat16("cpu"):
         raise SystemExit("--dtype bfloat16: this CPU has no bfloat16 instructions")
     return torch.autocast("cpu", dtype=torch.bfloat16)
 

@@ -31,21 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import default_data_dir
-
-#: the SIMD flags that decide which kernels torch runs
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [f for f in FLAGS if f in have]
-
+from bench_common import cpu_flags, default_data_dir
 
 #: ``repedit`` in a fresh interpreter (this one's, so its environment and PYTHONPATH hold)
 CLI = [
