@@ -3,23 +3,17 @@ step passes, the table and JSON come out, and a missing CUDA device is a clear r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda_smoke.py"
+from bench_scripts import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(SCRIPT.parent))
-        spec = importlib.util.spec_from_file_location("cuda_smoke", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("cuda_smoke") as module:
         yield module
 
 

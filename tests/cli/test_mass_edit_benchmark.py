@@ -4,14 +4,14 @@ the table and the plot, for every batched method and both key modes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mass_edit.py"
+from bench_scripts import benchmark_module
+
 FACTS = (
     ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
     ("Toyota", "{} was founded in", "Europe", "Japan"),
@@ -22,11 +22,7 @@ FACTS = (
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(SCRIPT.parent))
-        spec = importlib.util.spec_from_file_location("mass_edit", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("mass_edit") as module:
         yield module
 
 

@@ -3,23 +3,17 @@ few adapter counts, with the two stacked forwards agreeing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "rep_scale.py"
+from bench_scripts import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(SCRIPT.parent))
-        spec = importlib.util.spec_from_file_location("rep_scale", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("rep_scale") as module:
         yield module
 
 

@@ -4,24 +4,18 @@ tiny llama and a corpus). The script patches names in ``repedit.rep.train`` and
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "rep_speed.py"
+from bench_scripts import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
     # as `python benchmarks/rep_speed.py` does, the script's folder is on sys.path (bench_common)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(SCRIPT.parent))
-        spec = importlib.util.spec_from_file_location("rep_speed", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("rep_speed") as module:
         yield module
 
 
