@@ -145,6 +145,14 @@ def load_cases(
     )
 
 
+def dataset_path(spec: str | Path, data_dir: str | Path | None = None) -> Path:
+    """The file a dataset name or path resolves to, as :func:`load_cases` reads it
+    (:class:`DataError`, with what was looked for, when there is none)."""
+    if str(spec) == DEMO:
+        raise DataError(f"{DEMO!r} is built in, not a file")
+    return _resolve_path(spec, data_dir)
+
+
 def _resolve_path(spec: str | Path, data_dir: str | Path | None) -> Path:
     name = str(spec)
     base = resolve_data_dir(data_dir)

@@ -167,6 +167,12 @@ class RepConfig(Hparams):
     negative_batch: int = 4
     #: general-text passages per request used as negatives (``text`` source)
     n_negative_text: int = 4
+    #: subjects per request from ``negative_pool`` (half look-alikes of the subject, half at
+    #: random; none the evaluation uses) in the edit's prompt and contexts, their tokens "near"
+    #: gate negatives (:mod:`repedit.rep.negatives`); independent of ``negatives``. 0: none
+    pool_negatives: int = 0
+    #: the dataset (a name or a file) ``pool_negatives`` draws subjects from
+    negative_pool: str = "counterfact"
     long_context: bool = True
     n_long: int = 5
     long_context_length: int = 300

@@ -163,9 +163,9 @@ def _consistency_loss(adapted: torch.Tensor, k_o: torch.Tensor, cfg: RepConfig) 
 def _gate_negatives(
     ks: Sequence[torch.Tensor], roles: _Roles, cfg: RepConfig
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The gate's negative keys in two groups: "near" (the subject's earlier tokens and the
-    few tokens after the subject token, whose keys resemble the positive one) and "far"
-    (every other token and the negative sequences)."""
+    """The gate's negative keys in two groups: "near" (the subject's earlier tokens, the few
+    tokens after the subject token and the other subject of a pool negative, whose keys
+    resemble the positive one) and "far" (every other token and the negative sequences)."""
     near: list[torch.Tensor] = []
     far: list[torch.Tensor] = []
     if cfg.context_negatives:
@@ -181,7 +181,13 @@ def _gate_negatives(
             is_far[start : ex.position + 1 + cfg.gate_near_after] = False
             near.append(k[is_near])
             far.append(k[is_far])
-    far += [ks[i] for i, _ in roles.neg_seq]
+    for i, ex in roles.neg_seq:
+        if ex.subject_end is None or ex.subject_start is None:
+            far.append(ks[i])
+            continue
+        span = slice(ex.subject_start, ex.subject_end + 1)
+        near.append(ks[i][span])
+        far += [ks[i][: span.start], ks[i][span.stop :]]
     return near, far
 
 

@@ -52,6 +52,7 @@ from repedit.rep.adapter import (
     stack_adapters,
 )
 from repedit.rep.losses import step_losses
+from repedit.rep.negatives import SubjectPool, subject_pool
 from repedit.rep.reader import KeyCache, LayerwiseReader, read_keys
 from repedit.rep.tally import Tally, gate_rates, measure
 from repedit.rep.targets import Targets, edit_targets
@@ -196,7 +197,7 @@ class _Group:
             a.train()
         for _ in range(cfg.steps):
             chosen = list(range(self.n_prompts)) + [self.pos_index[i] for i in next(pos_batches)]
-            if cfg.negatives and self.neg_index:
+            if self.neg_index:
                 chosen += [self.neg_index[i] for i in next(neg_batches)]
             keys = keys_from.get(chosen, self.adapters)
             batch = [self.examples[i] for i in chosen]
@@ -395,6 +396,7 @@ def _train(run: _Run) -> RepTrainResult:
     if sampler is _AUTO:
         wants_text = cfg.long_context or (cfg.negatives and "text" in cfg.negative_sources)
         sampler = passage_sampler(lm, cfg) if wants_text else None
+    spool = subject_pool(lm, cfg.negative_pool) if cfg.pool_negatives else None
     n = len(items)
     groups = [list(range(n))] if cfg.shared or n == 1 else [[i] for i in range(n)]
     per_layer: dict[int, list[RepAdapter]] = {layer: [] for layer in layers}
@@ -402,7 +404,7 @@ def _train(run: _Run) -> RepTrainResult:
     before, after = Tally(), Tally()
     forward_seconds = 0.0
     for gi, group in enumerate(groups):
-        pool = _group_pool(run, group, sampler)
+        pool = _group_pool(run, group, sampler, spool)
         adapters = make_adapters(lm.arch.d_mlp, layers, cfg, device=lm.device, seed_offset=gi)
         for layer in layers:  # for cfg.beta_guard (inference), now or set later
             adapters[layer].set_guard(targets.w[layer][group])
@@ -437,7 +439,9 @@ def _train(run: _Run) -> RepTrainResult:
     )
 
 
-def _group_pool(run: _Run, group: list[int], sampler: PassageSampler | None) -> RepPool:
+def _group_pool(
+    run: _Run, group: list[int], sampler: PassageSampler | None, spool: SubjectPool | None
+) -> RepPool:
     """The training pool of the requests ``group``; the other requests' subjects are
     negatives. Warns when long-context examples were wanted but none could be built."""
     n, cfg = len(run.items), run.cfg
@@ -451,6 +455,7 @@ def _group_pool(run: _Run, group: list[int], sampler: PassageSampler | None) -> 
         position=run.position,
         negative_subjects=[*run.negative_subjects, *others],
         exclude_subjects=run.exclude_subjects,
+        subject_pool=spool,
     )
     wanted_long = cfg.long_context and sampler is not None and cfg.n_long > 0
     if wanted_long and not any(ex.kind == "long" for ex in pool.positives):

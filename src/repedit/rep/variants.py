@@ -42,11 +42,12 @@ from repedit.errors import InvalidRequestError
 from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position, locate, subject_span, subject_token_index
 from repedit.rep.adapter import RepConfig
+from repedit.rep.negatives import SubjectPool
 
 #: kinds whose ``position`` token is a positive (the gate should open, the key align)
 POSITIVE_KINDS = ("prompt", "original", "paraphrase", "scramble", "long", "augment")
 #: kinds whose every token is a negative
-NEGATIVE_KINDS = ("subject_negative", "neighbourhood", "text")
+NEGATIVE_KINDS = ("subject_negative", "pool_subject", "neighbourhood", "text")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class RepExample:
     ``position``: index (in ``ids``) of the subject token whose key is a positive; None for a
     negative sequence. ``request``: index of the request it belongs to (-1: none).
     ``subject_start``: index of the subject's first token (its tokens are
-    ``subject_start..position`` for ``position="last"``).
+    ``subject_start..position`` for ``position="last"``). ``subject_end``: on a negative
+    sequence that holds another subject, that subject's last token (its tokens are near
+    negatives of the gate).
     """
 
     ids: tuple[int, ...]
@@ -65,6 +68,7 @@ class RepExample:
     request: int
     text: str
     subject_start: int | None = None
+    subject_end: int | None = None
 
     @property
     def positive(self) -> bool:
@@ -249,19 +253,21 @@ def build_pool(
     position: Position = "last",
     negative_subjects: Sequence[str] = (),
     exclude_subjects: Collection[str] = (),
+    subject_pool: SubjectPool | None = None,
 ) -> RepPool:
     """The training pool for ``items`` (one adapter set): see the module docstring.
 
     ``contexts``: the editor's templates (``editor.contexts(lm, hp)``, the first being "{}").
     ``sampler``: long-context passages (required for ``cfg.long_context``; None skips them with
     the count visible in :meth:`RepPool.counts`). ``exclude_subjects``: subjects no generated
-    form (``cfg.augment``) may equal, folded or not (the dataset's look-alike subjects).
+    form (``cfg.augment``) or pool negative (``cfg.pool_negatives``) may equal, folded or not
+    (the dataset's look-alike subjects). ``subject_pool``: where ``cfg.pool_negatives`` draws.
     """
     b = _Builder(lm, position)
     ctxs = [c for c in contexts if c != "{}"]
     pool = RepPool(prompts=[], positives=[], negatives=[])
     own_subjects: set[str] = set()
-    excluded = {fold(s) for s in exclude_subjects} if cfg.augment else set()
+    excluded = {fold(s) for s in exclude_subjects}
     for r, item in enumerate(items):
         pool.prompts.append(_prompt_example(b, item.request, r))
         own_subjects.add(normalise(item.request.subject))
@@ -273,6 +279,13 @@ def build_pool(
             own_subjects.update(_add_augments(b, pool.positives, item, cfg, ctxs, r, forbidden))
         if cfg.negatives:
             pool.negatives.extend(_item_negatives(b, item, cfg, sampler, r))
+        if cfg.pool_negatives and subject_pool is not None:
+            texts = [*probe_texts(variants), *(fold(t) for t in item.neighbourhood)]
+            drawn = subject_pool.draw(
+                item.as_case(), cfg.pool_negatives, excluded=excluded, texts=texts,
+                key=item.key, seed=cfg.seed,
+            )  # fmt: skip
+            pool.negatives.extend(_pool_negatives(b, item, drawn, ctxs, r))
     if cfg.negatives and "subjects" in cfg.negative_sources:
         others = _unique(negative_subjects, own_subjects)
         pool.negatives.extend(_subject_negatives(b, items, others, ctxs))
@@ -372,6 +385,24 @@ def _subject_negatives(
                 ex = b.positive(t, s, "subject_negative", r)
                 if ex is not None:
                     out.append(RepExample(ex.ids, None, ex.kind, r, ex.text))
+    return out
+
+
+def _pool_negatives(
+    b: _Builder, item: RepItem, subjects: Sequence[str], ctxs: Sequence[str], r: int
+) -> list[RepExample]:
+    """Pool subjects in the item's prompt and contexts; their tokens are near negatives. A
+    sequence that starts with the subject's own tokens in that template is left out (its key
+    there would be the positive's)."""
+    prompt, subject = item.request.prompt, item.request.subject
+    out: list[RepExample] = []
+    for t in [prompt, *[c.replace("{}", prompt) for c in ctxs]]:
+        own = b.positive(t, subject, "original", r)
+        head = own.ids[: own.position + 1] if own is not None and own.position is not None else ()
+        for s in subjects:
+            ex = b.positive(t, s, "pool_subject", r)
+            if ex is not None and ex.ids[: len(head)] != head:
+                out.append(replace(ex, position=None, subject_end=ex.position))
     return out
 
 

@@ -1,0 +1,151 @@
+"""Gate negatives from a subject pool: what is drawn, what is never drawn, how they are used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from repedit.data.augment import fold, probe_texts
+from repedit.data.case import EditCase, EditRequest, Neighbour
+from repedit.data.loaders import load_cases
+from repedit.data.variants import NearSubjects
+from repedit.editors import StatsConfig, make_editor
+from repedit.models.tiny import tiny_loaded
+from repedit.rep import RepConfig, train_rep
+from repedit.rep.losses import _gate_negatives, _Roles
+from repedit.rep.negatives import SubjectPool, subject_pool
+from repedit.rep.variants import build_pool, item_variants, rep_items
+from repedit.stats import second_moments
+from tiny_text import tiny_corpus_text
+
+CASE = EditCase(
+    EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
+    subject_paraphrases=["the city of Paris", "Paris France", "Pari", "Lutetia"],
+    neighbourhood=[Neighbour("The Louvre is in the city of", "Paris")],
+    id_split=2,
+)
+
+#: pool subjects: look-alikes of "Paris" (sharing a word beginning), unrelated ones, and ones
+#: that must never be drawn (the case's own forms, a subject its neighbourhood prompt mentions,
+#: one that begins with the subject, an excluded one)
+POOL = [
+    "New Paris", "Old Parisian Quarter", "Avenue de Paris", "Parisa Tabriz",
+    "Oslo", "Lima", "Bern", "Quito", "Dakar", "Lutetia", "Louvre", "Excluded Town",
+]  # fmt: skip
+
+
+def _pool_file(root: Path) -> Path:
+    records = [
+        {
+            "case_id": i,
+            "prompt": f"{s} is located in",
+            "target_new": "Nowhere",
+            "subject": s,
+            "ground_truth": "Somewhere",
+            "rephrase_prompt": f"Where is {s}? It is in",
+            "locality_prompt": "The sky is",
+            "locality_ground_truth": "blue",
+        }
+        for i, s in enumerate(POOL)
+    ]
+    path = root / "pool.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_loaded("llama")
+
+
+@pytest.fixture(scope="module")
+def pool_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pool_file(tmp_path_factory.mktemp("subject-pool"))
+
+
+@pytest.fixture(scope="module")
+def pool(lm, pool_path: Path) -> SubjectPool:
+    got = subject_pool(lm, str(pool_path))
+    assert got is not None
+    return got
+
+
+def test_draw_prefers_lookalikes_and_never_draws_what_the_evaluation_uses(lm, pool) -> None:
+    texts = [fold(n.prompt) for n in CASE.neighbourhood]
+    drawn = pool.draw(CASE, 6, excluded={fold("Excluded Town")}, texts=texts, key="k")
+    assert len(drawn) == 6 and len(set(drawn)) == 6
+    index = NearSubjects(load_cases(pool.source).cases, lm.tokenizer)
+    mine = index.pieces("Paris")
+    lookalike = [bool(mine & index.pieces(s)) for s in drawn]
+    assert all(lookalike[:3]), drawn  # the first half shares a piece with the subject
+    for banned in ("Lutetia", "Louvre", "Excluded Town", "Parisa Tabriz"):
+        assert banned not in drawn
+    # seeded: the same draw every time, another seed or key may differ
+    assert drawn == pool.draw(CASE, 6, excluded={fold("Excluded Town")}, texts=texts, key="k")
+    assert pool.draw(CASE, 0) == []
+
+
+def test_pool_is_cached_per_file_and_missing_data_warns(lm, pool_path, pool, tmp_path) -> None:
+    assert subject_pool(lm, str(pool_path)) is pool
+    with pytest.warns(UserWarning, match="no negative subject pool"):
+        assert subject_pool(lm, str(tmp_path / "absent.json")) is None
+
+
+def test_build_pool_marks_the_other_subject_and_leaks_no_probe(lm, pool) -> None:
+    cfg = RepConfig(pool_negatives=4, long_context=False)
+    (item,) = rep_items(CASE)
+    got = build_pool(lm, [item], ["{}", "A note. {}"], cfg, subject_pool=pool)
+    negs = [ex for ex in got.negatives if ex.kind == "pool_subject"]
+    assert len(negs) == 4 * 2  # subjects x (prompt + one context)
+    probes = probe_texts(item_variants(lm, item, cfg, None)) | {fold(CASE.neighbourhood[0].prompt)}
+    tok = lm.tokenizer
+    for ex in negs:
+        assert ex.position is None and ex.subject_start is not None and ex.subject_end is not None
+        span = tok.decode(list(ex.ids[ex.subject_start : ex.subject_end + 1])).strip()
+        assert fold(span) in {fold(s) for s in POOL}
+        assert "Parisa" not in ex.text and fold(ex.text) not in probes
+    off = build_pool(lm, [item], ["{}"], RepConfig(long_context=False), subject_pool=pool)
+    assert not off.negatives  # off by default
+
+
+def test_pool_subject_tokens_are_near_negatives(lm, pool) -> None:
+    cfg = RepConfig(pool_negatives=1, long_context=False, gate_subject_tokens="ignore")
+    (item,) = rep_items(CASE)
+    got = build_pool(lm, [item], ["{}"], cfg, subject_pool=pool)
+    neg = got.negatives[0]
+    batch = [got.prompts[0], neg]
+    d = 8
+    ks = [torch.arange(len(ex.ids) * d, dtype=torch.float32).view(len(ex.ids), d) for ex in batch]
+    near, far = _gate_negatives(ks, _Roles.of(batch, cfg), cfg)
+    assert neg.subject_start is not None and neg.subject_end is not None
+    span = ks[1][neg.subject_start : neg.subject_end + 1]
+    assert any(n.shape == span.shape and torch.equal(n, span) for n in near)
+    far_rows = torch.cat(far)
+    for row in span:  # no pool-subject token is also a far negative
+        assert not (far_rows == row).all(-1).any()
+    assert sum(len(f) for f in far) + sum(len(n) for n in near) >= len(neg.ids)
+
+
+def test_training_with_pool_negatives_shuts_the_gate_on_them(lm, pool_path) -> None:
+    root = pool_path.parent
+    corpus = root / "corpus.txt"
+    corpus.write_text(tiny_corpus_text())
+    stats_cfg = StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root), progress=False)
+    editor = make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 8}}, stats_cfg)
+    result = editor.edit(lm, [CASE.request], apply=False)
+    hp = editor.resolved(lm)
+    (layer,) = editor.layers(lm, hp)
+    stats = second_moments(lm, [layer], str(corpus), 2000, cache=root, progress=False)
+    cfg = RepConfig(
+        pool_negatives=4, negative_pool=str(pool_path), long_context=False, steps=20
+    )
+    rep = train_rep(
+        lm, result, CASE, layers=[layer], stats=stats, contexts=editor.contexts(lm, hp), cfg=cfg
+    )
+    assert rep.info["pool"]["pool_subject"] > 0
+    after = rep.gate_after[layer]["neg:pool_subject"]
+    assert after["open"] <= rep.gate_before[layer]["neg:pool_subject"]["open"]
+    assert rep.gate_after[layer]["positive"]["open"] > after["open"]
