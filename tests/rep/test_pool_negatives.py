@@ -139,9 +139,7 @@ def test_training_with_pool_negatives_shuts_the_gate_on_them(lm, pool_path) -> N
     hp = editor.resolved(lm)
     (layer,) = editor.layers(lm, hp)
     stats = second_moments(lm, [layer], str(corpus), 2000, cache=root, progress=False)
-    cfg = RepConfig(
-        pool_negatives=4, negative_pool=str(pool_path), long_context=False, steps=20
-    )
+    cfg = RepConfig(pool_negatives=4, negative_pool=str(pool_path), long_context=False, steps=20)
     rep = train_rep(
         lm, result, CASE, layers=[layer], stats=stats, contexts=editor.contexts(lm, hp), cfg=cfg
     )

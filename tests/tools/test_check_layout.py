@@ -33,6 +33,10 @@ def test_flags_a_module_over_the_limit(tmp_path: Path) -> None:
 def test_main_exit_code(tmp_path: Path) -> None:
     (tmp_path / "a.py").write_text(_function("fine", 10))
     assert check_layout.main(["x", str(tmp_path)]) == 0
-    (tmp_path / "b.py").write_text(_function("nested_ok", 5) + "class C:\n" + "\n".join(
-        "    " + line for line in _function("method", 90).splitlines()) + "\n")
+    (tmp_path / "b.py").write_text(
+        _function("nested_ok", 5)
+        + "class C:\n"
+        + "\n".join("    " + line for line in _function("method", 90).splitlines())
+        + "\n"
+    )
     assert check_layout.main(["x", str(tmp_path)]) == 1
