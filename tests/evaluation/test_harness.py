@@ -18,8 +18,9 @@ import torch
 from harness_cases import FAST_ROME, run_config, same_weights, stats_config, weights, write_files
 
 from repedit.editors import make_editor
-from repedit.errors import EditError, RepeditError
+from repedit.errors import EditError, InvalidRequestError, RepeditError
 from repedit.evaluation.harness import run_eval
+from repedit.evaluation.modes import checkpoint_due
 from repedit.evaluation.probes import TESTS
 from repedit.evaluation.rundir import RESULTS, read_jsonl
 from repedit.models.tiny import tiny_loaded
@@ -281,6 +282,21 @@ def test_sequential_mode_and_resume(lm, files, tmp_path):
     resumed = {r["case_id"]: r["tests"] for r in _records(part)}
     assert resumed == straight
     assert [p["n_edits"] for p in read_jsonl(part / "sequential.jsonl")] == [2, 4]
+
+
+def test_log_checkpoints_double_and_close_the_run(lm, files, tmp_path):
+    due = [n for n in range(1, 700) if checkpoint_due(n, "log")]
+    assert due == [10, 20, 40, 80, 160, 320, 640]
+    assert [n for n in range(1, 10) if checkpoint_due(n, 3)] == [3, 6, 9]
+    for bad in (0, -2, "often", True, 2.5):
+        with pytest.raises(InvalidRequestError, match="eval_every"):
+            _cfg(files, tmp_path / "bad", mode="sequential", eval_every=bad)
+    # the default: 4 edits, no doubling point reached, so one checkpoint at the end
+    cfg = _cfg(files, tmp_path / "log", mode="sequential", tests="efficacy")
+    assert cfg.eval_every == "log"
+    out = run_eval(cfg, lm=lm, editor=_editor(files), progress=False, report=False)
+    points = read_jsonl(out / "sequential.jsonl")
+    assert [p["n_edits"] for p in points] == [4] and points[0]["n_eval"] == 4
 
 
 # --------------------------------------------------------------------------- kill and rerun

@@ -26,8 +26,8 @@ OUT/summary.json, OUT/summary.md and OUT/report.html are written.
 modes:
   single      edit one case, evaluate, revert (the paper's protocol)
   batch       edit --batch-size cases at once, evaluate each, revert
-  sequential  edits accumulate; every --eval-every edits the edited-so-far cases are re-scored
-              into OUT/sequential.jsonl (forgetting curves)
+  sequential  edits accumulate; at checkpoints (--eval-every) a sample of the edited-so-far
+              cases is re-scored into OUT/sequential.jsonl (forgetting curves)
 
 REP: --rep trains REP adapters after every edit (batch mode: one shared set per batch unless
 --rep-set shared=false) and scores with them attached; records gain rep_seconds (apart from
@@ -62,6 +62,11 @@ data: demo (built-in facts), a dataset name resolved under --data-dir / $REPEDIT
 """
 
 
+
+def _eval_every(text: str) -> int | str:
+    """``type=`` for --eval-every: a positive integer or ``log``."""
+    return "log" if text.strip().lower() == "log" else common.positive_int(text)
+
 def register(subparsers: Any) -> None:
     p = common.add_command(
         subparsers,
@@ -78,7 +83,12 @@ def register(subparsers: Any) -> None:
     g.add_argument("--mode", default="single", choices=("single", "batch", "sequential"))
     g.add_argument("--batch-size", type=common.positive_int, default=10, help="batch mode")
     g.add_argument(
-        "--eval-every", type=common.positive_int, default=10, help="sequential checkpoints"
+        "--eval-every",
+        type=_eval_every,
+        default="log",
+        metavar="N|log",
+        help="sequential checkpoints: every N edits, or 'log' (after 10, 20, 40, ... edits and "
+        "after the last, so re-scoring stays a small share of a long run; default)",
     )
     g.add_argument(
         "--eval-sample",

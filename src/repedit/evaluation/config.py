@@ -61,7 +61,9 @@ class RunConfig:
     """Everything that defines an evaluation run (stored in the run directory's config.json).
 
     ``hparams``: overrides for the method's hyper-parameters (dotted keys allowed, e.g.
-    ``{"value.steps": 10}``). ``n``: the first ``n`` cases (None = all). ``eval_sample``:
+    ``{"value.steps": 10}``). ``n``: the first ``n`` cases (None = all). ``eval_every``:
+    sequential checkpoints every that many edits, or ``"log"`` (after 10, 20, 40, ... edits and
+    after the last, so checkpoints stay a small share of a long run). ``eval_sample``:
     cases re-scored at each sequential checkpoint (0 = all edited so far). ``suite``: what is
     probed; ``stats``: where ``C`` comes from (its ``cache`` follows ``cache_dir``). ``rep``:
     :class:`~repedit.rep.RepConfig` overrides (None: the plain editor; ``{}``: REP with its
@@ -76,7 +78,7 @@ class RunConfig:
     n: int | None = None
     mode: Mode = "single"
     batch_size: int = 10
-    eval_every: int = 10
+    eval_every: int | Literal["log"] = "log"
     eval_sample: int = 20
     skip_invalid: bool = False
     id_split: int = 5
@@ -99,8 +101,16 @@ class RunConfig:
         if self.mode not in MODES:
             raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         self._check_rep()
-        if self.batch_size < 1 or self.eval_every < 1:
-            raise InvalidRequestError("batch_size and eval_every must be >= 1")
+        if self.batch_size < 1:
+            raise InvalidRequestError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_every != "log" and (
+            isinstance(self.eval_every, bool)
+            or not isinstance(self.eval_every, int)
+            or self.eval_every < 1
+        ):
+            raise InvalidRequestError(
+                f"eval_every must be an integer >= 1 or 'log', got {self.eval_every!r}"
+            )
         if self.eval_sample < 0:
             raise InvalidRequestError(f"eval_sample must be >= 0, got {self.eval_sample}")
         if self.n is not None and self.n < 0:

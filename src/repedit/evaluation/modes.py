@@ -7,10 +7,10 @@
     edited with the same companions) are edited at once, each scored, then reverted.
 ``sequential``
     edits accumulate and are never reverted; each case is scored right after its own edit,
-    and every ``eval_every`` successful edits up to ``eval_sample`` edited-so-far cases (a
-    fixed seeded order of the data; 0 = all) are re-scored into ``sequential.jsonl`` to trace
-    forgetting. The edited weights (and REP adapters) are saved after every case, so a resumed
-    run continues from the same model.
+    and after every ``eval_every`` successful edits (``"log"``: after 10, 20, 40, ... and the
+    last) up to ``eval_sample`` edited-so-far cases (a fixed seeded order of the data; 0 = all)
+    are re-scored into ``sequential.jsonl`` to trace forgetting. The edited weights (and REP
+    adapters) are saved after every case, so a resumed run continues from the same model.
 
 Each mode hands its groups to :func:`~repedit.evaluation.case.run_cases` and gives what comes
 back to a :class:`Recorder`, the only thing here that writes to the run directory.
@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 
@@ -351,17 +351,34 @@ def _resume(
     return state, [by_key[k] for k in order]
 
 
+def checkpoint_due(n_edits: int, every: int | Literal["log"]) -> bool:
+    """Whether a sequential checkpoint follows the ``n_edits``-th edit: every ``every`` edits,
+    or for ``"log"`` after 10, 20, 40, 80, ... edits (the run's end gets one too). Why "log":
+    a checkpoint re-scores a fixed sample, so at a fixed cadence its share of a long run stays
+    constant (about half with the defaults); doubling intervals make it shrink with the run."""
+    if every != "log":
+        return n_edits % every == 0
+    return n_edits >= 10 and n_edits % 10 == 0 and (n_edits // 10).bit_count() == 1
+
+
 def run_sequential(
     ctx: CaseContext,
     items: Sequence[CaseItem],
     rec: Recorder,
     *,
-    eval_every: int,
+    eval_every: int | Literal["log"],
     eval_sample: int,
 ) -> None:
-    """Edits accumulate (never reverted); checkpoints every ``eval_every`` edits."""
+    """Edits accumulate (never reverted); checkpoints where :func:`checkpoint_due` says."""
     state, order = _resume(ctx, items, rec)
     checkpoints = {r.get("n_edits") for r in rec.run.sequential()}
+
+    def checkpoint() -> None:
+        edited = set(state.edited)
+        picked = [it for it in order if it.key in edited]
+        _checkpoint(ctx, rec.run, state, picked[:eval_sample] if eval_sample else picked)
+        checkpoints.add(len(state.edited))
+
     for item in items:
         if item.key in rec.done or item.key in state.edited:
             continue
@@ -377,10 +394,9 @@ def run_sequential(
         record = out.records[0]
         record["n_edits"] = len(state.edited)
         n = len(state.edited)
-        if n % eval_every == 0 and n not in checkpoints:
-            edited = set(state.edited)
-            picked = [it for it in order if it.key in edited]
-            _checkpoint(ctx, rec.run, state, picked[:eval_sample] if eval_sample else picked)
-            checkpoints.add(n)
+        if checkpoint_due(n, eval_every) and n not in checkpoints:
+            checkpoint()
         _save_state(ctx, rec.run, state.edited, record)
         rec.record(record)
+    if eval_every == "log" and state.edited and len(state.edited) not in checkpoints:
+        checkpoint()  # the end of the run
