@@ -13,6 +13,7 @@ from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.data.loaders import load_cases
 from repedit.data.variants import NearSubjects
 from repedit.editors import StatsConfig, make_editor
+from repedit.errors import InvalidRequestError
 from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepConfig, train_rep
 from repedit.rep.losses import _gate_negatives, _Roles
@@ -86,6 +87,21 @@ def test_draw_prefers_lookalikes_and_never_draws_what_the_evaluation_uses(lm, po
     # seeded: the same draw every time, another seed or key may differ
     assert drawn == pool.draw(CASE, 6, excluded={fold("Excluded Town")}, texts=texts, key="k")
     assert pool.draw(CASE, 0) == []
+
+
+def test_kin_share_the_true_answer_and_kinds_split_the_draw(lm, pool) -> None:
+    case = EditCase(EditRequest("{} is located in", "Quitoville", "Mars", "Somewhere"))
+    drawn = pool.draw(case, 4, kinds=("kin",), key="k")
+    assert len(drawn) == 4  # every pool case answers "Somewhere"
+    none = EditCase(EditRequest("{} is located in", "Quitoville", "Mars", "Elsewhere"))
+    assert pool.draw(none, 4, kinds=("kin",), key="k") == []
+    mixed = pool.draw(CASE, 6, kinds=("lookalike", "random"), key="k")
+    assert mixed == pool.draw(CASE, 6, key="k")  # the default kinds
+    with pytest.raises(InvalidRequestError, match="pool kind"):
+        pool.draw(CASE, 2, kinds=("nearest",))
+    with pytest.raises(InvalidRequestError, match="pool_kinds"):
+        RepConfig(pool_kinds="kin,nearest")
+    assert RepConfig(pool_kinds="kin, random").pool_kinds == ("kin", "random")
 
 
 def test_pool_is_cached_per_file_and_missing_data_warns(lm, pool_path, pool, tmp_path) -> None:

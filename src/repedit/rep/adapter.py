@@ -173,6 +173,9 @@ class RepConfig(Hparams):
     pool_negatives: int = 0
     #: the dataset (a name or a file) ``pool_negatives`` draws subjects from
     negative_pool: str = "counterfact"
+    #: which pool subjects, an equal share of each: ``kin`` (same true answer as the edit),
+    #: ``lookalike`` (sharing a token piece), ``random``
+    pool_kinds: tuple[str, ...] = ("lookalike", "random")
     long_context: bool = True
     n_long: int = 5
     long_context_length: int = 300
@@ -201,6 +204,13 @@ class RepConfig(Hparams):
             if getattr(self, name) not in get_args(kind):
                 choices = " or ".join(repr(c) for c in get_args(kind))
                 raise InvalidRequestError(f"{name} must be {choices}, got {getattr(self, name)!r}")
+        if isinstance(self.pool_kinds, str):
+            self.pool_kinds = tuple(k.strip() for k in self.pool_kinds.split(",") if k.strip())
+        bad = set(self.pool_kinds) - {"kin", "lookalike", "random"}
+        if bad or not self.pool_kinds:
+            raise InvalidRequestError(
+                f"pool_kinds must be a non-empty list of kin, lookalike, random; got {bad or '()'}"
+            )
         if isinstance(self.negative_sources, str):
             self.negative_sources = tuple(
                 s.strip() for s in self.negative_sources.split(",") if s.strip()
@@ -245,6 +255,7 @@ class RepConfig(Hparams):
         out = super().to_dict()
         out["negative_sources"] = list(self.negative_sources)
         out["augment"] = list(self.augment)
+        out["pool_kinds"] = list(self.pool_kinds)
         return out
 
 

@@ -2,8 +2,10 @@
 
 ``RepConfig.pool_negatives`` puts that many subjects per request, drawn from the
 ``RepConfig.negative_pool`` dataset, into the edit's prompt and contexts; the gate learns to stay
-shut on their tokens. Half are look-alikes of the edited subject (they share a subword token or
-a word beginning, as the ``near_subject`` test's do), the rest are drawn at random. Why: a gate
+shut on their tokens. ``RepConfig.pool_kinds`` says which: subjects with the same true answer as
+the edit (``kin``: the facts an edit must leave alone, such as other speakers of the language an
+edit changes), look-alikes (a shared subword token or word beginning, as the ``near_subject``
+test's), or random ones. Why: a gate
 trained only on a list of the subject's forms, with the subject's other tokens left out of its
 loss, opens on anything that resembles the subject; subjects the evaluation never uses teach it
 where the subject ends without tuning it on the probes.
@@ -19,16 +21,21 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Literal, get_args
 
 from repedit.data.augment import fold
 from repedit.data.case import EditCase
 from repedit.data.loaders import dataset_path, load_cases
 from repedit.data.variants import NearSubjects, stable_rng
-from repedit.errors import DataError
+from repedit.errors import DataError, InvalidRequestError
 from repedit.models.loading import LoadedModel
+
+PoolKind = Literal["kin", "lookalike", "random"]
+POOL_KINDS: tuple[str, ...] = get_args(PoolKind)
 
 
 @dataclass(frozen=True)
@@ -38,53 +45,72 @@ class SubjectPool:
     index: NearSubjects
     source: str
 
+    @cached_property
+    def by_answer(self) -> dict[str, list[EditCase]]:
+        """The pool's cases by folded true answer."""
+        out: dict[str, list[EditCase]] = {}
+        for c in self.index.cases:
+            out.setdefault(fold(c.request.target_true or ""), []).append(c)
+        return out
+
     def draw(
         self,
         case: EditCase,
         n: int,
         *,
+        kinds: Sequence[str] = ("lookalike", "random"),
         excluded: Collection[str] = (),
         texts: Iterable[str] = (),
         key: str = "",
         seed: int = 0,
     ) -> list[str]:
-        """Up to ``n`` pool subjects for ``case``: the first half look-alikes (most shared
-        characters first), the rest in a seeded random order.
+        """Up to ``n`` pool subjects for ``case``, an equal share of each of ``kinds`` in turn
+        (a kind that runs short leaves its share to the next): ``kin``, subjects with the same
+        true answer as the case (the facts an edit must leave alone look like this);
+        ``lookalike``, subjects sharing a token piece, most shared characters first;
+        ``random``. Seeded by ``key`` and ``seed``.
 
         ``excluded``: folded subjects never drawn. ``texts``: folded texts no drawn subject may
         occur in (the case's probes).
         """
-        if n <= 0:
-            return []
+        unknown = set(kinds) - set(POOL_KINDS)
+        if unknown:
+            raise InvalidRequestError(f"unknown pool kind(s) {sorted(unknown)}; use {POOL_KINDS}")
         texts = list(texts)
         own = {fold(s) for s in [case.request.subject, *case.subject_paraphrases]}
-
-        def usable(subject: str) -> bool:
-            f = fold(subject)
-            if f in excluded or any(f.startswith(o) for o in own):
-                return False  # a causal model's key at a shared prefix is the positive's own
-            return not any(f in t for t in texts)
-
         out: list[str] = []
         seen: set[str] = set()
 
-        def take(subject: str) -> None:
-            if len(out) < n and fold(subject) not in seen and usable(subject):
-                seen.add(fold(subject))
-                out.append(subject)
+        def usable(subject: str) -> bool:
+            f = fold(subject)
+            if f in seen or f in excluded or any(f.startswith(o) for o in own):
+                return False  # a causal model's key at a shared prefix is the positive's own
+            return not any(f in t for t in texts)
 
-        half = (n + 1) // 2
-        for other, _ in self.index.lookalikes(case, 4 * half, key=key, seed=seed):
-            if len(out) >= half:
-                break
-            take(other.request.subject)
-        cases = list(self.index.cases)
-        stable_rng("pool-negative", seed, key).shuffle(cases)
-        for other in cases:
-            if len(out) >= n:
-                break
-            take(other.request.subject)
+        for i, kind in enumerate(kinds):
+            quota = n if i == len(kinds) - 1 else len(out) + -(-(n - len(out)) // (len(kinds) - i))
+            for other in self._candidates(case, kind, 4 * n, key, seed):
+                if len(out) >= quota:
+                    break
+                if usable(other.request.subject):
+                    seen.add(fold(other.request.subject))
+                    out.append(other.request.subject)
         return out
+
+    def _candidates(
+        self, case: EditCase, kind: str, n: int, key: str, seed: int
+    ) -> Sequence[EditCase]:
+        """The kind's candidates in the order they are taken."""
+        if kind == "lookalike":
+            return [other for other, _ in self.index.lookalikes(case, n, key=key, seed=seed)]
+        if kind == "kin":
+            answer = case.request.target_true
+            pool = list(self.by_answer.get(fold(answer), [])) if answer else []
+            stable_rng("pool-negative", kind, seed, key).shuffle(pool)
+            return pool
+        pool = list(self.index.cases)
+        stable_rng("pool-negative", seed, key).shuffle(pool)
+        return pool
 
 
 _CACHE: dict[tuple[object, ...], SubjectPool] = {}

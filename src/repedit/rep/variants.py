@@ -282,8 +282,8 @@ def build_pool(
         if cfg.pool_negatives and subject_pool is not None:
             texts = [*probe_texts(variants), *(fold(t) for t in item.neighbourhood)]
             drawn = subject_pool.draw(
-                item.as_case(), cfg.pool_negatives, excluded=excluded, texts=texts,
-                key=item.key, seed=cfg.seed,
+                item.as_case(), cfg.pool_negatives, kinds=cfg.pool_kinds, excluded=excluded,
+                texts=texts, key=item.key, seed=cfg.seed,
             )  # fmt: skip
             pool.negatives.extend(_pool_negatives(b, item, drawn, ctxs, r))
     if cfg.negatives and "subjects" in cfg.negative_sources:
