@@ -1,7 +1,7 @@
 """The streaming value batches equal the fixed groups, on every tiny family.
 
 ``batching="stream"`` packs requests into token-budget batches, drops a request from the step
-once it converges, and rebuilds the batch (with queued requests) once a quarter have left;
+once it converges, and rebuilds the batch (with queued requests) by selecting recorded rows;
 each request is still optimised on its own loss with its own Adam state, so its losses, steps,
 final delta and probability must match ``batching="fixed"`` up to float32 rounding, and a
 MEMIT edit built on them must hit the same requests. The stop threshold is set between the
@@ -15,6 +15,7 @@ import itertools
 import pytest
 import torch
 
+import repedit.editors.value_stream as stream_module
 import repedit.editors.values as values_module
 from numerics import assert_norm_within, assert_within, drift, forward_tolerance, tolerance
 from repedit.data.case import EditRequest
@@ -51,11 +52,11 @@ def _budget(lm) -> int:
     return max(sched.cost(order[:3]), sched.cost(order[1:4]))
 
 
-def _run(lm, stop: float, **kw):
+def _run(lm, stop: float, path: str = "auto", **kw):
     if kw.get("batching") == "stream" and "group_tokens" not in kw:
         kw["group_tokens"] = _budget(lm)
     hp = ValueHparams(stop_prob=stop, **BASE, **kw)
-    return optimise_values(lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp)
+    return optimise_values(lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp, path=path)
 
 
 def _staggered_stop(lm) -> float:
@@ -84,29 +85,51 @@ def _check_same(lm, fixed, stream) -> None:
     )
 
 
+class _LowerRows:
+    """Counts the rows that run through the lowest layer's MLP (a real forward of it)."""
+
+    def __init__(self, lm) -> None:
+        self.rows = 0
+        self.handle = lm.arch.down_proj(0).register_forward_hook(self._count)
+
+    def _count(self, module, args, out) -> None:
+        self.rows += int(out.shape[0])
+
+    def __enter__(self) -> _LowerRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_stream_equals_fixed_groups(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     lm = tiny_loaded(family)
     stop = _staggered_stop(lm)
-    fixed = _run(lm, stop, **FIXED)
+    with _LowerRows(lm) as fixed_rows:
+        fixed = _run(lm, stop, **FIXED)
     budget = _budget(lm)
-    builds: list[list[str]] = []
-    real = values_module._build
+    batches: list[list[str]] = []
 
-    def counting(lm_, requests, *args, **kwargs):
-        builds.append([r.case_id for r in requests])
-        return real(lm_, requests, *args, **kwargs)
+    class Recording(Schedule):
+        def admit(self, live):
+            batch = super().admit(live)
+            batches.append([REQUESTS[i].case_id for i in batch])
+            return batch
 
-    monkeypatch.setattr(values_module, "_build", counting)
-    stream = _run(lm, stop, **STREAM, group_tokens=budget)
+    monkeypatch.setattr(stream_module, "Schedule", Recording)
+    with _LowerRows(lm) as stream_rows:
+        stream = _run(lm, stop, **STREAM, group_tokens=budget, path="prefix")
     # the premise: requests stopped at different steps, some never, and a request running in
-    # one batch was carried into a rebuilt one
+    # one batch was carried into a rebuilt one that admitted a new request
     assert len(set(fixed.steps)) >= 2 and STEPS in fixed.steps
-    batches = builds[len(REQUESTS) :]  # after one build per request to count its tokens
-    assert len(batches[0]) >= 2, builds
+    assert len(batches[0]) >= 2, batches
     pairs = itertools.pairwise(batches)
     assert any(set(a) & set(b) and set(b) - set(a) for a, b in pairs), batches
+    # rebuilds select rows: each row ran through the layers below the edit once, as in the
+    # fixed groups (twice per forward pair: the cached prefix and the suffix)
+    assert stream_rows.rows == fixed_rows.rows
     _check_same(lm, fixed, stream)
 
 
@@ -124,7 +147,7 @@ def test_comparison_catches_a_shared_step_count(monkeypatch: pytest.MonkeyPatch)
     lm = tiny_loaded("llama")
     stop = _staggered_stop(lm)
     fixed = _run(lm, stop, **FIXED)
-    monkeypatch.setattr(values_module, "RowAdam", _SharedCountAdam)
+    monkeypatch.setattr(stream_module, "RowAdam", _SharedCountAdam)
     broken = _run(lm, stop, **STREAM)
     with pytest.raises(AssertionError, match="exceeds the derived tolerance"):
         _check_same(lm, fixed, broken)
@@ -150,6 +173,10 @@ def test_schedule_packs_by_width_and_budget_and_rebuilds() -> None:
     assert first == [4, 0, 1] and sched.cost(first) == 50  # with 2: 8 rows x 20 = 160
     assert not sched.should_rebuild([4, 0, 1], first)
     assert sched.should_rebuild([0, 1], first)
+    # a rebuild that runs the model waits until a quarter have left; a selection does not
+    assert sched.should_rebuild([1, 2, 3, 4], [0, 1, 2, 3, 4])
+    assert not sched.should_rebuild([1, 2, 3, 4], [0, 1, 2, 3, 4], cheap=False)
+    assert sched.should_rebuild([2, 3, 4], [0, 1, 2, 3, 4], cheap=False)
     assert sched.admit([0, 1]) == [0, 1]  # 2 would make 7 x 20 = 140
     assert sched.admit([]) == [2]
     assert sched.admit([]) == [3]  # larger than the budget: a batch of its own
