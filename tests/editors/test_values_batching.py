@@ -20,6 +20,8 @@ import repedit.editors.values as values_module
 from numerics import assert_norm_within, assert_within, drift, forward_tolerance, tolerance
 from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
+from repedit.editors.context_variance import ContextVariance
+from repedit.editors.value_forms import Form
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import optimise_values
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
@@ -52,16 +54,19 @@ def _budget(lm) -> int:
     return max(sched.cost(order[:3]), sched.cost(order[1:4]))
 
 
-def _run(lm, stop: float, path: str = "auto", **kw):
+def _run(lm, stop: float, path: str = "auto", extra: dict | None = None, **kw):
+    """``extra``: ``optimise_values``'s forms and penalty."""
     if kw.get("batching") == "stream" and "group_tokens" not in kw:
         kw["group_tokens"] = _budget(lm)
     hp = ValueHparams(stop_prob=stop, **BASE, **kw)
-    return optimise_values(lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp, path=path)
+    return optimise_values(
+        lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp, path=path, **(extra or {})
+    )
 
 
-def _staggered_stop(lm) -> float:
+def _staggered_stop(lm, extra: dict | None = None) -> float:
     """A stop probability some requests reach early and others never (from a full run)."""
-    full = _run(lm, 1.0, **FIXED)
+    full = _run(lm, 1.0, extra=extra, **FIXED)
     finals = sorted(full.prob)
     return (finals[len(finals) // 2] + finals[len(finals) // 2 - 1]) / 2
 
@@ -130,6 +135,25 @@ def test_stream_equals_fixed_groups(family: str, monkeypatch: pytest.MonkeyPatch
     # rebuilds select rows: each row ran through the layers below the edit once, as in the
     # fixed groups (twice per forward pair: the cached prefix and the suffix)
     assert stream_rows.rows == fixed_rows.rows
+    _check_same(lm, fixed, stream)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_stream_equals_fixed_with_forms_and_penalty(family: str) -> None:
+    """Extra rows per request (other prefixes, as CoRE and the robustness forms add) and
+    CoRE's penalty on the spread of later hidden states ride along in the selected rows."""
+    lm = tiny_loaded(family)
+    extra = {
+        "forms": [[Form("In short, " + r.prompt, r.subject)] for r in REQUESTS],
+        "variance": ContextVariance(weight=0.5, layers=None),
+    }
+    stop = _staggered_stop(lm, extra)
+    fixed = _run(lm, stop, extra=extra, **FIXED)
+    plain = _run(lm, stop, **FIXED)
+    assert fixed.losses[1] != plain.losses[1]  # the premise: forms and penalty change the loss
+    assert len(set(fixed.steps)) >= 2
+    stream = _run(lm, stop, path="prefix", extra=extra, **STREAM)
     _check_same(lm, fixed, stream)
 
 

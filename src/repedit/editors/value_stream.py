@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from repedit.data.case import EditRequest
-from repedit.editors.value_plan import ValuePath, make_plan
+from repedit.editors.context_variance import ContextVariance
+from repedit.editors.value_forms import Form
+from repedit.editors.value_plan import RowBatch, ValuePath, make_plan
 from repedit.editors.value_rows import Rows, SelectedRunner, concat, rows_from_plan, select
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import (
@@ -73,9 +75,12 @@ class _Batches:
         requests: Sequence[EditRequest],
         contexts: Sequence[str],
         args: tuple[int, Site, ValueHparams, Position, ValuePath],
+        forms: Sequence[Sequence[Form]] | None = None,
+        variance: ContextVariance | None = None,
     ):
         self.lm, self.requests, self.contexts = lm, requests, contexts
         self.layer, site, self.hp, self.position, self.path = args
+        self.forms, self.variance = forms, variance
         self.module = injection_module(lm, self.layer, site)
         self.select_rows = self.path != "full"
         self.rows: Rows | None = None
@@ -91,13 +96,16 @@ class _Batches:
                     raise
                 log.debug("value batches: rebuilt by running the model (%s)", exc)
                 self.select_rows = False
-        b = _build(self.lm, [self.requests[i] for i in batch], self.contexts, *self._kw())
+        b = self.rows_of(batch)
         plan = make_plan(self.lm, b, self.module, self.layer, self.path)
         self._start(st, batch, plan.site_values[b.bare_rows.to(self.lm.device)])
-        return _loss(self.lm, b, self.module, plan, len(batch))
+        return _loss(self.lm, b, self.module, plan, len(batch), self.variance, self.layer)
 
-    def _kw(self) -> tuple[Sequence[str], Position]:
-        return self.hp.kl_prompts, self.position
+    def rows_of(self, batch: list[int]) -> RowBatch:
+        """The token rows of requests ``batch`` (``values._build``), with their extra forms."""
+        forms = [self.forms[i] for i in batch] if self.forms else None
+        requests = [self.requests[i] for i in batch]
+        return _build(self.lm, requests, self.contexts, self.hp.kl_prompts, self.position, forms)
 
     def _start(self, st: _Stream, batch: list[int], values: torch.Tensor) -> None:
         """Set ``init`` of the requests in ``batch`` that have none yet, from ``values`` [n, d]."""
@@ -113,7 +121,7 @@ class _Batches:
         new = batch[carried:]
         rows = kept
         if new:
-            b = _build(lm, [self.requests[i] for i in new], self.contexts, *self._kw())
+            b = self.rows_of(new)
             plan = make_plan(lm, b, self.module, self.layer, "prefix")
             fresh = rows_from_plan(lm, b, plan)
             rows = fresh if kept is None else concat(kept, fresh, pad_id(lm.tokenizer))
@@ -125,6 +133,8 @@ class _Batches:
     def _objective(self, rows: Rows) -> _Loss:
         runner = SelectedRunner(self.lm, self.layer, rows)
         inject_pos = torch.zeros_like(rows.owner)
+        v = self.variance
+        watched = v.monitored(self.layer, self.lm.n_layers) if v is not None else []
         return _Loss(
             self.lm,
             self.module,
@@ -138,6 +148,8 @@ class _Batches:
             rows.kl_rows,
             rows.kl_init,
             rows.n,
+            v.weight if v is not None else 0.0,
+            tuple(self.lm.arch.layer(j) for j in watched),
         )
 
     def keep(self, batch: list[int], live: list[int]) -> None:
@@ -148,35 +160,24 @@ class _Batches:
             self.rows = select(self.rows, [where[i] for i in live]) if live else None
 
 
-def _shapes(
-    lm: LoadedModel,
-    requests: Sequence[EditRequest],
-    contexts: Sequence[str],
-    hp: ValueHparams,
-    position: Position,
-) -> list[tuple[int, int]]:
-    """Each request's rows and widest suffix (what it adds to a step), without the model."""
-    shapes = []
-    for r in requests:
-        one = _build(lm, [r], contexts, hp.kl_prompts, position)
-        shapes.append(suffix_shape(one.subject_pos, one.mask.sum(1)))
-    return shapes
-
-
 def optimise_stream(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
-    layer: int,
-    site: Site,
-    hp: ValueHparams,
-    position: Position,
-    path: ValuePath,
+    args: tuple[int, Site, ValueHparams, Position, ValuePath],
+    forms: Sequence[Sequence[Form]] | None = None,
+    variance: ContextVariance | None = None,
 ) -> ValueResult:
-    """``optimise_values`` with ``batching="stream"`` (see the module docstring)."""
+    """``optimise_values`` with ``batching="stream"`` (see the module docstring); ``args``:
+    the layer, site, settings, subject position and value path."""
+    hp = args[2]
     n, d, device = len(requests), lm.arch.d_model, lm.device
-    sched = Schedule(_shapes(lm, requests, contexts, hp, position), hp.group_tokens)
-    batches = _Batches(lm, requests, contexts, (layer, site, hp, position, path))
+    batches = _Batches(lm, requests, contexts, args, forms, variance)
+    shapes = []
+    for i in range(n):  # each request's rows and widest suffix, without the model
+        one = batches.rows_of([i])
+        shapes.append(suffix_shape(one.subject_pos, one.mask.sum(1)))
+    sched = Schedule(shapes, hp.group_tokens)
     st = _Stream(
         torch.zeros(n, d, device=device),
         torch.zeros(n, d, device=device),

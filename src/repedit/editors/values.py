@@ -196,16 +196,13 @@ def optimise_values(
     if variance is not None and variance.weight == 0:
         variance = None
     if hp.batching == "stream" and hp.steps > 0:
-        if extra or variance is not None:
-            raise InvalidRequestError(
-                "value.batching='stream' does not take extra value forms or CoRE's penalty "
-                "yet; use value.batching=fixed"
-            )
         # imported here: the streaming scheduler builds on this module's loss
         from repedit.editors.value_stream import optimise_stream
 
         with frozen(lm.model):
-            return optimise_stream(lm, requests, contexts, layer, site, hp, position, path)
+            return optimise_stream(
+                lm, requests, contexts, (layer, site, hp, position, path), extra, variance
+            )
     inits, deltas, probs, steps, losses = [], [], [], [], []
     for i in range(0, len(requests), hp.request_batch):
         group = requests[i : i + hp.request_batch]
