@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from repedit.data.case import EditRequest
+from repedit.editors import values
 from repedit.editors.context_variance import ContextVariance
 from repedit.editors.value_forms import Form
 from repedit.editors.value_plan import RowBatch, ValuePath, make_plan
@@ -29,7 +30,6 @@ from repedit.editors.values import (
     Site,
     ValueHparams,
     ValueResult,
-    _build,
     _check_finite,
     _Loss,
     _loss,
@@ -105,14 +105,15 @@ class _Batches:
         """The token rows of requests ``batch`` (``values._build``), with their extra forms."""
         forms = [self.forms[i] for i in batch] if self.forms else None
         requests = [self.requests[i] for i in batch]
-        return _build(self.lm, requests, self.contexts, self.hp.kl_prompts, self.position, forms)
+        kl, position = self.hp.kl_prompts, self.position
+        return values._build(self.lm, requests, self.contexts, kl, position, forms)
 
-    def _start(self, st: _Stream, batch: list[int], values: torch.Tensor) -> None:
-        """Set ``init`` of the requests in ``batch`` that have none yet, from ``values`` [n, d]."""
+    def _start(self, st: _Stream, batch: list[int], site: torch.Tensor) -> None:
+        """Set ``init`` of the requests in ``batch`` that have none yet, from ``site`` [n, d]."""
         fresh = [j for j, i in enumerate(batch) if not bool(st.started[i])]
         if fresh:
             rows = torch.tensor([batch[j] for j in fresh])
-            st.init[rows.to(self.lm.device)] = values[torch.tensor(fresh)].float()
+            st.init[rows.to(self.lm.device)] = site[torch.tensor(fresh)].float()
             st.started[rows] = True
 
     def _by_selection(self, batch: list[int], carried: int, st: _Stream) -> _Loss:
@@ -219,9 +220,9 @@ def _step(
     loss_each, prob = _step_loss(objective, delta, st.init[idx], hp)
     cols = torch.tensor([where[i] for i in live], device=device)
     _check_finite(loss_each[cols], [requests[i] for i in live], max(taken[i] for i in live))
-    values, probs = loss_each[cols].tolist(), prob[cols].tolist()
+    losses, probs = loss_each[cols].tolist(), prob[cols].tolist()
     stay = []
-    for i, value, p in zip(live, values, probs, strict=True):
+    for i, value, p in zip(live, losses, probs, strict=True):
         st.losses[i].append(value)
         st.prob[i] = p
         if p >= hp.stop_prob:

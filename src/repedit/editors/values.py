@@ -57,19 +57,19 @@ class ValueHparams:
     clamp_norm_factor: float = 4.0
     stop_prob: float = 0.95
     kl_prompts: tuple[str, ...] = ("{} is a",)
-    request_batch: int = 8
+    request_batch: int = 8  # requests per group under batching="fixed"
     #: value-side robustness (0 / () = off): this many of the subject's training-half
     #: scrambles, and one corpus passage of each of these lengths (words) before the edit
     #: prompt, become extra rows of the loss (see :mod:`repedit.editors.value_forms`)
     robust_forms: int = 0
     robust_prefix_lengths: tuple[int, ...] = ()
-    #: "stream": batches of up to ``group_tokens`` padded tokens from the subject on (what a
-    #: step runs) that converged requests leave and queued ones of similar width join
-    #: (``value_schedule``); "fixed": groups of ``request_batch`` requests
-    #: whose converged ones ride along until the group ends (the earlier scheduling, kept to
-    #: compare with, and the default until "stream" rebuilds batches without re-running the
-    #: layers below). Both optimise each request on its own loss: only rounding differs.
-    batching: Batching = "fixed"
+    #: "stream" (default): batches of up to ``group_tokens`` padded tokens from the subject on
+    #: (what a step runs) that a converged request leaves at once and queued ones of similar
+    #: width join, rebuilt by selecting recorded rows (``value_stream``); "fixed": groups of
+    #: ``request_batch`` requests whose converged ones ride along until the group ends (the
+    #: earlier scheduling, kept to compare with). Both optimise each request on its own loss:
+    #: only rounding differs.
+    batching: Batching = "stream"
     group_tokens: int = 2048
 
     def __post_init__(self) -> None:
