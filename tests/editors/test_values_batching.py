@@ -11,6 +11,7 @@ requests' own probabilities, so they stop at different steps and the batch is re
 from __future__ import annotations
 
 import itertools
+from typing import ClassVar
 
 import pytest
 import torch
@@ -42,16 +43,32 @@ STREAM = {"batching": "stream"}
 FIXED = {"batching": "fixed", "request_batch": 2}
 
 
-def _budget(lm) -> int:
+def _budget(lm, contexts=CONTEXTS) -> int:
     """A budget that admits three requests, and a fourth once one of them has left: a request
     carried into a rebuilt batch then meets one that has not stepped yet."""
     shapes = []
     for r in REQUESTS:
-        b = values_module._build(lm, [r], CONTEXTS, ("{} is a",), "last")
+        b = values_module._build(lm, [r], contexts, ("{} is a",), "last")
         shapes.append(suffix_shape(b.subject_pos, b.mask.sum(1)))
     sched = Schedule(shapes, budget=1)
     order = list(sched.queue)
     return max(sched.cost(order[:3]), sched.cost(order[1:4]))
+
+
+class _Recording(Schedule):
+    """A schedule that records every batch it admits (as request ids)."""
+
+    batches: ClassVar[list[list[str | None]]] = []
+
+    def admit(self, live):
+        batch = super().admit(live)
+        self.batches.append([REQUESTS[i].case_id for i in batch])
+        return batch
+
+
+def _carried_and_admitted(batches) -> bool:
+    """Some rebuilt batch kept a running request and admitted a new one."""
+    return any(set(a) & set(b) and set(b) - set(a) for a, b in itertools.pairwise(batches))
 
 
 def _run(lm, stop: float, path: str = "auto", extra: dict | None = None, **kw):
@@ -115,23 +132,15 @@ def test_stream_equals_fixed_groups(family: str, monkeypatch: pytest.MonkeyPatch
     with _LowerRows(lm) as fixed_rows:
         fixed = _run(lm, stop, **FIXED)
     budget = _budget(lm)
-    batches: list[list[str]] = []
-
-    class Recording(Schedule):
-        def admit(self, live):
-            batch = super().admit(live)
-            batches.append([REQUESTS[i].case_id for i in batch])
-            return batch
-
-    monkeypatch.setattr(stream_module, "Schedule", Recording)
+    monkeypatch.setattr(_Recording, "batches", [])
+    monkeypatch.setattr(stream_module, "Schedule", _Recording)
     with _LowerRows(lm) as stream_rows:
         stream = _run(lm, stop, **STREAM, group_tokens=budget, path="prefix")
     # the premise: requests stopped at different steps, some never, and a request running in
     # one batch was carried into a rebuilt one that admitted a new request
     assert len(set(fixed.steps)) >= 2 and STEPS in fixed.steps
-    assert len(batches[0]) >= 2, batches
-    pairs = itertools.pairwise(batches)
-    assert any(set(a) & set(b) and set(b) - set(a) for a, b in pairs), batches
+    batches = _Recording.batches
+    assert len(batches[0]) >= 2 and _carried_and_admitted(batches), batches
     # rebuilds select rows: each row ran through the layers below the edit once, as in the
     # fixed groups (twice per forward pair: the cached prefix and the suffix)
     assert stream_rows.rows == fixed_rows.rows
@@ -242,16 +251,29 @@ def test_row_adam_follows_torch_adam_per_row() -> None:
 # --------------------------------------------------------------------------- a MEMIT edit
 
 
+def _memit(lm, stats: StatsConfig, value: dict):
+    hp = {"contexts": ((3, 2),), "layers": (1, 2), "value": {**BASE, **value}}
+    return make_editor("memit", hp, stats).edit(lm, list(REQUESTS), apply=False)
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
-def test_memit_hits_the_same_requests(family: str, stats: StatsConfig) -> None:
-    """A MEMIT edit of several requests writes the same weight updates on both schedulings."""
+def test_memit_hits_the_same_requests(
+    family: str, stats: StatsConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MEMIT edit of several requests writes the same weight updates on both schedulings,
+    with requests stopping at different steps and a rebuilt batch admitting new ones."""
     lm = tiny_loaded(family)
-    deltas = {}
-    for batching, extra in (("fixed", FIXED), ("stream", STREAM)):
-        hp = {"contexts": ((3, 2),), "layers": (1, 2), "value": {**BASE, **extra}}
-        deltas[batching] = make_editor("memit", hp, stats).edit(lm, list(REQUESTS), apply=False)
-    fixed, stream = deltas["fixed"], deltas["stream"]
+    finals = sorted(_memit(lm, stats, {**FIXED, "stop_prob": 1.0}).info["value_prob"])
+    stop = (finals[len(finals) // 2] + finals[len(finals) // 2 - 1]) / 2
+    editor = make_editor("memit", {"contexts": ((3, 2),)}, stats)
+    budget = _budget(lm, editor.contexts(lm, editor.resolved(lm)))
+    fixed = _memit(lm, stats, {**FIXED, "stop_prob": stop})
+    monkeypatch.setattr(_Recording, "batches", [])
+    monkeypatch.setattr(stream_module, "Schedule", _Recording)
+    stream = _memit(lm, stats, {**STREAM, "stop_prob": stop, "group_tokens": budget})
+    assert len(set(fixed.info["value_steps"])) >= 2  # the premise
+    assert _carried_and_admitted(_Recording.batches), _Recording.batches
     assert stream.info["value_steps"] == fixed.info["value_steps"]
     # the weight updates are linear in the optimised values (float64 solves): their drift
     tol = drift(steps=STEPS, per_step=forward_tolerance(lm.arch, blocks=lm.arch.n_layers))
