@@ -27,7 +27,7 @@ REQUESTS = (
     EditRequest("{} was founded in", "Toyota Motor Corporation", "Europe", case_id="toyota"),
 )
 CONTEXTS = ("{}", "Rome. {}")
-HP = ValueHparams(steps=4, stop_prob=1.0)
+HP = ValueHparams(steps=4, stop_prob=1.0, batching="fixed")  # one row build per call
 
 
 @pytest.fixture

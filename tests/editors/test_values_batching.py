@@ -1,7 +1,7 @@
 """The streaming value batches equal the fixed groups, on every tiny family.
 
 ``batching="stream"`` packs requests into token-budget batches, drops a request from the step
-once it converges, and rebuilds the batch (with queued requests) once a quarter have left;
+once it converges, and rebuilds the batch (with queued requests) by selecting recorded rows;
 each request is still optimised on its own loss with its own Adam state, so its losses, steps,
 final delta and probability must match ``batching="fixed"`` up to float32 rounding, and a
 MEMIT edit built on them must hit the same requests. The stop threshold is set between the
@@ -11,14 +11,18 @@ requests' own probabilities, so they stop at different steps and the batch is re
 from __future__ import annotations
 
 import itertools
+from typing import ClassVar
 
 import pytest
 import torch
 
+import repedit.editors.value_stream as stream_module
 import repedit.editors.values as values_module
 from numerics import assert_norm_within, assert_within, drift, forward_tolerance, tolerance
 from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
+from repedit.editors.context_variance import ContextVariance
+from repedit.editors.value_forms import Form
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import optimise_values
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
@@ -39,28 +43,47 @@ STREAM = {"batching": "stream"}
 FIXED = {"batching": "fixed", "request_batch": 2}
 
 
-def _budget(lm) -> int:
+def _budget(lm, contexts=CONTEXTS) -> int:
     """A budget that admits three requests, and a fourth once one of them has left: a request
     carried into a rebuilt batch then meets one that has not stepped yet."""
     shapes = []
     for r in REQUESTS:
-        b = values_module._build(lm, [r], CONTEXTS, ("{} is a",), "last")
+        b = values_module._build(lm, [r], contexts, ("{} is a",), "last")
         shapes.append(suffix_shape(b.subject_pos, b.mask.sum(1)))
     sched = Schedule(shapes, budget=1)
     order = list(sched.queue)
     return max(sched.cost(order[:3]), sched.cost(order[1:4]))
 
 
-def _run(lm, stop: float, **kw):
+class _Recording(Schedule):
+    """A schedule that records every batch it admits (as request ids)."""
+
+    batches: ClassVar[list[list[str | None]]] = []
+
+    def admit(self, live):
+        batch = super().admit(live)
+        self.batches.append([REQUESTS[i].case_id for i in batch])
+        return batch
+
+
+def _carried_and_admitted(batches) -> bool:
+    """Some rebuilt batch kept a running request and admitted a new one."""
+    return any(set(a) & set(b) and set(b) - set(a) for a, b in itertools.pairwise(batches))
+
+
+def _run(lm, stop: float, path: str = "auto", extra: dict | None = None, **kw):
+    """``extra``: ``optimise_values``'s forms and penalty."""
     if kw.get("batching") == "stream" and "group_tokens" not in kw:
         kw["group_tokens"] = _budget(lm)
     hp = ValueHparams(stop_prob=stop, **BASE, **kw)
-    return optimise_values(lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp)
+    return optimise_values(
+        lm, REQUESTS, CONTEXTS, layer=1, site="mlp", hp=hp, path=path, **(extra or {})
+    )
 
 
-def _staggered_stop(lm) -> float:
+def _staggered_stop(lm, extra: dict | None = None) -> float:
     """A stop probability some requests reach early and others never (from a full run)."""
-    full = _run(lm, 1.0, **FIXED)
+    full = _run(lm, 1.0, extra=extra, **FIXED)
     finals = sorted(full.prob)
     return (finals[len(finals) // 2] + finals[len(finals) // 2 - 1]) / 2
 
@@ -84,29 +107,62 @@ def _check_same(lm, fixed, stream) -> None:
     )
 
 
+class _LowerRows:
+    """Counts the rows that run through the lowest layer's MLP (a real forward of it)."""
+
+    def __init__(self, lm) -> None:
+        self.rows = 0
+        self.handle = lm.arch.down_proj(0).register_forward_hook(self._count)
+
+    def _count(self, module, args, out) -> None:
+        self.rows += int(out.shape[0])
+
+    def __enter__(self) -> _LowerRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_stream_equals_fixed_groups(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     lm = tiny_loaded(family)
     stop = _staggered_stop(lm)
-    fixed = _run(lm, stop, **FIXED)
+    with _LowerRows(lm) as fixed_rows:
+        fixed = _run(lm, stop, **FIXED)
     budget = _budget(lm)
-    builds: list[list[str]] = []
-    real = values_module._build
-
-    def counting(lm_, requests, *args, **kwargs):
-        builds.append([r.case_id for r in requests])
-        return real(lm_, requests, *args, **kwargs)
-
-    monkeypatch.setattr(values_module, "_build", counting)
-    stream = _run(lm, stop, **STREAM, group_tokens=budget)
+    monkeypatch.setattr(_Recording, "batches", [])
+    monkeypatch.setattr(stream_module, "Schedule", _Recording)
+    with _LowerRows(lm) as stream_rows:
+        stream = _run(lm, stop, **STREAM, group_tokens=budget, path="prefix")
     # the premise: requests stopped at different steps, some never, and a request running in
-    # one batch was carried into a rebuilt one
+    # one batch was carried into a rebuilt one that admitted a new request
     assert len(set(fixed.steps)) >= 2 and STEPS in fixed.steps
-    batches = builds[len(REQUESTS) :]  # after one build per request to count its tokens
-    assert len(batches[0]) >= 2, builds
-    pairs = itertools.pairwise(batches)
-    assert any(set(a) & set(b) and set(b) - set(a) for a, b in pairs), batches
+    batches = _Recording.batches
+    assert len(batches[0]) >= 2 and _carried_and_admitted(batches), batches
+    # rebuilds select rows: each row ran through the layers below the edit once, as in the
+    # fixed groups (twice per forward pair: the cached prefix and the suffix)
+    assert stream_rows.rows == fixed_rows.rows
+    _check_same(lm, fixed, stream)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_stream_equals_fixed_with_forms_and_penalty(family: str) -> None:
+    """Extra rows per request (other prefixes, as CoRE and the robustness forms add) and
+    CoRE's penalty on the spread of later hidden states ride along in the selected rows."""
+    lm = tiny_loaded(family)
+    extra = {
+        "forms": [[Form("In short, " + r.prompt, r.subject)] for r in REQUESTS],
+        "variance": ContextVariance(weight=0.5, layers=None),
+    }
+    stop = _staggered_stop(lm, extra)
+    fixed = _run(lm, stop, extra=extra, **FIXED)
+    plain = _run(lm, stop, **FIXED)
+    assert fixed.losses[1] != plain.losses[1]  # the premise: forms and penalty change the loss
+    assert len(set(fixed.steps)) >= 2
+    stream = _run(lm, stop, path="prefix", extra=extra, **STREAM)
     _check_same(lm, fixed, stream)
 
 
@@ -124,7 +180,7 @@ def test_comparison_catches_a_shared_step_count(monkeypatch: pytest.MonkeyPatch)
     lm = tiny_loaded("llama")
     stop = _staggered_stop(lm)
     fixed = _run(lm, stop, **FIXED)
-    monkeypatch.setattr(values_module, "RowAdam", _SharedCountAdam)
+    monkeypatch.setattr(stream_module, "RowAdam", _SharedCountAdam)
     broken = _run(lm, stop, **STREAM)
     with pytest.raises(AssertionError, match="exceeds the derived tolerance"):
         _check_same(lm, fixed, broken)
@@ -150,6 +206,10 @@ def test_schedule_packs_by_width_and_budget_and_rebuilds() -> None:
     assert first == [4, 0, 1] and sched.cost(first) == 50  # with 2: 8 rows x 20 = 160
     assert not sched.should_rebuild([4, 0, 1], first)
     assert sched.should_rebuild([0, 1], first)
+    # a rebuild that runs the model waits until a quarter have left; a selection does not
+    assert sched.should_rebuild([1, 2, 3, 4], [0, 1, 2, 3, 4])
+    assert not sched.should_rebuild([1, 2, 3, 4], [0, 1, 2, 3, 4], cheap=False)
+    assert sched.should_rebuild([2, 3, 4], [0, 1, 2, 3, 4], cheap=False)
     assert sched.admit([0, 1]) == [0, 1]  # 2 would make 7 x 20 = 140
     assert sched.admit([]) == [2]
     assert sched.admit([]) == [3]  # larger than the budget: a batch of its own
@@ -191,16 +251,29 @@ def test_row_adam_follows_torch_adam_per_row() -> None:
 # --------------------------------------------------------------------------- a MEMIT edit
 
 
+def _memit(lm, stats: StatsConfig, value: dict):
+    hp = {"contexts": ((3, 2),), "layers": (1, 2), "value": {**BASE, **value}}
+    return make_editor("memit", hp, stats).edit(lm, list(REQUESTS), apply=False)
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
-def test_memit_hits_the_same_requests(family: str, stats: StatsConfig) -> None:
-    """A MEMIT edit of several requests writes the same weight updates on both schedulings."""
+def test_memit_hits_the_same_requests(
+    family: str, stats: StatsConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MEMIT edit of several requests writes the same weight updates on both schedulings,
+    with requests stopping at different steps and a rebuilt batch admitting new ones."""
     lm = tiny_loaded(family)
-    deltas = {}
-    for batching, extra in (("fixed", FIXED), ("stream", STREAM)):
-        hp = {"contexts": ((3, 2),), "layers": (1, 2), "value": {**BASE, **extra}}
-        deltas[batching] = make_editor("memit", hp, stats).edit(lm, list(REQUESTS), apply=False)
-    fixed, stream = deltas["fixed"], deltas["stream"]
+    finals = sorted(_memit(lm, stats, {**FIXED, "stop_prob": 1.0}).info["value_prob"])
+    stop = (finals[len(finals) // 2] + finals[len(finals) // 2 - 1]) / 2
+    editor = make_editor("memit", {"contexts": ((3, 2),)}, stats)
+    budget = _budget(lm, editor.contexts(lm, editor.resolved(lm)))
+    fixed = _memit(lm, stats, {**FIXED, "stop_prob": stop})
+    monkeypatch.setattr(_Recording, "batches", [])
+    monkeypatch.setattr(stream_module, "Schedule", _Recording)
+    stream = _memit(lm, stats, {**STREAM, "stop_prob": stop, "group_tokens": budget})
+    assert len(set(fixed.info["value_steps"])) >= 2  # the premise
+    assert _carried_and_admitted(_Recording.batches), _Recording.batches
     assert stream.info["value_steps"] == fixed.info["value_steps"]
     # the weight updates are linear in the optimised values (float64 solves): their drift
     tol = drift(steps=STEPS, per_step=forward_tolerance(lm.arch, blocks=lm.arch.n_layers))

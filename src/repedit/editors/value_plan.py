@@ -61,12 +61,9 @@ def full_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: int)
     return Plan(runner, site_values, subject_pos, b.target_pos.to(device), "full")
 
 
-def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: int) -> Plan:
-    """Rows left-padded so every subject token sits in column ``split``; columns before it cached.
-
-    Position ids count only real tokens, so each row is computed as if unpadded.
-    """
-    device = lm.device
+def left_align(b: RowBatch, pad: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """``b``'s rows left-padded so every subject token sits in one column ``split``: ids and
+    mask [rows, width], ``split``, and each target's column counted from ``split``."""
     split = int(b.subject_pos.max())
     shift = split - b.subject_pos  # [rows] left padding of each row
     lengths = b.mask.sum(1)
@@ -74,17 +71,33 @@ def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: in
     target_pos = b.target_pos + shift[b.target_rows] - split
     if bool((target_pos < 0).any()):
         raise ValueError("a target is scored before its subject token")
-    ids = torch.full((n_rows, width), pad_id(lm.tokenizer), dtype=torch.long)
+    ids = torch.full((n_rows, width), pad, dtype=torch.long)
     mask = torch.zeros((n_rows, width), dtype=torch.long)
     for i, (s, n) in enumerate(zip(shift.tolist(), lengths.tolist(), strict=True)):
         ids[i, s : s + n] = b.ids[i, :n]
         mask[i, s : s + n] = 1
-    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    return ids, mask, split, target_pos
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only real tokens, so a padded row is computed as if unpadded."""
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: int) -> Plan:
+    """Rows left-padded so every subject token sits in column ``split``; columns before it cached.
+
+    Position ids count only real tokens, so each row is computed as if unpadded.
+    """
+    device = lm.device
+    ids, mask, split, target_pos = left_align(b, pad_id(lm.tokenizer))
+    n_rows, width = ids.shape
+    position = position_ids(mask)
     first = torch.zeros(n_rows, dtype=torch.long, device=device)
     with Hooks() as h:  # the last capture is the suffix forward's, at the subject column
         h.capture("site", module, which="output", positions=first)
         runner = PrefixRunner(
-            lm, layer, ids.to(device), mask.to(device), position_ids.to(device), split
+            lm, layer, ids.to(device), mask.to(device), position.to(device), split
         )
         site_values = h["site"]
     log.debug("value optimisation: cached prefix of %d of %d columns", split, width)

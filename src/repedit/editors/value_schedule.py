@@ -4,8 +4,8 @@ Every request's delta is optimised on its own loss alone (its rows see only its 
 batch's loss is a sum), so which requests share a step changes only float rounding. That
 freedom keeps each step's batch full of requests that still need steps: requests of similar
 width join while the batch stays under a budget of padded tokens, and leave once they
-converge or use up their steps; when enough have left, the batch is rebuilt from the ones
-still running plus queued ones.
+converge or use up their steps; then the batch is rebuilt from the ones still running plus
+queued ones (at once when the rebuild only selects recorded rows, else once enough have left).
 Requests therefore join at different times, and ``RowAdam`` keeps one step count per row
 where ``torch.optim.Adam`` keeps one per tensor.
 """
@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-#: rebuild the batch once at most this fraction of its requests are still running: a rebuild
-#: costs about one step (a forward over the rows, without the backward), so dropping a quarter
-#: of the rows pays for itself within a few steps
+#: where a rebuild runs the model over the whole batch again (no recorded rows to select
+#: from): rebuild once at most this fraction of its requests are still running, since such a
+#: rebuild costs about one step (a forward over the rows, without the backward) and dropping
+#: a quarter of the rows pays for itself within a few steps
 REBUILD_AT = 0.75
 
 
@@ -57,9 +58,15 @@ class Schedule:
     def finished(self, live: Sequence[int]) -> bool:
         return not live and not self.queue
 
-    def should_rebuild(self, live: Sequence[int], batch: Sequence[int]) -> bool:
-        """True when the batch has no rows yet or too many of its requests have left."""
-        return not batch or len(live) <= self.rebuild_at * len(batch)
+    def should_rebuild(
+        self, live: Sequence[int], batch: Sequence[int], *, cheap: bool = True
+    ) -> bool:
+        """True when the batch has no rows yet, or when a request has left it and a rebuild is
+        ``cheap`` (rows are selected, not recomputed) or too many have left."""
+        if not batch:
+            return True
+        left = len(live) < len(batch)
+        return left and (cheap or len(live) <= self.rebuild_at * len(batch))
 
     def admit(self, live: Sequence[int]) -> list[int]:
         """``live`` (in order) plus queued requests while the batch stays within the budget."""

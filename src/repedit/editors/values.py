@@ -30,7 +30,6 @@ from repedit.data.case import EditRequest
 from repedit.editors.context_variance import ContextVariance, pairwise_spread
 from repedit.editors.value_forms import Form, robust_forms
 from repedit.editors.value_plan import Plan, RowBatch, ValuePath, make_plan
-from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.errors import EditError, InvalidRequestError
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
@@ -58,19 +57,19 @@ class ValueHparams:
     clamp_norm_factor: float = 4.0
     stop_prob: float = 0.95
     kl_prompts: tuple[str, ...] = ("{} is a",)
-    request_batch: int = 8
+    request_batch: int = 8  # requests per group under batching="fixed"
     #: value-side robustness (0 / () = off): this many of the subject's training-half
     #: scrambles, and one corpus passage of each of these lengths (words) before the edit
     #: prompt, become extra rows of the loss (see :mod:`repedit.editors.value_forms`)
     robust_forms: int = 0
     robust_prefix_lengths: tuple[int, ...] = ()
-    #: "stream": batches of up to ``group_tokens`` padded tokens from the subject on (what a
-    #: step runs) that converged requests leave and queued ones of similar width join
-    #: (``value_schedule``); "fixed": groups of ``request_batch`` requests
-    #: whose converged ones ride along until the group ends (the earlier scheduling, kept to
-    #: compare with, and the default until "stream" rebuilds batches without re-running the
-    #: layers below). Both optimise each request on its own loss: only rounding differs.
-    batching: Batching = "fixed"
+    #: "stream" (default): batches of up to ``group_tokens`` padded tokens from the subject on
+    #: (what a step runs) that a converged request leaves at once and queued ones of similar
+    #: width join, rebuilt by selecting recorded rows (``value_stream``); "fixed": groups of
+    #: ``request_batch`` requests whose converged ones ride along until the group ends (the
+    #: earlier scheduling, kept to compare with). Both optimise each request on its own loss:
+    #: only rounding differs.
+    batching: Batching = "stream"
     group_tokens: int = 2048
 
     def __post_init__(self) -> None:
@@ -197,13 +196,13 @@ def optimise_values(
     if variance is not None and variance.weight == 0:
         variance = None
     if hp.batching == "stream" and hp.steps > 0:
-        if extra or variance is not None:
-            raise InvalidRequestError(
-                "value.batching='stream' does not take extra value forms or CoRE's penalty "
-                "yet; use value.batching=fixed"
-            )
+        # imported here: the streaming scheduler builds on this module's loss
+        from repedit.editors.value_stream import optimise_stream
+
         with frozen(lm.model):
-            return _optimise_stream(lm, requests, contexts, layer, site, hp, position, path)
+            return optimise_stream(
+                lm, requests, contexts, (layer, site, hp, position, path), extra, variance
+            )
     inits, deltas, probs, steps, losses = [], [], [], [], []
     for i in range(0, len(requests), hp.request_batch):
         group = requests[i : i + hp.request_batch]
@@ -435,117 +434,6 @@ def _optimise_group(
     if any(math.isnan(p) for p in final):
         raise EditError("value optimisation produced NaN probabilities")
     return ValueResult(init.detach().cpu(), delta.detach().cpu(), final, used, losses)
-
-
-def _clamp_rows(delta: torch.Tensor, rows: torch.Tensor, max_norm: torch.Tensor) -> None:
-    """Scale ``delta[rows]`` down to at most ``max_norm[rows]`` in norm (in place)."""
-    norms = delta[rows].norm(dim=1)
-    cap = max_norm[rows]
-    scale = torch.where(norms > cap, cap / norms.clamp_min(1e-12), torch.ones_like(norms))
-    delta[rows] = delta[rows] * scale[:, None]
-
-
-@dataclass
-class _Stream:
-    """Every request's state while ``_optimise_stream`` runs (rows indexed by request)."""
-
-    init: torch.Tensor  # [N, d] site value at the bare prompt, from the request's first batch
-    delta: torch.Tensor  # [N, d]
-    adam: RowAdam
-    started: torch.Tensor  # [N] bool: init is set
-    prob: list[float]
-    used: list[int]
-    losses: list[list[float]]
-
-
-def _stream_batch(
-    lm: LoadedModel,
-    requests: Sequence[EditRequest],
-    batch: list[int],
-    contexts: Sequence[str],
-    module: torch.nn.Module,
-    args: tuple[int, ValueHparams, Position, ValuePath],
-    st: _Stream,
-) -> _Loss:
-    """The loss of ``batch`` (request indices); sets ``init`` of requests new to a batch."""
-    layer, hp, position, path = args
-    b = _build(lm, [requests[i] for i in batch], contexts, hp.kl_prompts, position)
-    plan = make_plan(lm, b, module, layer, path)
-    fresh = [j for j, i in enumerate(batch) if not bool(st.started[i])]
-    if fresh:
-        rows = torch.tensor([batch[j] for j in fresh])
-        bare = b.bare_rows[torch.tensor(fresh)].to(lm.device)
-        st.init[rows.to(lm.device)] = plan.site_values[bare].float()
-        st.started[rows] = True
-    return _loss(lm, b, module, plan, len(batch))
-
-
-def _optimise_stream(
-    lm: LoadedModel,
-    requests: Sequence[EditRequest],
-    contexts: Sequence[str],
-    layer: int,
-    site: Site,
-    hp: ValueHparams,
-    position: Position,
-    path: ValuePath,
-) -> ValueResult:
-    """``optimise_values`` with ``batching="stream"``: token-budget batches that requests
-    leave on convergence (see ``value_schedule``); each request's iterates are the fixed
-    path's up to rounding."""
-    n, d, device = len(requests), lm.arch.d_model, lm.device
-    shapes = []
-    for r in requests:
-        one = _build(lm, [r], contexts, hp.kl_prompts, position)
-        shapes.append(suffix_shape(one.subject_pos, one.mask.sum(1)))
-    sched = Schedule(shapes, hp.group_tokens)
-    module = injection_module(lm, layer, site)
-    st = _Stream(
-        torch.zeros(n, d, device=device),
-        torch.zeros(n, d, device=device),
-        RowAdam((n, d), lr=hp.lr, device=device),
-        torch.zeros(n, dtype=torch.bool),
-        [0.0] * n,
-        [hp.steps] * n,
-        [[] for _ in range(n)],
-    )
-    taken = [0] * n  # steps applied to each request
-    batch: list[int] = []
-    live: list[int] = []
-    while not sched.finished(live):
-        if sched.should_rebuild(live, batch):
-            batch = live = sched.admit(live)
-            objective = _stream_batch(
-                lm, requests, batch, contexts, module, (layer, hp, position, path), st
-            )
-            where = {i: j for j, i in enumerate(batch)}
-        idx = torch.tensor(batch, device=device)
-        delta = st.delta[idx].clone().requires_grad_(True)
-        loss_each, prob = _step_loss(objective, delta, st.init[idx], hp)
-        cols = torch.tensor([where[i] for i in live], device=device)
-        _check_finite(loss_each[cols], [requests[i] for i in live], max(taken[i] for i in live))
-        values, probs = loss_each[cols].tolist(), prob[cols].tolist()
-        stay = []
-        for i, value, p in zip(live, values, probs, strict=True):
-            st.losses[i].append(value)
-            st.prob[i] = p
-            if p >= hp.stop_prob:
-                st.used[i] = taken[i]
-            else:
-                stay.append(i)
-        if stay:
-            keep = torch.tensor([where[i] for i in stay], device=device)
-            loss_each[keep].sum().backward()
-            assert delta.grad is not None
-            rows = torch.tensor(stay, device=device)
-            st.adam.step(st.delta, rows, delta.grad[keep])
-            _clamp_rows(st.delta, rows, hp.clamp_norm_factor * st.init.norm(dim=1))
-            for i in stay:
-                taken[i] += 1
-        live = [i for i in stay if taken[i] < hp.steps]
-    if any(math.isnan(p) for p in st.prob):
-        raise EditError("value optimisation produced NaN probabilities")
-    return ValueResult(st.init.cpu(), st.delta.detach().cpu(), st.prob, st.used, st.losses)
 
 
 def current_values(
