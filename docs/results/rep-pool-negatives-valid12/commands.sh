@@ -19,3 +19,5 @@ repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore $AUG --rep-set p
     --out runs/ignore-aug-pool16
 repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore $AUG --rep-set pool_negatives=8 \
     --rep-set negatives=true --rep-set negative_sources=subjects --out runs/ignore-aug-pool8-neg
+repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore $AUG --rep-set pool_negatives=16 \
+    --rep-set pool_kinds=kin,lookalike,random --out runs/ignore-aug-pool16-kin
