@@ -153,14 +153,20 @@ class RunConfig:
     def rep_config(self) -> RepConfig | None:
         """The :class:`~repedit.rep.RepConfig` of the run, or None without REP.
 
-        Defaults on top of RepConfig's: REP's long-context passages come from the suite's
+        Defaults on top of RepConfig's: REP's scrambles are seeded by the suite's ``seed``
+        (``forms_seed``; another value is refused), REP's long-context passages come from the suite's
         ``long_context_corpus`` when one is set (REP draws its training passages under other
         keys than the test passages), and batch mode trains one shared adapter set per batch.
         Explicit ``rep`` fields win.
         """
         if self.rep is None:
             return None
-        base: dict[str, Any] = {}
+        if self.rep.get("forms_seed", self.suite.seed) != self.suite.seed:
+            raise InvalidRequestError(
+                f"rep forms_seed {self.rep['forms_seed']} differs from the suite's seed "
+                f"{self.suite.seed}: REP would train on the suite's held-out scrambles"
+            )
+        base: dict[str, Any] = {"forms_seed": self.suite.seed}
         if self.suite.long_context_corpus:
             base["long_context_corpus"] = self.suite.long_context_corpus
         if self.mode == "batch":

@@ -197,7 +197,12 @@ class RepConfig(Hparams):
     #: several layers (MEMIT): train them one at a time, lowest first, each on keys read once
     #: through the trained adapters below it (False: all together, keys re-read every step)
     layerwise: bool = True
+    #: seeds initialisation, batches, generated forms and pool draws
     seed: int = 0
+    #: seeds the subject's scrambles and training passages: it must be the evaluation suite's
+    #: ``seed``, so REP's trained half of the scrambles is the suite's trained half (an
+    #: evaluation sets it; another value would train on the suite's held-out scrambles)
+    forms_seed: int = 0
 
     def __post_init__(self) -> None:
         for name, kind in _CHOICES.items():

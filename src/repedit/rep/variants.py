@@ -163,7 +163,7 @@ def item_variants(
         item.as_case(),
         lm.tokenizer,
         key=item.key,
-        seed=cfg.seed,
+        seed=cfg.forms_seed,
         scramble_max=cfg.scramble_max,
         sampler=sampler,
         train_passages=n_long,
