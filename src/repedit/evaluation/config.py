@@ -154,8 +154,8 @@ class RunConfig:
         """The :class:`~repedit.rep.RepConfig` of the run, or None without REP.
 
         Defaults on top of RepConfig's: REP's scrambles are seeded by the suite's ``seed``
-        (``forms_seed``; another value is refused), REP's long-context passages come from the suite's
-        ``long_context_corpus`` when one is set (REP draws its training passages under other
+        (``forms_seed``; another value is refused), REP's long-context passages come from the
+        suite's ``long_context_corpus`` when one is set (REP draws its training passages under other
         keys than the test passages), and batch mode trains one shared adapter set per batch.
         Explicit ``rep`` fields win.
         """
