@@ -189,12 +189,12 @@ def readout_markdown(doc: dict[str, Any], title: str = "Where the subject is rea
     second table for hidden_all@l when present)."""
     layers = doc["layers"]
     lines = [f"# {title}", ""]
-    tables = [("hidden", "last subject token")]
+    tables = [("hidden", "the last subject token")]
     if any(f"hidden_all@{layers[0]}" in t for t in doc["tests"].values()):
-        tables.append(("hidden_all", "every subject token, " + doc["alignment"]))
+        tables.append(("hidden_all", f"every subject token (paired {doc['alignment']})"))
     for prefix, what in tables:
         head = ["test", "n", "plain", "oracle key", *(f"{prefix}@{x}" for x in layers)]
-        lines += [f"Residual stream at the {what}:", ""]
+        lines += [f"Layer output patched at {what}:", ""]
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for name, t in doc["tests"].items():
             cols = ["plain", "oracle_key", *(f"{prefix}@{x}" for x in layers)]
