@@ -283,6 +283,11 @@ def _reference(lm: LoadedModel, items: Sequence[_Item], batch_size: int) -> list
     return ref
 
 
+def mean_keys(result: Any) -> dict[int, torch.Tensor]:
+    """``k*`` per edited layer: the mean of the edit's stored keys (over context prefixes)."""
+    return {layer: result.tensors[f"keys.{layer}"].float().mean(0) for layer in result.layers}
+
+
 def score_case(
     lm: LoadedModel,
     editor: Any,
@@ -298,9 +303,7 @@ def score_case(
     reference = _reference(lm, items, bs)
     result = editor.edit(lm, [case.request])
     try:
-        k_stars = {
-            layer: result.tensors[f"keys.{layer}"].float().mean(0) for layer in result.layers
-        }
+        k_stars = mean_keys(result)
         scores: dict[str, list[float]] = {"plain": _score(lm, items, reference, bs)}
         for which in ORACLES:
             scores[which] = _oracle_scores(

@@ -41,6 +41,7 @@ from repedit.analysis.ceiling import (
     _score,
     _writer,
     case_items,
+    mean_keys,
     mean_rates,
     patched_rates,
 )
@@ -162,9 +163,7 @@ def score_case(
     reference = _reference(lm, items, bs)
     result = editor.edit(lm, [case.request])
     try:
-        k_stars = {
-            layer: result.tensors[f"keys.{layer}"].float().mean(0) for layer in result.layers
-        }
+        k_stars = mean_keys(result)
         plain = _score(lm, items, reference, bs)
         scores = {
             "plain": plain,
