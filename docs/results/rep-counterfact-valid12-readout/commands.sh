@@ -17,3 +17,10 @@ C="--data rep-counterfact-valid --n 12 --threads 1 --layers 14 --last-token-only
    --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000"
 repedit analyze readout --method memit $C --out runs/readout-memit-4-8
 repedit analyze readout --method memit $C --set 'layers=[4,5,6,7,8,9,10,11,12]' --out runs/readout-memit-4-12
+
+# ROME again, every layer from 19 to 23 at the last subject token (where the sweep above falls).
+# Same day, same machine (7 min CPU).
+repedit analyze readout --method rome --data rep-counterfact-valid --n 12 --threads 1 \
+    --layers 19-23 --last-token-only \
+    --tests efficacy,subject_paraphrase,ood_subject_paraphrase,scrambled_subject,long_context \
+    --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000 --out runs/readout-rome-19-23
