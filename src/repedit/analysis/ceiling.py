@@ -146,7 +146,8 @@ def _score(
 
 
 def _writer(where: torch.Tensor, k: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A down-projection input rewrite: ``k`` at token positions ``where`` of every row."""
+    """A [batch, seq, d] rewrite: ``k`` ([d], or [len(where), d] row by row) at token positions
+    ``where`` of every row."""
 
     def write(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
@@ -156,26 +157,31 @@ def _writer(where: torch.Tensor, k: torch.Tensor) -> Callable[[torch.Tensor], to
     return write
 
 
-def oracle_probe_scores(
+Positions = tuple[int, ...]
+#: installs a group's rewrites on ``Hooks``, given the token positions the group shares
+Install = Callable[[Hooks, Positions], None]
+
+
+def patched_probe_scores(
     lm: LoadedModel,
     items: Sequence[_Item],
     reference: list[list[int]],
-    k_stars: dict[int, torch.Tensor],
-    which: Mode,
+    where: Callable[[_Item], Positions | None],
+    install: Install,
     batch_size: int,
 ) -> dict[int, ProbeScore]:
-    """Scores (by item index) with ``k*`` written at each probe's subject token(s), probes
-    grouped by positions; items without positions are left out."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    """Scores (by item index) with ``install``'s rewrites in place at each probe's positions
+    ``where(item)``; probes grouped by positions, items without positions left out. Every
+    oracle of the analyses is one ``install``: the grouping and the scorer stay in one place."""
+    groups: dict[Positions, list[int]] = {}
     for j, item in enumerate(items):
-        pos = item.last if which == "oracle_key" else item.every
+        pos = where(item)
         if pos is not None:
             groups.setdefault(pos, []).append(j)
     out: dict[int, ProbeScore] = {}
     for pos, idx in groups.items():
         with Hooks() as hooks:
-            for layer, k in k_stars.items():
-                hooks.rewrite(lm.arch.down_proj(layer), _writer(torch.tensor(pos), k))
+            install(hooks, pos)
             # the positions count from each sequence's start: the padded reference scorer keeps
             # them, the packed one puts several sequences in a row at other offsets
             got = score_probes(
@@ -189,6 +195,50 @@ def oracle_probe_scores(
     return out
 
 
+def patched_rates(
+    lm: LoadedModel,
+    items: Sequence[_Item],
+    reference: list[list[int]],
+    where: Callable[[_Item], Positions | None],
+    install: Install,
+    batch_size: int,
+    fallback: list[float],
+) -> list[float]:
+    """Rates with the rewrites of :func:`patched_probe_scores`; probes without positions keep
+    their ``fallback`` rate (the plain one, or another oracle's the rewrite would repeat)."""
+    got = patched_probe_scores(lm, items, reference, where, install, batch_size)
+    return [_hit(items[j], got[j]) if j in got else fallback[j] for j in range(len(items))]
+
+
+def _key_oracle(
+    lm: LoadedModel, k_stars: dict[int, torch.Tensor], which: Mode
+) -> tuple[Callable[[_Item], Positions | None], Install]:
+    """``k*`` written into the down-projection input at every edited layer, at the probe's
+    last subject token (``oracle_key``) or every subject token (``oracle_key_all``)."""
+
+    def where(item: _Item) -> Positions | None:
+        return item.last if which == "oracle_key" else item.every
+
+    def install(hooks: Hooks, pos: Positions) -> None:
+        for layer, k in k_stars.items():
+            hooks.rewrite(lm.arch.down_proj(layer), _writer(torch.tensor(pos), k))
+
+    return where, install
+
+
+def oracle_probe_scores(
+    lm: LoadedModel,
+    items: Sequence[_Item],
+    reference: list[list[int]],
+    k_stars: dict[int, torch.Tensor],
+    which: Mode,
+    batch_size: int,
+) -> dict[int, ProbeScore]:
+    """Scores (by item index) with ``k*`` written at each probe's subject token(s)."""
+    where, install = _key_oracle(lm, k_stars, which)
+    return patched_probe_scores(lm, items, reference, where, install, batch_size)
+
+
 def _oracle_scores(
     lm: LoadedModel,
     items: Sequence[_Item],
@@ -198,10 +248,9 @@ def _oracle_scores(
     batch_size: int,
     plain: list[float],
 ) -> list[float]:
-    """Rates with ``k*`` written (:func:`oracle_probe_scores`); probes without positions keep
-    their plain rate."""
-    got = oracle_probe_scores(lm, items, reference, k_stars, which, batch_size)
-    return [_hit(items[j], got[j]) if j in got else plain[j] for j in range(len(items))]
+    """Rates with ``k*`` written; probes without positions keep their plain rate."""
+    where, install = _key_oracle(lm, k_stars, which)
+    return patched_rates(lm, items, reference, where, install, batch_size, plain)
 
 
 def rep_gate_open(lm: LoadedModel, adapters: dict[int, Any], items: Sequence[_Item]) -> list[float]:
@@ -234,6 +283,11 @@ def _reference(lm: LoadedModel, items: Sequence[_Item], batch_size: int) -> list
     return ref
 
 
+def mean_keys(result: Any) -> dict[int, torch.Tensor]:
+    """``k*`` per edited layer: the mean of the edit's stored keys (over context prefixes)."""
+    return {layer: result.tensors[f"keys.{layer}"].float().mean(0) for layer in result.layers}
+
+
 def score_case(
     lm: LoadedModel,
     editor: Any,
@@ -249,9 +303,7 @@ def score_case(
     reference = _reference(lm, items, bs)
     result = editor.edit(lm, [case.request])
     try:
-        k_stars = {
-            layer: result.tensors[f"keys.{layer}"].float().mean(0) for layer in result.layers
-        }
+        k_stars = mean_keys(result)
         scores: dict[str, list[float]] = {"plain": _score(lm, items, reference, bs)}
         for which in ORACLES:
             scores[which] = _oracle_scores(
@@ -275,25 +327,36 @@ def score_case(
     return scores
 
 
-def tally(rows: Sequence[tuple[str, dict[str, float]]], with_rep: bool) -> dict[str, Any]:
-    """``{"tests": {TEST: {"plain", "rep"?, "oracle_key", "oracle_key_all", "gap_closed"?,
-    "rep_gate_open"?, "n"}}}`` from ``(test, {mode: hit})`` rows: rates as fractions over
-    probes; ``rep_gate_open`` over the probes with a subject position (absent for none)."""
-    modes: list[str] = ["plain", *(["rep"] if with_rep else []), *ORACLES]
-    tests: dict[str, Any] = {}
-    gates: dict[str, list[float]] = {}
+def mean_rates(
+    rows: Sequence[tuple[str, dict[str, float]]], modes: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """``{TEST: {"n", MODE: rate}}`` from ``(test, {mode: hit})`` rows: each mode's hits
+    averaged over the test's probes, tests in order of first appearance."""
+    tests: dict[str, dict[str, Any]] = {}
     for test, hits in rows:
         t = tests.setdefault(test, {"n": 0, **{m: 0.0 for m in modes}})
         t["n"] += 1
         for m in modes:
             t[m] += hits[m]
+    for t in tests.values():
+        for m in modes:
+            t[m] /= t["n"]
+    return tests
+
+
+def tally(rows: Sequence[tuple[str, dict[str, float]]], with_rep: bool) -> dict[str, Any]:
+    """``{"tests": {TEST: {"plain", "rep"?, "oracle_key", "oracle_key_all", "gap_closed"?,
+    "rep_gate_open"?, "n"}}}`` from ``(test, {mode: hit})`` rows: rates as fractions over
+    probes; ``rep_gate_open`` over the probes with a subject position (absent for none)."""
+    modes: list[str] = ["plain", *(["rep"] if with_rep else []), *ORACLES]
+    tests = mean_rates(rows, modes)
+    gates: dict[str, list[float]] = {}
+    for test, hits in rows:
         g = hits.get("rep_gate")
         if g is not None and g == g:  # NaN: no subject position
             gates.setdefault(test, []).append(g)
-    for test, t in tests.items():
-        for m in modes:
-            t[m] /= t["n"]
-        if with_rep:
+    if with_rep:
+        for test, t in tests.items():
             gap = t["oracle_key"] - t["plain"]
             t["gap_closed"] = (t["rep"] - t["plain"]) / gap if gap > 0 else None
             if gates.get(test):

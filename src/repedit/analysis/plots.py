@@ -1,4 +1,5 @@
-"""Figures of the key-similarity analysis (matplotlib, Agg backend: no display needed)."""
+"""Figures of the key-similarity and readout analyses (matplotlib, Agg backend: no display
+needed)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ COLORS = {
     "long_context": "#e7298a",
     "prompt_paraphrase": "#66a61e",
     "unrelated": "#666666",
+}
+
+#: colours of the suite's tests (readout plot), matched to their variant types
+TEST_COLORS = {
+    "efficacy": COLORS["original"],
+    "subject_paraphrase": COLORS["subject_paraphrase"],
+    "ood_subject_paraphrase": COLORS["ood_subject_paraphrase"],
+    "scrambled_subject_id": COLORS["scrambled_subject"],
+    "scrambled_subject_ood": "#f4a261",
+    "long_context": COLORS["long_context"],
+    "prompt_paraphrase": COLORS["prompt_paraphrase"],
 }
 
 
@@ -168,6 +180,37 @@ def plot_similarity_vs_success(
     ax.set_xlabel("β̃ = kᵀC⁻¹k* / k*ᵀC⁻¹k*")
     ax.set_ylabel("edit success (exact match of target_new)")
     ax.set_title(title or "Edit success against whitened similarity of the probe's key")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_readout(doc: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """Success rate against the patched layer, one colour per test: ``hidden@l`` solid,
+    ``hidden_all@l`` dotted, with the test's ``plain`` (dashed) and ``oracle_key`` (dash-dot)
+    rates as horizontal references and the edited layers shaded."""
+    plt = _pyplot()
+    layers = doc["layers"]
+    fig, ax = plt.subplots(figsize=(8.0, 4.6))
+    for name, t in doc["tests"].items():
+        color = TEST_COLORS.get(name, "#333333")
+        ax.plot(layers, [t[f"hidden@{x}"] for x in layers], "-o", color=color, markersize=3,
+                linewidth=1.5, label=f"{name} (n={t['n']})")  # fmt: skip
+        if f"hidden_all@{layers[0]}" in t:
+            ax.plot(layers, [t[f"hidden_all@{x}"] for x in layers], ":", color=color, linewidth=1.2)
+        ax.axhline(t["plain"], color=color, linestyle="--", linewidth=0.8, alpha=0.8)
+        ax.axhline(t["oracle_key"], color=color, linestyle="-.", linewidth=0.8, alpha=0.8)
+    for layer in doc.get("edited_layers", []):
+        ax.axvspan(layer - 0.5, layer + 0.5, color="#cccccc", alpha=0.4, linewidth=0)
+    styles = [("-", "hidden@l (last subject token)"), (":", "hidden_all@l (every subject token)"),
+              ("--", "plain edit"), ("-.", "oracle key k*")]  # fmt: skip
+    for style, label in styles:
+        ax.plot([], [], style, color="#555555", label=label)
+    ax.set_xticks(layers)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("layer whose output is patched at the subject (grey: edited)")
+    ax.set_ylabel("edit success (exact match of target_new)")
+    ax.set_title(title or f"Where the subject is read: {doc['method']}, {doc['n_cases']} cases")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -10,6 +10,7 @@ from repedit.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from repedit.analysis.pipeline import KeyAnalysis, KeyAnalysisConfig
+    from repedit.evaluation.probes import SuiteConfig
     from repedit.models.loading import LoadedModel
 
 DESCRIPTION = """\
@@ -23,7 +24,10 @@ Analyses of the keys an edit is written at.
   ceiling  every probe of the suite scored plain, with REP (--rep), and with the edit key k*
            written at the probe's subject token(s): how far the key path can reach.
 
-run 'repedit analyze keys --help' or 'repedit analyze ceiling --help' for the options.
+  readout  every success probe scored with the residual stream at its subject token(s) replaced,
+           layer by layer, by the edit prompt's own: which layers and positions carry a failure.
+
+run 'repedit analyze ANALYSIS --help' (keys, ceiling, readout) for the options.
 """
 
 CEILING_DESCRIPTION = """\
@@ -35,6 +39,20 @@ Writes OUT/ceiling.json ({"tests": {TEST: {"plain", "rep", "oracle_key", "oracle
 
 example:
   repedit analyze ceiling --method rome --rep --data rep-counterfact --n 50 --out runs/ceiling
+"""
+
+READOUT_DESCRIPTION = """\
+For each case: edit it alone with --method, then score every success probe of the suite plain,
+with oracle_key (k* written into the down-projection input at the probe's last subject token),
+with hidden@L for each layer L of the sweep (the output of layer L at the probe's last subject
+token replaced by the edited model's at the edit prompt's last subject token) and hidden_all@L
+(every subject token, paired right to left), then revert. Writes OUT/readout.json
+({"layers", "oracles", "tests": {TEST: {"n", ORACLE: rate}}}, rates as fractions),
+OUT/readout.md and OUT/readout.png (success against the patched layer).
+
+example:
+  repedit analyze readout --method rome --data rep-counterfact-valid --n 12 \\
+      --tests efficacy,subject_paraphrase,scrambled_subject,long_context --out runs/readout
 """
 
 KEYS_DESCRIPTION = """\
@@ -86,6 +104,7 @@ def register(subparsers: Any) -> None:
     common.add_stats_options(k)
     common.add_json_option(k)
     _register_ceiling(sub)
+    _register_readout(sub)
 
 
 def _register_ceiling(sub: Any) -> None:
@@ -95,6 +114,42 @@ def _register_ceiling(sub: Any) -> None:
         description=CEILING_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _edit_suite_options(c, "runs/ceiling")
+    common.add_rep_options(c, sweep=False)
+    common.add_model_options(c)
+    common.add_stats_options(c)
+    common.add_json_option(c)
+
+
+def _register_readout(sub: Any) -> None:
+    r = sub.add_parser(
+        "readout",
+        help="probes scored with the subject's residual stream patched in, layer by layer",
+        description=READOUT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _edit_suite_options(r, "runs/readout")
+    g = r.add_argument_group("layers")
+    g.add_argument(
+        "--layers",
+        default=None,
+        metavar="LAYERS",
+        help="layers whose output is patched: 4,5,6 or 4-8 (default: the layer below the edit, "
+        "then every --layer-step up to the second-last)",
+    )
+    g.add_argument(
+        "--layer-step", type=common.positive_int, default=2, help="sweep step (default 2)"
+    )
+    g.add_argument(
+        "--last-token-only", action="store_true", help="skip hidden_all@l (every subject token)"
+    )
+    common.add_model_options(r)
+    common.add_stats_options(r)
+    common.add_json_option(r)
+
+
+def _edit_suite_options(c: argparse.ArgumentParser, out: str) -> None:
+    """Options of the analyses that edit each case and score its suite probes."""
     c.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details"
     )
@@ -104,7 +159,7 @@ def _register_ceiling(sub: Any) -> None:
     c.add_argument("--n", type=common.positive_int, default=None, help="first N cases (all)")
     c.add_argument("--id-split", type=int, default=5, help="in-domain subject paraphrases (5)")
     c.add_argument("--tests", default="all", help="comma-separated suite tests (default: all)")
-    c.add_argument("--out", default="runs/ceiling", help="output folder (default %(default)s)")
+    c.add_argument("--out", default=out, help="output folder (default %(default)s)")
     c.add_argument(
         "--batch-size", type=common.positive_int, default=32, help="sequences per forward (32)"
     )
@@ -117,10 +172,6 @@ def _register_ceiling(sub: Any) -> None:
         help="editor hyper-parameter override (repeatable)",
     )
     _long_context_options(c)
-    common.add_rep_options(c, sweep=False)
-    common.add_model_options(c)
-    common.add_stats_options(c)
-    common.add_json_option(c)
 
 
 def _case_options(k: argparse.ArgumentParser) -> None:
@@ -256,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
         return run_keys(args)
     if args.analysis == "ceiling":
         return run_ceiling(args)
+    if args.analysis == "readout":
+        return run_readout(args)
     raise InvalidRequestError(f"unknown analysis {args.analysis!r}")  # pragma: no cover
 
 
@@ -336,20 +389,9 @@ def _print_summary(args: argparse.Namespace, lm: LoadedModel, result: KeyAnalysi
 def run_ceiling(args: argparse.Namespace) -> int:
     from repedit.analysis.ceiling import CeilingConfig, ceiling_markdown
     from repedit.analysis.ceiling import run_ceiling as ceiling
-    from repedit.evaluation.probes import SuiteConfig
     from repedit.rep import RepConfig
 
     rep = common.rep_overrides(args)
-    suite = SuiteConfig(
-        tests=args.tests,
-        long_context_corpus=args.long_context_corpus,
-        long_context_length=args.long_context_words or args.long_context_tokens or 512,
-        long_context_unit="words" if args.long_context_words else "tokens",
-        long_context_passages=1
-        if args.long_context_passages is None
-        else args.long_context_passages,
-        batch_size=args.batch_size,
-    )
     cfg = CeilingConfig(
         data=args.data,
         data_dir=args.data_dir,
@@ -358,7 +400,7 @@ def run_ceiling(args: argparse.Namespace) -> int:
         method=args.method,
         hparams=common.parse_overrides(args.overrides),
         rep=None if rep is None else RepConfig().replace(**rep),
-        suite=suite,
+        suite=_suite(args),
         out=args.out,
     )
     lm = common.load(args)
@@ -368,4 +410,47 @@ def run_ceiling(args: argparse.Namespace) -> int:
         common.print_json(doc)
     else:
         common.out.print(ceiling_markdown(doc), soft_wrap=True, markup=False)
+    return 0
+
+
+def _suite(args: argparse.Namespace) -> SuiteConfig:
+    """The suite settings of the options of :func:`_edit_suite_options`."""
+    from repedit.evaluation.probes import SuiteConfig
+
+    return SuiteConfig(
+        tests=args.tests,
+        long_context_corpus=args.long_context_corpus,
+        long_context_length=args.long_context_words or args.long_context_tokens or 512,
+        long_context_unit="words" if args.long_context_words else "tokens",
+        long_context_passages=1
+        if args.long_context_passages is None
+        else args.long_context_passages,
+        batch_size=args.batch_size,
+    )
+
+
+def run_readout(args: argparse.Namespace) -> int:
+    from repedit.analysis.readout import ReadoutConfig, readout_markdown
+    from repedit.analysis.readout import run_readout as readout
+
+    cfg = ReadoutConfig(
+        data=args.data,
+        data_dir=args.data_dir,
+        n=args.n,
+        id_split=args.id_split,
+        method=args.method,
+        hparams=common.parse_overrides(args.overrides),
+        suite=_suite(args),
+        layers=None if args.layers is None else tuple(common.parse_layers(args.layers)),
+        step=args.layer_step,
+        all_tokens=not args.last_token_only,
+        out=args.out,
+    )
+    lm = common.load(args)
+    common.status(f"patching the subject's residual stream under {cfg.method} on {cfg.data}…")
+    doc = readout(cfg, lm, stats_config=common.stats_config(args), on_case=common.log)
+    if args.json:
+        common.print_json(doc)
+    else:
+        common.out.print(readout_markdown(doc), soft_wrap=True, markup=False)
     return 0
