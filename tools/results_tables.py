@@ -6,7 +6,8 @@ table of each group is ``repedit report GROUP/* --markdown``; this script writes
 between the ``generated`` markers of docs/results.md, so the numbers are never copied by hand.
 A group whose runs hold ``ceiling.json`` (``repedit analyze ceiling``) instead gets one table
 of REP's rate, the share of the plain → oracle-key gap it closes and (newer runs) how often
-REP's gate opened at the probes' subject token, per run.
+REP's gate opened at the probes' subject token, per run. A group of ``repedit analyze
+readout`` runs (``readout.md``) gets each run's own tables.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
 
@@ -61,8 +62,13 @@ def group_section(group: Path) -> str:
             f"Table: `repedit analyze ceiling` outputs ({', '.join(r.name for r in ceilings)})."
             f" Runs:\n\n```bash\n{commands}\n```\n"
         )
+    readouts = sorted(p for p in group.iterdir() if (p / "readout.md").is_file())
+    if readouts and not runs:
+        return readout_section(group, readouts, commands)
     if not runs:
-        raise SystemExit(f"{group}: no run folder with a summary.json or ceiling.json")
+        raise SystemExit(
+            f"{group}: no run folder with a summary.json, ceiling.json or readout.md"
+        )
     table = subprocess.run(
         ["repedit", "report", *map(str, runs), "--markdown"],
         check=True,
@@ -75,6 +81,21 @@ def group_section(group: Path) -> str:
         f"### {group.name}\n\n{table.rstrip()}\n\n"
         f"Table: `repedit report {rel} --markdown`. Runs:\n\n```bash\n{commands}\n```\n"
     )
+
+
+def readout_section(group: Path, runs: list[Path], commands: str) -> str:
+    """Each run's ``readout.md`` as ``repedit analyze readout`` wrote it (its title made a
+    bold line), then the group's commands."""
+    parts = [f"### {group.name}\n"]
+    for r in runs:
+        body = (r / "readout.md").read_text(encoding="utf-8").strip().splitlines()
+        title = body[0].lstrip("#").strip() if body and body[0].startswith("#") else r.name
+        parts.append(f"**{r.name}**: {title}\n\n" + "\n".join(body[1:]).strip() + "\n")
+    parts.append(
+        f"Tables: `repedit analyze readout` outputs ({', '.join(r.name for r in runs)})."
+        f" Runs:\n\n```bash\n{commands}\n```\n"
+    )
+    return "\n".join(parts)
 
 
 def render(page: str) -> str:
