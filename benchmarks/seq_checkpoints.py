@@ -2,12 +2,13 @@
 longer run: reads a finished ``repedit eval --mode sequential`` run directory.
 
 Measured: seconds in edits (``edit_seconds``), in scoring each case after its own edit
-(``score_seconds``, plus ``rep_seconds`` if REP trained), in the reference predictions, and in
-checkpoints (``sequential.jsonl`` ``seconds``); the rest of the session's wall time is loading,
-key statistics and saving state. Projected: for ``--cases`` edits and each ``--eval-every``
-schedule, the checkpoint share with the measured per-edit, per-case-scoring and
-per-checkpoint-case seconds held constant (the schedule is the library's ``checkpoint_due``).
-Why: a checkpoint re-scores a fixed sample, so its share depends on the schedule, not on n.
+(``eval_seconds``: probes and fluency), in REP training (``rep_seconds``), in the reference
+predictions, and in checkpoints (``sequential.jsonl`` ``seconds``); the rest of the sessions'
+wall time is loading, key statistics and saving state. Projected: for ``--cases`` edits and
+each ``--eval-every`` schedule, the checkpoint share with the measured per-edit, per-scoring
+and per-checkpoint-case seconds held constant (the schedule is the library's
+``checkpoint_due``). Why: a checkpoint re-scores a fixed sample whatever the run's length, so
+a short run's share says little about a long one's.
 
     python benchmarks/seq_checkpoints.py RUN_DIR [--cases 1000] [--eval-every log,10] [--json]
 """
@@ -29,6 +30,14 @@ from repedit.evaluation.modes import checkpoint_due
 from repedit.evaluation.rundir import RunDir
 
 
+def _scoring_seconds(rec: dict[str, Any]) -> float:
+    """A case's scoring after its own edit: ``eval_seconds`` (probes and fluency), else the
+    sum of its parts."""
+    if rec.get("eval_seconds") is not None:
+        return float(rec["eval_seconds"])
+    return float(rec.get("score_seconds") or 0.0) + float(rec.get("fluency_seconds") or 0.0)
+
+
 def measured(run: RunDir) -> dict[str, Any]:
     """The run's seconds by phase, its per-unit means and its checkpoint schedule."""
     records = [r for r in run.results() if not r.get("error")]
@@ -36,7 +45,7 @@ def measured(run: RunDir) -> dict[str, Any]:
     if not records or not checkpoints:
         raise RepeditError(f"{run.path}: no successful sequential records or no checkpoints")
     edit = sum(float(r.get("edit_seconds") or 0.0) for r in records)
-    score = sum(float(r.get("score_seconds") or 0.0) for r in records)
+    score = sum(_scoring_seconds(r) for r in records)
     rep = sum(float(r.get("rep_seconds") or 0.0) for r in records)
     refs = sum(float(r.get("seconds") or 0.0) for r in run.references().values())
     ckpt = sum(float(c["seconds"]) for c in checkpoints)

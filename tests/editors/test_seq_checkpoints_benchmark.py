@@ -26,8 +26,9 @@ def run_dir(tmp_path: Path) -> Path:
     )
     ok = [
         {"case_id": str(i), "edit_seconds": 2.0, "score_seconds": 0.5, "error": None}
-        for i in range(4)
-    ]
+        for i in range(3)
+    ]  # the fourth has fluency too: its scoring is eval_seconds, probes and fluency
+    ok.append({"case_id": "3", "edit_seconds": 2.0, "score_seconds": 0.2, "eval_seconds": 0.5})
     _jsonl(run / "results.jsonl", [*ok, {"case_id": "9", "error": "boom", "edit_seconds": 7.0}])
     _jsonl(run / "reference.jsonl", [{"case_id": str(i), "seconds": 0.25} for i in range(4)])
     _jsonl(
