@@ -13,9 +13,10 @@ from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.data.loaders import load_cases
 from repedit.data.variants import NearSubjects
 from repedit.editors import StatsConfig, make_editor
-from repedit.errors import InvalidRequestError
+from repedit.errors import DataError, InvalidRequestError
 from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepConfig, train_rep
+from repedit.rep.inject import RepInjection
 from repedit.rep.losses import _gate_negatives, _Roles
 from repedit.rep.negatives import SubjectPool, subject_pool
 from repedit.rep.variants import build_pool, item_variants, rep_items
@@ -74,19 +75,41 @@ def pool(lm, pool_path: Path) -> SubjectPool:
     return got
 
 
+BANNED = ("Lutetia", "Louvre", "Excluded Town", "Parisa Tabriz")
+
+
 def test_draw_prefers_lookalikes_and_never_draws_what_the_evaluation_uses(lm, pool) -> None:
     texts = [fold(n.prompt) for n in CASE.neighbourhood]
-    drawn = pool.draw(CASE, 6, excluded={fold("Excluded Town")}, texts=texts, key="k")
+    excluded = {fold("Excluded Town")}
+    drawn = pool.draw(CASE, 6, excluded=excluded, texts=texts, key="k")
     assert len(drawn) == 6 and len(set(drawn)) == 6
     index = NearSubjects(load_cases(pool.source).cases, lm.tokenizer)
     mine = index.pieces("Paris")
     lookalike = [bool(mine & index.pieces(s)) for s in drawn]
     assert all(lookalike[:3]), drawn  # the first half shares a piece with the subject
-    for banned in ("Lutetia", "Louvre", "Excluded Town", "Parisa Tabriz"):
-        assert banned not in drawn
-    # seeded: the same draw every time, another seed or key may differ
-    assert drawn == pool.draw(CASE, 6, excluded={fold("Excluded Town")}, texts=texts, key="k")
+    # asked for everything: exactly the pool less what the evaluation uses (an own held-out
+    # paraphrase, a subject of a neighbourhood prompt, an excluded subject, one that begins
+    # with the subject)
+    every = pool.draw(CASE, len(POOL), excluded=excluded, texts=texts, key="k")
+    assert set(every) == set(POOL) - set(BANNED)
+    # seeded: the same draw every time
+    assert drawn == pool.draw(CASE, 6, excluded=excluded, texts=texts, key="k")
     assert pool.draw(CASE, 0) == []
+
+
+def test_a_shared_adapter_set_avoids_every_edit_s_probes(lm, pool) -> None:
+    other = EditCase(
+        EditRequest("{} is the capital of", "Zurich", "France", case_id="z"),
+        subject_paraphrases=["Zuerich", "Oslo"],  # Oslo: a held-out form of this edit
+        neighbourhood=[Neighbour("The Dakar rally starts in", "Paris")],
+        id_split=1,
+    )
+    cfg = RepConfig(pool_negatives=len(POOL), long_context=False)
+    got = build_pool(lm, rep_items([CASE, other]), ["{}"], cfg, subject_pool=pool)
+    texts = " ".join(ex.text for ex in got.negatives if ex.kind == "pool_subject")
+    for banned in ("Oslo", "Dakar", "Lutetia", "Louvre", "Parisa"):
+        assert banned not in texts
+    assert "Lima" in texts
 
 
 def test_kin_share_the_true_answer_and_kinds_split_the_draw(lm, pool) -> None:
@@ -104,18 +127,23 @@ def test_kin_share_the_true_answer_and_kinds_split_the_draw(lm, pool) -> None:
     assert RepConfig(pool_kinds="kin, random").pool_kinds == ("kin", "random")
 
 
-def test_pool_is_cached_per_file_and_missing_data_warns(lm, pool_path, pool, tmp_path) -> None:
+def test_pool_is_cached_per_file_and_model_and_missing_data_is_an_error(
+    lm, pool_path, pool, tmp_path
+) -> None:
     assert subject_pool(lm, str(pool_path)) is pool
-    with pytest.warns(UserWarning, match="no negative subject pool"):
-        assert subject_pool(lm, str(tmp_path / "absent.json")) is None
+    assert subject_pool(tiny_loaded("gpt2"), str(pool_path)) is not pool
+    with pytest.raises(DataError, match="negative_pool"):
+        subject_pool(lm, str(tmp_path / "absent.json"))
 
 
 def test_build_pool_marks_the_other_subject_and_leaks_no_probe(lm, pool) -> None:
-    cfg = RepConfig(pool_negatives=4, long_context=False)
+    cfg = RepConfig(pool_negatives=len(POOL), long_context=False)
     (item,) = rep_items(CASE)
     got = build_pool(lm, [item], ["{}", "A note. {}"], cfg, subject_pool=pool)
     negs = [ex for ex in got.negatives if ex.kind == "pool_subject"]
-    assert len(negs) == 4 * 2  # subjects x (prompt + one context)
+    # every pool subject but the banned ones ("Excluded Town" is not excluded here), in the
+    # prompt and one context
+    assert len(negs) == (len(POOL) - len(BANNED) + 1) * 2
     probes = probe_texts(item_variants(lm, item, cfg, None)) | {fold(CASE.neighbourhood[0].prompt)}
     tok = lm.tokenizer
     for ex in negs:
@@ -155,11 +183,25 @@ def test_training_with_pool_negatives_shuts_the_gate_on_them(lm, pool_path) -> N
     hp = editor.resolved(lm)
     (layer,) = editor.layers(lm, hp)
     stats = second_moments(lm, [layer], str(corpus), 2000, cache=root, progress=False)
-    cfg = RepConfig(pool_negatives=4, negative_pool=str(pool_path), long_context=False, steps=20)
-    rep = train_rep(
-        lm, result, CASE, layers=[layer], stats=stats, contexts=editor.contexts(lm, hp), cfg=cfg
-    )
+    kw = {"layers": [layer], "stats": stats, "contexts": editor.contexts(lm, hp)}
+    on = RepConfig(pool_negatives=4, negative_pool=str(pool_path), long_context=False, steps=20)
+    rep = train_rep(lm, result, CASE, cfg=on, **kw)
     assert rep.info["pool"]["pool_subject"] > 0
-    after = rep.gate_after[layer]["neg:pool_subject"]
-    assert after["open"] <= rep.gate_before[layer]["neg:pool_subject"]["open"]
-    assert rep.gate_after[layer]["positive"]["open"] > after["open"]
+    # the same pool sequences under adapters trained without them: their soft gate at the
+    # drawn subject's tokens is higher
+    off = train_rep(lm, result, CASE, cfg=on.replace(pool_negatives=0), report=False, **kw)
+    spool = subject_pool(lm, str(pool_path))
+    (item,) = rep_items(CASE)
+    negs = build_pool(lm, [item], editor.contexts(lm, hp), on, subject_pool=spool).negatives
+    assert negs
+
+    def soft(adapters) -> float:
+        total = 0.0
+        with torch.no_grad(), RepInjection(lm, adapters, record=True) as inj:
+            for ex in negs:
+                lm.model(torch.tensor([ex.ids]))
+                g = inj.last_gate[layer][0]
+                total += float(g[ex.subject_start : ex.subject_end + 1].mean())
+        return total / len(negs)
+
+    assert soft(rep.adapters) < soft(off.adapters)

@@ -38,3 +38,12 @@ def test_an_evaluation_ties_forms_seed_to_its_suite() -> None:
     assert rep is not None and rep.seed == 2 and rep.forms_seed == 3
     with pytest.raises(InvalidRequestError, match="held-out scrambles"):
         RunConfig.from_dict({"rep": {"forms_seed": 1}, "seed": 0}).rep_config()
+
+
+def test_the_ceiling_command_refuses_another_forms_seed(tmp_path, capsys) -> None:
+    from repedit.cli import main
+
+    args = ["analyze", "ceiling", "--model", "tiny-llama", "--rep", "--data", "demo"]
+    assert main([*args, "--rep-set", "forms_seed=3", "--out", str(tmp_path / "c")]) != 0
+    assert "held-out scrambles" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

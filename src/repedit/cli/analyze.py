@@ -389,9 +389,13 @@ def _print_summary(args: argparse.Namespace, lm: LoadedModel, result: KeyAnalysi
 def run_ceiling(args: argparse.Namespace) -> int:
     from repedit.analysis.ceiling import CeilingConfig, ceiling_markdown
     from repedit.analysis.ceiling import run_ceiling as ceiling
+    from repedit.evaluation.config import tied_forms_seed
     from repedit.rep import RepConfig
 
     rep = common.rep_overrides(args)
+    suite = _suite(args)
+    if rep is not None:  # REP's scramble split is the suite's
+        rep = {**rep, "forms_seed": tied_forms_seed(rep, suite.seed)}
     cfg = CeilingConfig(
         data=args.data,
         data_dir=args.data_dir,
@@ -400,7 +404,7 @@ def run_ceiling(args: argparse.Namespace) -> int:
         method=args.method,
         hparams=common.parse_overrides(args.overrides),
         rep=None if rep is None else RepConfig().replace(**rep),
-        suite=_suite(args),
+        suite=suite,
         out=args.out,
     )
     lm = common.load(args)

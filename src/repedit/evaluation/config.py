@@ -9,6 +9,7 @@ earlier version is read through :meth:`RunConfig.from_dict`, so old run director
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -88,6 +89,18 @@ def checkpoint_points(total: int, every: EvalEvery) -> list[int]:
     if every == "log" and total and (not points or points[-1] != total):
         points.append(total)
     return points
+
+
+def tied_forms_seed(rep: Mapping[str, Any], suite_seed: int) -> int:
+    """REP's ``forms_seed`` for a suite seeded ``suite_seed``: that seed. A different explicit
+    value is refused: REP would train on the suite's held-out scrambles."""
+    seed = rep.get("forms_seed", suite_seed)
+    if seed != suite_seed:
+        raise InvalidRequestError(
+            f"rep forms_seed {seed} differs from the suite's seed {suite_seed}: REP would "
+            "train on the suite's held-out scrambles"
+        )
+    return suite_seed
 
 
 @dataclass
@@ -192,12 +205,7 @@ class RunConfig:
         """
         if self.rep is None:
             return None
-        if self.rep.get("forms_seed", self.suite.seed) != self.suite.seed:
-            raise InvalidRequestError(
-                f"rep forms_seed {self.rep['forms_seed']} differs from the suite's seed "
-                f"{self.suite.seed}: REP would train on the suite's held-out scrambles"
-            )
-        base: dict[str, Any] = {"forms_seed": self.suite.seed}
+        base: dict[str, Any] = {"forms_seed": tied_forms_seed(self.rep, self.suite.seed)}
         if self.suite.long_context_corpus:
             base["long_context_corpus"] = self.suite.long_context_corpus
         if self.mode == "batch":

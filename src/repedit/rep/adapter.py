@@ -31,6 +31,8 @@ Target = Literal["whitened", "raw", "released"]
 Agg = Literal["direction", "match"]
 LengthUnit = Literal["words", "tokens"]
 SubjectTokens = Literal["ignore", "negative"]
+PoolKind = Literal["kin", "lookalike", "random"]
+POOL_KINDS: tuple[PoolKind, ...] = get_args(PoolKind)
 ConsistencyOn = Literal["prompt", "original"]
 TARGETS: tuple[str, ...] = get_args(Target)
 
@@ -175,7 +177,7 @@ class RepConfig(Hparams):
     negative_pool: str = "counterfact"
     #: which pool subjects, an equal share of each: ``kin`` (same true answer as the edit),
     #: ``lookalike`` (sharing a token piece), ``random``
-    pool_kinds: tuple[str, ...] = ("lookalike", "random")
+    pool_kinds: tuple[PoolKind, ...] = ("lookalike", "random")
     long_context: bool = True
     n_long: int = 5
     long_context_length: int = 300
@@ -210,11 +212,13 @@ class RepConfig(Hparams):
                 choices = " or ".join(repr(c) for c in get_args(kind))
                 raise InvalidRequestError(f"{name} must be {choices}, got {getattr(self, name)!r}")
         if isinstance(self.pool_kinds, str):
-            self.pool_kinds = tuple(k.strip() for k in self.pool_kinds.split(",") if k.strip())
-        bad = set(self.pool_kinds) - {"kin", "lookalike", "random"}
+            kinds = [k.strip() for k in self.pool_kinds.split(",") if k.strip()]
+            self.pool_kinds = tuple(cast(list[PoolKind], kinds))
+        bad = set(self.pool_kinds) - set(POOL_KINDS)
         if bad or not self.pool_kinds:
             raise InvalidRequestError(
-                f"pool_kinds must be a non-empty list of kin, lookalike, random; got {bad or '()'}"
+                f"pool_kinds must be a non-empty list of {', '.join(POOL_KINDS)}; "
+                f"got {sorted(bad) or '()'}"
             )
         if isinstance(self.negative_sources, str):
             self.negative_sources = tuple(

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, get_args
 
 from repedit.data.augment import fold
 from repedit.data.case import EditCase
@@ -33,9 +31,7 @@ from repedit.data.loaders import dataset_path, load_cases
 from repedit.data.variants import NearSubjects, stable_rng
 from repedit.errors import DataError, InvalidRequestError
 from repedit.models.loading import LoadedModel
-
-PoolKind = Literal["kin", "lookalike", "random"]
-POOL_KINDS: tuple[str, ...] = get_args(PoolKind)
+from repedit.rep.adapter import POOL_KINDS, PoolKind
 
 
 @dataclass(frozen=True)
@@ -58,8 +54,9 @@ class SubjectPool:
         case: EditCase,
         n: int,
         *,
-        kinds: Sequence[str] = ("lookalike", "random"),
+        kinds: Sequence[PoolKind] = ("lookalike", "random"),
         excluded: Collection[str] = (),
+        others: Collection[str] = (),
         texts: Iterable[str] = (),
         key: str = "",
         seed: int = 0,
@@ -70,14 +67,15 @@ class SubjectPool:
         ``lookalike``, subjects sharing a token piece, most shared characters first;
         ``random``. Seeded by ``key`` and ``seed``.
 
-        ``excluded``: folded subjects never drawn. ``texts``: folded texts no drawn subject may
-        occur in (the case's probes).
+        ``excluded``: folded subjects never drawn. ``others``: folded subject forms of other
+        edits sharing the adapter set, kept out like the case's own (with what begins with
+        them). ``texts``: folded texts no drawn subject may occur in (the probes).
         """
         unknown = set(kinds) - set(POOL_KINDS)
         if unknown:
             raise InvalidRequestError(f"unknown pool kind(s) {sorted(unknown)}; use {POOL_KINDS}")
         texts = list(texts)
-        own = {fold(s) for s in [case.request.subject, *case.subject_paraphrases]}
+        own = {fold(s) for s in [case.request.subject, *case.subject_paraphrases]} | set(others)
         out: list[str] = []
         seen: set[str] = set()
 
@@ -98,7 +96,7 @@ class SubjectPool:
         return out
 
     def _candidates(
-        self, case: EditCase, kind: str, n: int, key: str, seed: int
+        self, case: EditCase, kind: PoolKind, n: int, key: str, seed: int
     ) -> Sequence[EditCase]:
         """The kind's candidates in the order they are taken."""
         if kind == "lookalike":
@@ -117,18 +115,21 @@ _CACHE: dict[tuple[object, ...], SubjectPool] = {}
 _LOCK = threading.Lock()
 
 
-def subject_pool(lm: LoadedModel, spec: str) -> SubjectPool | None:
-    """The subjects of dataset ``spec`` (a name or a file), indexed with ``lm``'s tokenizer;
-    None, with a warning, when the dataset cannot be found. Kept in memory per file (path,
-    size, modification time) and tokenizer, since an evaluation asks once per case."""
+def subject_pool(lm: LoadedModel, spec: str) -> SubjectPool:
+    """The subjects of dataset ``spec`` (a name or a file), indexed with ``lm``'s tokenizer.
+    Kept in memory per file (path, size, modification time) and model, since an evaluation
+    asks once per case. A pool that cannot be found is a :class:`DataError`: training without
+    the negatives a configuration asks for would be a silent change of method."""
     try:
         path = dataset_path(spec)
     except DataError as exc:
-        warnings.warn(f"REP: no negative subject pool ({exc})", stacklevel=3)
-        return None
+        raise DataError(
+            f"REP pool_negatives needs its negative_pool {spec!r}: {exc}; give a file with "
+            "--rep-set negative_pool=PATH or set pool_negatives=0"
+        ) from None
     st = os.stat(path)
     tok = lm.tokenizer
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, tok.name_or_path, len(tok))
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, lm.fingerprint, len(tok))
     with _LOCK:
         if key not in _CACHE:
             cases = load_cases(path, skip_invalid=True).cases

@@ -268,10 +268,11 @@ def build_pool(
     pool = RepPool(prompts=[], positives=[], negatives=[])
     own_subjects: set[str] = set()
     excluded = {fold(s) for s in exclude_subjects}
-    for r, item in enumerate(items):
+    every = [item_variants(lm, item, cfg, sampler) for item in items]
+    group = _GroupProbes.of(items, every)
+    for r, (item, variants) in enumerate(zip(items, every, strict=True)):
         pool.prompts.append(_prompt_example(b, item.request, r))
         own_subjects.add(normalise(item.request.subject))
-        variants = item_variants(lm, item, cfg, sampler)
         forms = training_forms(variants)
         own_subjects.update(_add_positives(b, pool.positives, item.request, forms, ctxs, r))
         if cfg.augment:
@@ -280,10 +281,9 @@ def build_pool(
         if cfg.negatives:
             pool.negatives.extend(_item_negatives(b, item, cfg, sampler, r))
         if cfg.pool_negatives and subject_pool is not None:
-            texts = [*probe_texts(variants), *(fold(t) for t in item.neighbourhood)]
             drawn = subject_pool.draw(
-                item.as_case(), cfg.pool_negatives, kinds=cfg.pool_kinds, excluded=excluded,
-                texts=texts, key=item.key, seed=cfg.seed,
+                item.as_case(), cfg.pool_negatives, kinds=cfg.pool_kinds, key=item.key,
+                seed=cfg.seed, excluded=excluded, others=group.forms, texts=group.texts,
             )  # fmt: skip
             pool.negatives.extend(_pool_negatives(b, item, drawn, ctxs, r))
     if cfg.negatives and "subjects" in cfg.negative_sources:
@@ -291,6 +291,26 @@ def build_pool(
         pool.negatives.extend(_subject_negatives(b, items, others, ctxs))
     pool.skipped = b.skipped
     return pool
+
+
+@dataclass(frozen=True)
+class _GroupProbes:
+    """What every edit sharing one adapter set is probed with: their subject forms (held-out
+    ones included) and the folded texts of their probes and neighbourhood prompts. A pool
+    negative must avoid them all, not only its own edit's, since the gate is shared."""
+
+    forms: frozenset[str]
+    texts: tuple[str, ...]
+
+    @classmethod
+    def of(cls, items: Sequence[RepItem], variants: Sequence[Sequence[Variant]]) -> _GroupProbes:
+        forms: set[str] = set()
+        texts: set[str] = set()
+        for item, vs in zip(items, variants, strict=True):
+            case = item.as_case()
+            forms |= {fold(s) for s in [case.request.subject, *case.subject_paraphrases]}
+            texts |= probe_texts(vs) | {fold(t) for t in item.neighbourhood}
+        return cls(frozenset(forms), tuple(sorted(texts)))
 
 
 def _prompt_example(b: _Builder, req: EditRequest, r: int) -> RepExample:
