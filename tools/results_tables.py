@@ -66,9 +66,7 @@ def group_section(group: Path) -> str:
     if readouts and not runs:
         return readout_section(group, readouts, commands)
     if not runs:
-        raise SystemExit(
-            f"{group}: no run folder with a summary.json, ceiling.json or readout.md"
-        )
+        raise SystemExit(f"{group}: no run folder with a summary.json, ceiling.json or readout.md")
     table = subprocess.run(
         ["repedit", "report", *map(str, runs), "--markdown"],
         check=True,

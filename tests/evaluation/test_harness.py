@@ -20,7 +20,7 @@ from harness_cases import FAST_ROME, run_config, same_weights, stats_config, wei
 from repedit.editors import make_editor
 from repedit.errors import EditError, InvalidRequestError, RepeditError
 from repedit.evaluation.harness import run_eval
-from repedit.evaluation.modes import checkpoint_due
+from repedit.evaluation.modes import checkpoint_due, checkpoint_points, parse_eval_every
 from repedit.evaluation.probes import TESTS
 from repedit.evaluation.rundir import RESULTS, read_jsonl
 from repedit.models.tiny import tiny_loaded
@@ -287,8 +287,11 @@ def test_sequential_mode_and_resume(lm, files, tmp_path):
 def test_log_checkpoints_double_and_close_the_run(lm, files, tmp_path):
     due = [n for n in range(1, 700) if checkpoint_due(n, "log")]
     assert due == [10, 20, 40, 80, 160, 320, 640]
-    assert [n for n in range(1, 10) if checkpoint_due(n, 3)] == [3, 6, 9]
-    for bad in (0, -2, "often", True, 2.5):
+    assert checkpoint_points(1000, "log") == [*due, 1000]
+    assert checkpoint_points(12, "log") == [10, 12] and checkpoint_points(20, "log") == [10, 20]
+    assert checkpoint_points(9, 3) == [3, 6, 9] and checkpoint_points(10, 3) == [3, 6, 9]
+    assert parse_eval_every("LOG") == "log" and parse_eval_every("7") == 7
+    for bad in (0, -2, "often", True, 2.5, "3.0"):
         with pytest.raises(InvalidRequestError, match="eval_every"):
             _cfg(files, tmp_path / "bad", mode="sequential", eval_every=bad)
     # the default: 4 edits, no doubling point reached, so one checkpoint at the end
@@ -297,6 +300,9 @@ def test_log_checkpoints_double_and_close_the_run(lm, files, tmp_path):
     out = run_eval(cfg, lm=lm, editor=_editor(files), progress=False, report=False)
     points = read_jsonl(out / "sequential.jsonl")
     assert [p["n_edits"] for p in points] == [4] and points[0]["n_eval"] == 4
+    # rerunning the finished run adds no second end-of-run checkpoint
+    run_eval(cfg, lm=lm, editor=_editor(files), progress=False, report=False)
+    assert [p["n_edits"] for p in read_jsonl(out / "sequential.jsonl")] == [4]
 
 
 # --------------------------------------------------------------------------- kill and rerun

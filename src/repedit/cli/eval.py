@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from repedit.cli import common
 
 if TYPE_CHECKING:
-    from repedit.evaluation.config import ParallelConfig, RunConfig
+    from repedit.evaluation.config import EvalEvery, ParallelConfig, RunConfig
 
 # the library is imported inside the functions, so that ``repedit --help`` stays instant
 
@@ -62,10 +62,16 @@ data: demo (built-in facts), a dataset name resolved under --data-dir / $REPEDIT
 """
 
 
-
-def _eval_every(text: str) -> int | str:
+def _eval_every(text: str) -> EvalEvery:
     """``type=`` for --eval-every: a positive integer or ``log``."""
-    return "log" if text.strip().lower() == "log" else common.positive_int(text)
+    from repedit.errors import InvalidRequestError
+    from repedit.evaluation.config import parse_eval_every
+
+    try:
+        return parse_eval_every(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 def register(subparsers: Any) -> None:
     p = common.add_command(

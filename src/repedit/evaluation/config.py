@@ -56,6 +56,40 @@ _FLAT_SUITE = {
 _FLAT_STATS = {"stats_corpus": "corpus", "stats_tokens": "n_tokens", "stats_seq_len": "seq_len"}
 
 
+EvalEvery = int | Literal["log"]
+
+
+def parse_eval_every(text: str | int) -> EvalEvery:
+    """``"log"`` (any case) or a positive integer; anything else is an InvalidRequestError."""
+    if isinstance(text, str) and text.strip().lower() == "log":
+        return "log"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(text, bool) or value < 1 or str(value) != str(text).strip():
+        raise InvalidRequestError(f"eval_every must be an integer >= 1 or 'log', got {text!r}")
+    return value
+
+
+def checkpoint_due(n_edits: int, every: EvalEvery) -> bool:
+    """Whether a sequential checkpoint follows the ``n_edits``-th edit: every ``every`` edits,
+    or for ``"log"`` after 10, 20, 40, 80, ... edits (the run's end gets one too). Why "log":
+    a checkpoint re-scores a fixed sample, so at a fixed cadence its share of a run stays
+    constant; doubling intervals make it shrink as the run grows."""
+    if every != "log":
+        return n_edits % every == 0
+    return n_edits >= 10 and n_edits % 10 == 0 and (n_edits // 10).bit_count() == 1
+
+
+def checkpoint_points(total: int, every: EvalEvery) -> list[int]:
+    """The edit counts after which a run of ``total`` successful edits checkpoints."""
+    points = [n for n in range(1, total + 1) if checkpoint_due(n, every)]
+    if every == "log" and total and (not points or points[-1] != total):
+        points.append(total)
+    return points
+
+
 @dataclass
 class RunConfig:
     """Everything that defines an evaluation run (stored in the run directory's config.json).
@@ -78,7 +112,7 @@ class RunConfig:
     n: int | None = None
     mode: Mode = "single"
     batch_size: int = 10
-    eval_every: int | Literal["log"] = "log"
+    eval_every: EvalEvery = "log"
     eval_sample: int = 20
     skip_invalid: bool = False
     id_split: int = 5
@@ -103,14 +137,11 @@ class RunConfig:
         self._check_rep()
         if self.batch_size < 1:
             raise InvalidRequestError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_every != "log" and (
-            isinstance(self.eval_every, bool)
-            or not isinstance(self.eval_every, int)
-            or self.eval_every < 1
-        ):
+        if isinstance(self.eval_every, float | bool):
             raise InvalidRequestError(
                 f"eval_every must be an integer >= 1 or 'log', got {self.eval_every!r}"
             )
+        self.eval_every = parse_eval_every(self.eval_every)
         if self.eval_sample < 0:
             raise InvalidRequestError(f"eval_sample must be >= 0, got {self.eval_sample}")
         if self.n is not None and self.n < 0:

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 
@@ -44,7 +44,13 @@ from repedit.evaluation.case import (
     run_cases,
     snapshot,
 )
-from repedit.evaluation.config import RunConfig
+from repedit.evaluation.config import (
+    EvalEvery,
+    RunConfig,
+    checkpoint_due,
+)
+from repedit.evaluation.config import checkpoint_points as checkpoint_points  # re-exported
+from repedit.evaluation.config import parse_eval_every as parse_eval_every  # re-exported
 from repedit.evaluation.probes import (
     LOCALITY_TESTS,
     PROBE_TESTS,
@@ -351,22 +357,12 @@ def _resume(
     return state, [by_key[k] for k in order]
 
 
-def checkpoint_due(n_edits: int, every: int | Literal["log"]) -> bool:
-    """Whether a sequential checkpoint follows the ``n_edits``-th edit: every ``every`` edits,
-    or for ``"log"`` after 10, 20, 40, 80, ... edits (the run's end gets one too). Why "log":
-    a checkpoint re-scores a fixed sample, so at a fixed cadence its share of a long run stays
-    constant (about half with the defaults); doubling intervals make it shrink with the run."""
-    if every != "log":
-        return n_edits % every == 0
-    return n_edits >= 10 and n_edits % 10 == 0 and (n_edits // 10).bit_count() == 1
-
-
 def run_sequential(
     ctx: CaseContext,
     items: Sequence[CaseItem],
     rec: Recorder,
     *,
-    eval_every: int | Literal["log"],
+    eval_every: EvalEvery,
     eval_sample: int,
 ) -> None:
     """Edits accumulate (never reverted); checkpoints where :func:`checkpoint_due` says."""
