@@ -88,7 +88,9 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: int) -> Plan:
     """Rows left-padded so every subject token sits in column ``split``; columns before it cached.
 
-    Position ids count only real tokens, so each row is computed as if unpadded.
+    Position ids count only real tokens, so each row is computed as if unpadded. A failed
+    setup check of the cache (``PrefixRunner`` raises RuntimeError or ValueError) becomes
+    ``PrefixUnavailable``, naming the layer.
     """
     device = lm.device
     ids, mask, split, target_pos = left_align(b, pad_id(lm.tokenizer))
@@ -101,7 +103,7 @@ def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: in
             runner = PrefixRunner(
                 lm, layer, ids.to(device), mask.to(device), position.to(device), split
             )
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # a resource limit, not a missing feature
             raise
         except (RuntimeError, ValueError) as exc:  # what PrefixRunner's setup checks raise
             raise PrefixUnavailable(f"layer {layer}: {exc}") from exc

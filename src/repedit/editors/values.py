@@ -11,8 +11,9 @@ of later hidden states across a request's rows plug into the same loss.
 Positions before the subject token never see ``δ`` (causal attention), so by default the rows
 are aligned at the subject token and those positions' keys/values are cached once
 (``PrefixRunner``): each step then runs the upper layers on the few columns from the subject
-on. ``VALUE_PATH`` forces either path; "auto" falls back to the full one when the cache setup
-fails (an architecture or transformers version whose cache cannot be restored).
+on. ``VALUE_PATH`` forces either path; "auto" falls back to the full one, with one warning,
+when a setup check raises ``PrefixUnavailable`` (an architecture or transformers version whose
+cache cannot be restored); any other error propagates.
 """
 
 from __future__ import annotations
