@@ -7,7 +7,7 @@ predictions, and in checkpoints (``sequential.jsonl`` ``seconds``); the rest of 
 wall time is loading, key statistics and saving state. Projected: for ``--cases`` edits and
 each ``--eval-every`` schedule, the checkpoint share with the measured per-edit, per-scoring
 and per-checkpoint-case seconds held constant (the schedule is the library's
-``checkpoint_due``). Why: a checkpoint re-scores a fixed sample whatever the run's length, so
+``checkpoint_points``). Why: a checkpoint re-scores a fixed sample whatever the run's length, so
 a short run's share says little about a long one's.
 
     python benchmarks/seq_checkpoints.py RUN_DIR [--cases 1000] [--eval-every log,10] [--json]
@@ -21,12 +21,13 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from bench_common import cpu_flags
 
 from repedit.errors import RepeditError
-from repedit.evaluation.modes import checkpoint_due
+from repedit.evaluation.config import EvalEvery
+from repedit.evaluation.modes import checkpoint_points, parse_eval_every
 from repedit.evaluation.rundir import RunDir
 
 
@@ -81,16 +82,13 @@ def measured(run: RunDir) -> dict[str, Any]:
     }
 
 
-def schedule(cases: int, every: int | Literal["log"], sample: int) -> list[tuple[int, int]]:
+def schedule(cases: int, every: EvalEvery, sample: int) -> list[tuple[int, int]]:
     """``(n_edits, cases re-scored)`` per checkpoint of a ``cases``-edit run, all edits
-    succeeding; ``"log"`` adds one at the end, as the evaluation does."""
-    points = [n for n in range(1, cases + 1) if checkpoint_due(n, every)]
-    if every == "log" and cases and (not points or points[-1] != cases):
-        points.append(cases)
-    return [(n, min(n, sample) if sample else n) for n in points]
+    succeeding (the points are the library's ``checkpoint_points``)."""
+    return [(n, min(n, sample) if sample else n) for n in checkpoint_points(cases, every)]
 
 
-def projection(m: dict[str, Any], cases: int, every: int | Literal["log"]) -> dict[str, Any]:
+def projection(m: dict[str, Any], cases: int, every: EvalEvery) -> dict[str, Any]:
     """Seconds and checkpoint share of a ``cases``-edit run at the measured unit costs."""
     plan = schedule(cases, every, m["eval_sample"])
     rescored = sum(k for _, k in plan)
@@ -105,14 +103,6 @@ def projection(m: dict[str, Any], cases: int, every: int | Literal["log"]) -> di
         "checkpoint_seconds": ckpt,
         "checkpoint_share": ckpt / (work + ckpt) if work + ckpt else 0.0,
     }
-
-
-def parse_every(text: str) -> list[int | Literal["log"]]:
-    out: list[int | Literal["log"]] = []
-    for part in text.split(","):
-        part = part.strip()
-        out.append("log" if part == "log" else int(part))
-    return out
 
 
 def table(m: dict[str, Any], proj: Sequence[dict[str, Any]]) -> str:
@@ -147,7 +137,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true", help="print the JSON report only")
     args = ap.parse_args(argv)
     m = measured(RunDir(args.run))
-    proj = [projection(m, args.cases, e) for e in parse_every(args.eval_every)]
+    proj = [
+        projection(m, args.cases, e)
+        for e in (parse_eval_every(t) for t in args.eval_every.split(","))
+    ]
     report = {"measured": m, "projection": proj, "cpu_flags": cpu_flags()}
     print(json.dumps(report, indent=2) if args.json else table(m, proj))
     return report

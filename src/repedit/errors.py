@@ -38,3 +38,8 @@ class DataError(RepeditError):
 class WriteError(RepeditError):
     """A file could not be written (disk full, file-size limit, permissions); whatever stood
     at that path before is left as it was."""
+
+
+class PrefixUnavailable(RepeditError):
+    """The cached-prefix value path cannot be set up for this model or batch; under
+    ``path="auto"`` the caller falls back to running full rows."""

@@ -11,13 +11,14 @@ import torch
 
 from numerics import forward_tolerance
 from repedit.analysis.ceiling import (
-    _Item,
-    _oracle_scores,
-    _reference,
-    _score,
+    Item,
     case_items,
     ceiling_markdown,
-    oracle_probe_scores,
+    key_oracle,
+    oracle_rates,
+    patched_probe_scores,
+    plain_rates,
+    reference_ids,
     rep_gate_open,
     tally,
 )
@@ -44,7 +45,7 @@ def cases():
     return load_cases(str(CASES), id_split=2).cases
 
 
-def _items(lm, cases) -> list[_Item]:
+def _items(lm, cases) -> list[Item]:
     near = NearSubjects(cases, lm.tokenizer)
     suite = SuiteConfig(long_context_passages=0)
     return case_items(lm, cases[3], case_keys(cases)[3], suite, None, near)
@@ -67,11 +68,11 @@ def test_writing_a_probes_own_key_changes_nothing(lm, cases) -> None:
     """The oracle rewrite at the right token: writing the key the probe already has there
     leaves every score as it was; writing a large foreign key changes the token's output."""
     items = [i for i in _items(lm, cases) if i.test == "efficacy"]
-    ref = _reference(lm, items, 8)
-    plain = _score(lm, items, ref, 8)
+    ref = reference_ids(lm, items, 8)
+    plain = plain_rates(lm, items, ref, 8)
     ids, pos = locate(lm.tokenizer, cases[3].request.prompt, cases[3].request.subject)
     own = keys_at(lm, [LAYER], [ids], [pos])[LAYER][0]
-    same = _oracle_scores(lm, items, ref, {LAYER: own}, "oracle_key", 8, plain)
+    same = oracle_rates(lm, items, ref, {LAYER: own}, "oracle_key", 8, plain)
     assert same == plain
     # and the hook really reaches the model: a huge key flips the greedy continuation
     from repedit.evaluation.scoring import score_probes
@@ -96,12 +97,13 @@ def test_an_oracle_group_scores_as_its_probes_alone(lm, cases) -> None:
     items = [i for i in _items(lm, cases) if i.last is not None][:4]
     assert len(items) >= 3
     pos = items[0].last
-    forced = [_Item(i.probe, i.test, pos, pos) for i in items]
-    ref = _reference(lm, forced, 8)
+    forced = [Item(i.probe, i.test, pos, pos) for i in items]
+    ref = reference_ids(lm, forced, 8)
     k = {LAYER: torch.full((lm.arch.d_mlp,), 3.0)}
-    together = oracle_probe_scores(lm, forced, ref, k, "oracle_key", 8)
+    where, install = key_oracle(lm, k, "oracle_key")
+    together = patched_probe_scores(lm, forced, ref, where, install, 8)
     for j, (item, r) in enumerate(zip(forced, ref, strict=True)):
-        alone = oracle_probe_scores(lm, [item], [r], k, "oracle_key", 8)[0]
+        alone = patched_probe_scores(lm, [item], [r], where, install, 8)[0]
         tol = forward_tolerance(lm.arch, blocks=lm.arch.n_layers, magnitude=abs(alone.logprob))
         assert together[j].logprob == pytest.approx(alone.logprob, abs=tol), j
     # the rewrite matters: without it the log-probs differ by far more than rounding

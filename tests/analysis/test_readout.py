@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from numerics import forward_tolerance
-from repedit.analysis.ceiling import _Item, _reference, case_items, mean_rates, patched_probe_scores
+from repedit.analysis.ceiling import (
+    Item,
+    case_items,
+    mean_rates,
+    patched_probe_scores,
+    reference_ids,
+)
 from repedit.analysis.readout import (
     check_layers,
     donor_states,
@@ -44,7 +50,7 @@ def items(lm):
     return case_items(lm, cases[3], case_keys(cases)[3], suite, None, None)
 
 
-def _edit(items) -> _Item:
+def _edit(items) -> Item:
     return next(i for i in items if i.probe.test == "efficacy")
 
 
@@ -59,7 +65,7 @@ def test_sweep_layers_runs_from_below_the_edit_to_the_second_last_layer() -> Non
         sweep_layers(30, [5], step=0)
 
 
-def _logprob(lm, item: _Item, ref, install=None) -> float:
+def _logprob(lm, item: Item, ref, install=None) -> float:
     """The probe's target log-prob scored alone by the padded scorer, with ``install``'s patch."""
     if install is None:
         return score_probes(lm, [item.probe], reference=[ref], impl="reference")[0].logprob
@@ -76,7 +82,7 @@ def test_the_edit_prompts_own_state_reproduces_its_output_and_a_wrong_token_does
     caught."""
     edit = _edit(items)
     assert edit.last is not None and edit.last[0] >= 1
-    ref = _reference(lm, [edit], 8)[0]
+    ref = reference_ids(lm, [edit], 8)[0]
     plain = _logprob(lm, edit, ref)
     layers = list(range(lm.n_layers))
     donors = donor_states(lm, edit, layers)

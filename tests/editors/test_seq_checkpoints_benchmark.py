@@ -80,3 +80,12 @@ def test_a_run_without_checkpoints_is_refused(run_dir: Path) -> None:
         pytest.raises(bench.RepeditError, match="no checkpoints"),
     ):
         bench.main([str(run_dir)])
+
+
+def test_a_bad_schedule_is_refused_as_the_cli_refuses_it(run_dir: Path) -> None:
+    """``--eval-every`` is parsed by the library's ``parse_eval_every``, as ``repedit eval``'s."""
+    with (
+        benchmark_module("seq_checkpoints") as bench,
+        pytest.raises(bench.RepeditError, match="eval_every"),
+    ):
+        bench.main([str(run_dir), "--eval-every", "log,0"])

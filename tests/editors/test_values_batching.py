@@ -11,11 +11,13 @@ requests' own probabilities, so they stop at different steps and the batch is re
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import ClassVar
 
 import pytest
 import torch
 
+import repedit.editors.value_plan as plan_module
 import repedit.editors.value_stream as stream_module
 import repedit.editors.values as values_module
 from numerics import assert_norm_within, assert_within, drift, forward_tolerance, tolerance
@@ -25,6 +27,7 @@ from repedit.editors.context_variance import ContextVariance
 from repedit.editors.value_forms import Form
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import optimise_values
+from repedit.errors import PrefixUnavailable
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 
 REQUESTS = (
@@ -281,3 +284,36 @@ def test_memit_hits_the_same_requests(
         assert float(want.abs().max()) > 0
         got = stream.deltas[name]
         assert_norm_within(got.flatten(), want.flatten(), tol, f"weight update of {name}")
+
+
+def test_a_bug_in_row_selection_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under path="auto" only ``PrefixUnavailable`` turns row selection off: any other
+    error in a rebuild (here an IndexError from ``select``) reaches the caller."""
+    lm = tiny_loaded("llama")
+
+    def broken(rows, keep):
+        raise IndexError("select: injected bug")
+
+    monkeypatch.setattr(stream_module, "select", broken)
+    with pytest.raises(IndexError, match="injected bug"):
+        _run(lm, _staggered_stop(lm), **STREAM)
+
+
+def test_unavailable_prefix_falls_back_once_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A setup check that raises ``PrefixUnavailable`` sends "auto" to full rows, with the
+    same optimisation and one warning naming the reason."""
+    lm = tiny_loaded("llama")
+    stop = _staggered_stop(lm)
+    want = _run(lm, stop, **FIXED)
+
+    def unavailable(*args, **kwargs):
+        raise PrefixUnavailable("layer_calls: injected")
+
+    monkeypatch.setattr(plan_module, "_warned", set())
+    monkeypatch.setattr(stream_module, "SelectedRunner", unavailable)
+    with caplog.at_level(logging.WARNING, logger="repedit.editors.value_plan"):
+        got = _run(lm, stop, **STREAM)
+    assert caplog.text.count("layer_calls: injected") == 1
+    _check_same(lm, want, got)

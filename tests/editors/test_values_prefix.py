@@ -21,6 +21,7 @@ from numerics import assert_norm_within, assert_within, drift, forward_tolerance
 from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
 from repedit.editors.values import _build, injection_module, optimise_values
+from repedit.errors import PrefixUnavailable
 from repedit.models.runner import PrefixRunner, UpperRunner
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 
@@ -178,11 +179,12 @@ def test_auto_falls_back_when_the_cache_setup_fails(
         raise RuntimeError("no cache for this family")
 
     monkeypatch.setattr(plan_module, "PrefixRunner", broken)
-    with caplog.at_level(logging.DEBUG, logger="repedit.editors.value_plan"):
+    monkeypatch.setattr(plan_module, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="repedit.editors.value_plan"):
         got = _run(lm, "auto", "mlp", 1)
     assert "full rows" in caplog.text and "no cache for this family" in caplog.text
     torch.testing.assert_close(got.delta, want.delta, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="no cache for this family"):
+    with pytest.raises(PrefixUnavailable, match="no cache for this family"):
         _run(lm, "prefix", "mlp", 1)
 
 
@@ -195,7 +197,7 @@ def test_no_prefix_falls_back_to_full_rows() -> None:
     want = optimise_values(lm, req, ("{}",), path="full", **args)
     got = optimise_values(lm, req, ("{}",), path="auto", **args)
     torch.testing.assert_close(got.delta, want.delta, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="no prefix"):
+    with pytest.raises(PrefixUnavailable, match="no prefix"):
         optimise_values(lm, req, ("{}",), path="prefix", **args)
 
 

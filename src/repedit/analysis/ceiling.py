@@ -20,7 +20,6 @@ The scrambles' halves are reported as tests of their own (``scrambled_subject_id
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from repedit.evaluation.scoring import (
     score_probes,
     tokenize_probe,
 )
+from repedit.io import atomic_path, write_json
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
 from repedit.models.tokens import prompt_ids, subject_token_index
@@ -74,7 +74,7 @@ class CeilingConfig:
 
 
 @dataclass
-class _Item:
+class Item:
     """One probe with the token positions an oracle rewrites (None: none to rewrite)."""
 
     probe: Probe
@@ -109,7 +109,7 @@ def case_items(
     suite: SuiteConfig,
     sampler: PassageSampler | None,
     near: NearSubjects | None,
-) -> list[_Item]:
+) -> list[Item]:
     """The case's success probes (from its variants, with positions) and locality probes."""
     variants = case_variants(
         case,
@@ -124,28 +124,28 @@ def case_items(
     for v in variants:
         probe = variant_probe(v, case, sampler)
         last, every = _positions(lm.tokenizer, v, probe)
-        items.append(_Item(probe, _test_name(probe), last, every))
+        items.append(Item(probe, _test_name(probe), last, every))
     local = SuiteConfig(tests=LOCALITY_TESTS, near_subject_max=suite.near_subject_max)
     for probes in build_probes(case, lm, local, sampler=None, key=key, near=near).values():
-        items.extend(_Item(p, p.test, None, None) for p in probes)
+        items.extend(Item(p, p.test, None, None) for p in probes)
     return items
 
 
-def _hit(item: _Item, score: Any) -> float:
+def _hit(item: Item, score: Any) -> float:
     """A probe's rate: exact success, or agreement with the unedited model for locality."""
     if item.probe.test in LOCALITY_TESTS:
         return float(score.agree) if score.agree is not None else 0.0
     return float(score.exact)
 
 
-def _score(
-    lm: LoadedModel, items: Sequence[_Item], reference: list[list[int]], batch_size: int
+def plain_rates(
+    lm: LoadedModel, items: Sequence[Item], reference: list[list[int]], batch_size: int
 ) -> list[float]:
     got = score_probes(lm, [i.probe for i in items], batch_size=batch_size, reference=reference)
     return [_hit(i, s) for i, s in zip(items, got, strict=True)]
 
 
-def _writer(where: torch.Tensor, k: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def token_writer(where: torch.Tensor, k: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """A [batch, seq, d] rewrite: ``k`` ([d], or [len(where), d] row by row) at token positions
     ``where`` of every row."""
 
@@ -164,9 +164,9 @@ Install = Callable[[Hooks, Positions], None]
 
 def patched_probe_scores(
     lm: LoadedModel,
-    items: Sequence[_Item],
+    items: Sequence[Item],
     reference: list[list[int]],
-    where: Callable[[_Item], Positions | None],
+    where: Callable[[Item], Positions | None],
     install: Install,
     batch_size: int,
 ) -> dict[int, ProbeScore]:
@@ -197,9 +197,9 @@ def patched_probe_scores(
 
 def patched_rates(
     lm: LoadedModel,
-    items: Sequence[_Item],
+    items: Sequence[Item],
     reference: list[list[int]],
-    where: Callable[[_Item], Positions | None],
+    where: Callable[[Item], Positions | None],
     install: Install,
     batch_size: int,
     fallback: list[float],
@@ -210,38 +210,25 @@ def patched_rates(
     return [_hit(items[j], got[j]) if j in got else fallback[j] for j in range(len(items))]
 
 
-def _key_oracle(
+def key_oracle(
     lm: LoadedModel, k_stars: dict[int, torch.Tensor], which: Mode
-) -> tuple[Callable[[_Item], Positions | None], Install]:
+) -> tuple[Callable[[Item], Positions | None], Install]:
     """``k*`` written into the down-projection input at every edited layer, at the probe's
     last subject token (``oracle_key``) or every subject token (``oracle_key_all``)."""
 
-    def where(item: _Item) -> Positions | None:
+    def where(item: Item) -> Positions | None:
         return item.last if which == "oracle_key" else item.every
 
     def install(hooks: Hooks, pos: Positions) -> None:
         for layer, k in k_stars.items():
-            hooks.rewrite(lm.arch.down_proj(layer), _writer(torch.tensor(pos), k))
+            hooks.rewrite(lm.arch.down_proj(layer), token_writer(torch.tensor(pos), k))
 
     return where, install
 
 
-def oracle_probe_scores(
+def oracle_rates(
     lm: LoadedModel,
-    items: Sequence[_Item],
-    reference: list[list[int]],
-    k_stars: dict[int, torch.Tensor],
-    which: Mode,
-    batch_size: int,
-) -> dict[int, ProbeScore]:
-    """Scores (by item index) with ``k*`` written at each probe's subject token(s)."""
-    where, install = _key_oracle(lm, k_stars, which)
-    return patched_probe_scores(lm, items, reference, where, install, batch_size)
-
-
-def _oracle_scores(
-    lm: LoadedModel,
-    items: Sequence[_Item],
+    items: Sequence[Item],
     reference: list[list[int]],
     k_stars: dict[int, torch.Tensor],
     which: Mode,
@@ -249,11 +236,11 @@ def _oracle_scores(
     plain: list[float],
 ) -> list[float]:
     """Rates with ``k*`` written; probes without positions keep their plain rate."""
-    where, install = _key_oracle(lm, k_stars, which)
+    where, install = key_oracle(lm, k_stars, which)
     return patched_rates(lm, items, reference, where, install, batch_size, plain)
 
 
-def rep_gate_open(lm: LoadedModel, adapters: dict[int, Any], items: Sequence[_Item]) -> list[float]:
+def rep_gate_open(lm: LoadedModel, adapters: dict[int, Any], items: Sequence[Item]) -> list[float]:
     """Per item, 1.0 if REP's gate opens (``g > τ``) at the probe's last subject token at the
     lowest adapted layer (the first the key path meets), else 0.0; NaN for items without
     positions. Tells a probe REP missed because its gate stayed shut from one it adapted
@@ -273,7 +260,7 @@ def rep_gate_open(lm: LoadedModel, adapters: dict[int, Any], items: Sequence[_It
     return out
 
 
-def _reference(lm: LoadedModel, items: Sequence[_Item], batch_size: int) -> list[list[int]]:
+def reference_ids(lm: LoadedModel, items: Sequence[Item], batch_size: int) -> list[list[int]]:
     """Per probe: the unedited model's predictions (locality), else the target's own ids."""
     local = [j for j, i in enumerate(items) if i.probe.test in LOCALITY_TESTS]
     preds = predictions(lm, [items[j].probe for j in local], batch_size=batch_size)
@@ -293,22 +280,20 @@ def score_case(
     editor: Any,
     case: EditCase,
     key: str,
-    items: Sequence[_Item],
+    items: Sequence[Item],
     cfg: CeilingConfig,
     exclude_subjects: Collection[str] = (),
 ) -> dict[str, list[float]]:
     """Every item scored in every mode (the model is unedited again on return).
     ``exclude_subjects``: subjects REP's generated forms must not take (the look-alikes)."""
     bs = cfg.suite.batch_size
-    reference = _reference(lm, items, bs)
+    reference = reference_ids(lm, items, bs)
     result = editor.edit(lm, [case.request])
     try:
         k_stars = mean_keys(result)
-        scores: dict[str, list[float]] = {"plain": _score(lm, items, reference, bs)}
+        scores: dict[str, list[float]] = {"plain": plain_rates(lm, items, reference, bs)}
         for which in ORACLES:
-            scores[which] = _oracle_scores(
-                lm, items, reference, k_stars, which, bs, scores["plain"]
-            )
+            scores[which] = oracle_rates(lm, items, reference, k_stars, which, bs, scores["plain"])
         if cfg.rep is not None:
             rep = train_rep_after(
                 lm,
@@ -320,7 +305,7 @@ def score_case(
                 exclude_subjects=exclude_subjects,
             )
             with rep_applied(lm, rep.adapters):
-                scores["rep"] = _score(lm, items, reference, bs)
+                scores["rep"] = plain_rates(lm, items, reference, bs)
             scores["rep_gate"] = rep_gate_open(lm, rep.adapters, items)
     finally:
         result.revert(lm)
@@ -423,12 +408,7 @@ def run_ceiling(
         **tally(rows, cfg.rep is not None),
     }
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("ceiling.json", json.dumps(doc, indent=1) + "\n"),
-        ("ceiling.md", ceiling_markdown(doc, f"Key-path ceiling: {editor.name}, {cfg.data}")),
-    ):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+    write_json(out / "ceiling.json", doc)
+    with atomic_path(out / "ceiling.md") as tmp:
+        tmp.write_text(ceiling_markdown(doc, f"Key-path ceiling: {editor.name}, {cfg.data}"))
     return doc

@@ -34,16 +34,16 @@ import torch
 
 from repedit.analysis.ceiling import (
     Install,
+    Item,
     Positions,
-    _Item,
-    _oracle_scores,
-    _reference,
-    _score,
-    _writer,
     case_items,
     mean_keys,
     mean_rates,
+    oracle_rates,
     patched_rates,
+    plain_rates,
+    reference_ids,
+    token_writer,
 )
 from repedit.data.case import EditCase
 from repedit.data.loaders import load_cases
@@ -81,8 +81,9 @@ class ReadoutConfig:
 
 
 def sweep_layers(n_layers: int, edited: Sequence[int], step: int = 2) -> list[int]:
-    """The layer just below the first edited one, then every ``step``-th layer from it up to
-    the last layer another position reads (``n_layers - 2``), which is always included."""
+    """Every ``step``-th layer counting from the first edited one up to the last layer another
+    position reads (``n_layers - 2``, always included), plus the layer just below the first
+    edited one when there is one."""
     if step < 1:
         raise InvalidRequestError(f"layer step must be at least 1, got {step}")
     first, top = min(edited), n_layers - 2
@@ -104,7 +105,7 @@ def check_layers(n_layers: int, layers: Sequence[int]) -> list[int]:
     return sorted(set(layers))
 
 
-def donor_states(lm: LoadedModel, edit: _Item, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+def donor_states(lm: LoadedModel, edit: Item, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """The current (edited) model's output of each layer at the edit prompt's subject tokens:
     ``{layer: [n_subject_tokens, d_model]}``, first token to last."""
     if edit.every is None:
@@ -121,13 +122,13 @@ def donor_states(lm: LoadedModel, edit: _Item, layers: Sequence[int]) -> dict[in
 
 def hidden_oracle(
     lm: LoadedModel, layer: int, donor: torch.Tensor, all_tokens: bool
-) -> tuple[Callable[[_Item], Positions | None], Install]:
+) -> tuple[Callable[[Item], Positions | None], Install]:
     """The rewrite of ``hidden@layer`` (or ``hidden_all@layer``): ``donor`` ([n, d_model], the
     edit prompt's subject tokens) written into the layer's output at the probe's subject
     token(s), paired right to left. For ``hidden_all``, probes where only one pair forms
     (one-token subjects) get no positions: their rewrite is ``hidden@layer``'s."""
 
-    def where(item: _Item) -> Positions | None:
+    def where(item: Item) -> Positions | None:
         if not all_tokens:
             return item.last
         if item.every is None or min(len(item.every), donor.shape[0]) < 2:
@@ -136,7 +137,7 @@ def hidden_oracle(
 
     def install(hooks: Hooks, pos: Positions) -> None:
         n = min(len(pos), donor.shape[0]) if all_tokens else 1
-        write = _writer(torch.tensor(pos[-n:]), donor[-n:])
+        write = token_writer(torch.tensor(pos[-n:]), donor[-n:])
         hooks.rewrite(lm.arch.layer(layer), write, which="output")
 
     return where, install
@@ -152,22 +153,22 @@ def score_case(
     lm: LoadedModel,
     editor: Any,
     case: EditCase,
-    edit: _Item,
-    items: Sequence[_Item],
+    edit: Item,
+    items: Sequence[Item],
     layers: Sequence[int],
     cfg: ReadoutConfig,
 ) -> dict[str, list[float]]:
     """Every item scored plain, with the key oracle and with each hidden-state patch (the model
     is unedited again on return). ``edit``: the item of the case's edit prompt, the donor."""
     bs = cfg.suite.batch_size
-    reference = _reference(lm, items, bs)
+    reference = reference_ids(lm, items, bs)
     result = editor.edit(lm, [case.request])
     try:
         k_stars = mean_keys(result)
-        plain = _score(lm, items, reference, bs)
+        plain = plain_rates(lm, items, reference, bs)
         scores = {
             "plain": plain,
-            "oracle_key": _oracle_scores(lm, items, reference, k_stars, "oracle_key", bs, plain),
+            "oracle_key": oracle_rates(lm, items, reference, k_stars, "oracle_key", bs, plain),
         }
         donors = donor_states(lm, edit, layers)
         for layer in layers:
@@ -203,7 +204,7 @@ def readout_markdown(doc: dict[str, Any], title: str = "Where the subject is rea
     return "\n".join(lines)
 
 
-def _edit_item(items: Sequence[_Item], key: str) -> _Item:
+def _edit_item(items: Sequence[Item], key: str) -> Item:
     for item in items:
         if item.probe.test == "efficacy":
             return item

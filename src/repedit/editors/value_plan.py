@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from repedit.errors import PrefixUnavailable
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
 from repedit.models.runner import PrefixRunner, UpperRunner
@@ -87,7 +88,9 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: int) -> Plan:
     """Rows left-padded so every subject token sits in column ``split``; columns before it cached.
 
-    Position ids count only real tokens, so each row is computed as if unpadded.
+    Position ids count only real tokens, so each row is computed as if unpadded. A failed
+    setup check of the cache (``PrefixRunner`` raises RuntimeError or ValueError) becomes
+    ``PrefixUnavailable``, naming the layer.
     """
     device = lm.device
     ids, mask, split, target_pos = left_align(b, pad_id(lm.tokenizer))
@@ -96,9 +99,14 @@ def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: in
     first = torch.zeros(n_rows, dtype=torch.long, device=device)
     with Hooks() as h:  # the last capture is the suffix forward's, at the subject column
         h.capture("site", module, which="output", positions=first)
-        runner = PrefixRunner(
-            lm, layer, ids.to(device), mask.to(device), position.to(device), split
-        )
+        try:
+            runner = PrefixRunner(
+                lm, layer, ids.to(device), mask.to(device), position.to(device), split
+            )
+        except torch.cuda.OutOfMemoryError:  # a resource limit, not a missing feature
+            raise
+        except (RuntimeError, ValueError) as exc:  # what PrefixRunner's setup checks raise
+            raise PrefixUnavailable(f"layer {layer}: {exc}") from exc
         site_values = h["site"]
     log.debug("value optimisation: cached prefix of %d of %d columns", split, width)
     return Plan(runner, site_values, first, target_pos.to(device), "prefix")
@@ -110,12 +118,22 @@ def make_plan(
     """The prefix plan unless ``path`` is "full" (or it cannot be set up and ``path`` is "auto")."""
     if path != "full":
         try:
-            plan = prefix_plan(lm, b, module, layer)
-        except Exception as exc:
+            return prefix_plan(lm, b, module, layer)
+        except PrefixUnavailable as exc:
             if path == "prefix":
                 raise
-            log.debug("value optimisation: full rows (prefix cache unavailable: %s)", exc)
-        else:
-            return plan
+            warn_fallback(exc)
     log.debug("value optimisation: full rows")
     return full_plan(lm, b, module, layer)
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback(exc: PrefixUnavailable) -> None:
+    """Log, once per distinct reason, that ``path="auto"`` fell back to full rows: the run is
+    slower, not wrong, so a warning rather than an error."""
+    reason = str(exc)
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("value optimisation: full rows (cached prefix unavailable: %s)", reason)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from repedit.editors.value_plan import Plan, RowBatch, left_align, position_ids
+from repedit.errors import PrefixUnavailable
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
 from repedit.models.runner import PrefixRunner, cache_keyword, without_hidden
@@ -56,14 +57,14 @@ def rows_from_plan(lm: LoadedModel, b: RowBatch, plan: Plan) -> Rows:
     """The rows of a prefix plan (``plan.path == "prefix"``), read off its runner."""
     runner = plan.runner
     if not isinstance(runner, PrefixRunner):
-        raise ValueError("rows can only be taken from a cached-prefix plan")
+        raise PrefixUnavailable(f"rows_from_plan: a {plan.path!r} plan has no cached prefix")
     ids, mask, split, _ = left_align(b, pad_id(lm.tokenizer))
     runner.reset()  # the cache back to the prefix: its per-layer keys and values
     prefix = []
     for i, layer_cache in enumerate(runner.cache.layers):
         keys, values = getattr(layer_cache, "keys", None), getattr(layer_cache, "values", None)
         if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
-            raise RuntimeError(f"rows_from_plan: layer {i} cached no keys and values")
+            raise PrefixUnavailable(f"rows_from_plan: layer {i} cached no keys and values")
         prefix.append((keys, values))
     device = lm.device
     kl_rows = b.kl_rows.to(device)
@@ -219,7 +220,9 @@ def layer_calls(lm: LoadedModel, start: int, rows: Rows, cache: Any) -> list[tup
                 else:
                     layer.forward = forward
     if len(h.calls) != len(layers) - start or cache.get_seq_length() != rows.split:
-        raise RuntimeError("layer_calls: the skipped forward did not leave the prefix as it was")
+        raise PrefixUnavailable(
+            "layer_calls: the skipped forward did not leave the prefix as it was"
+        )
     return [without_hidden(h.calls[str(j)]) for j in range(start, len(layers))]
 
 
@@ -236,7 +239,9 @@ class SelectedRunner(PrefixRunner):
         for i, layer_cache in enumerate(cache.layers):
             window = getattr(layer_cache, "sliding_window", None)
             if getattr(layer_cache, "is_sliding", False) and window is not None and window <= width:
-                raise RuntimeError(f"SelectedRunner: layer {i}'s sliding window is shorter than T")
+                raise PrefixUnavailable(
+                    f"SelectedRunner: layer {i}'s sliding window is shorter than T"
+                )
         self.lm, self.start, self.cache, self.split = lm, start, cache, rows.split
         self.calls = layer_calls(lm, start, rows, cache)
         self.hidden_in = rows.hidden_in

@@ -12,7 +12,6 @@ to float rounding.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from repedit.data.case import EditRequest
 from repedit.editors import values
 from repedit.editors.context_variance import ContextVariance
 from repedit.editors.value_forms import Form
-from repedit.editors.value_plan import RowBatch, ValuePath, make_plan
+from repedit.editors.value_plan import RowBatch, ValuePath, make_plan, warn_fallback
 from repedit.editors.value_rows import Rows, SelectedRunner, concat, rows_from_plan, select
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import (
@@ -34,21 +33,12 @@ from repedit.editors.values import (
     _Loss,
     _loss,
     _step_loss,
+    clamp_norm,
     injection_module,
 )
-from repedit.errors import EditError
+from repedit.errors import EditError, PrefixUnavailable
 from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position, pad_id
-
-log = logging.getLogger(__name__)
-
-
-def _clamp_rows(delta: torch.Tensor, rows: torch.Tensor, max_norm: torch.Tensor) -> None:
-    """Scale ``delta[rows]`` down to at most ``max_norm[rows]`` in norm (in place)."""
-    norms = delta[rows].norm(dim=1)
-    cap = max_norm[rows]
-    scale = torch.where(norms > cap, cap / norms.clamp_min(1e-12), torch.ones_like(norms))
-    delta[rows] = delta[rows] * scale[:, None]
 
 
 @dataclass
@@ -66,8 +56,8 @@ class _Stream:
 
 class _Batches:
     """Builds each step's batch: by selecting rows (``value_rows``) where the cached prefix
-    can be set up, else (``path="full"``, or "auto" after a failure) by running the model on
-    the whole batch again."""
+    can be set up, else (``path="full"``, or "auto" once a setup check raised
+    ``PrefixUnavailable``) by running the model on the whole batch again."""
 
     def __init__(
         self,
@@ -91,10 +81,10 @@ class _Batches:
         if self.select_rows:
             try:
                 return self._by_selection(batch, carried, st)
-            except Exception as exc:
+            except PrefixUnavailable as exc:
                 if self.path == "prefix":
                     raise
-                log.debug("value batches: rebuilt by running the model (%s)", exc)
+                warn_fallback(exc)
                 self.select_rows = False
         b = self.rows_of(batch)
         plan = make_plan(self.lm, b, self.module, self.layer, self.path)
@@ -235,7 +225,8 @@ def _step(
         assert delta.grad is not None
         rows = torch.tensor(stay, device=device)
         st.adam.step(st.delta, rows, delta.grad[keep])
-        _clamp_rows(st.delta, rows, hp.clamp_norm_factor * st.init.norm(dim=1))
+        max_norm = hp.clamp_norm_factor * st.init[rows].norm(dim=1)
+        st.delta[rows] = clamp_norm(st.delta[rows], max_norm)
         for i in stay:
             taken[i] += 1
     return [i for i in stay if taken[i] < hp.steps]

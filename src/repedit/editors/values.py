@@ -11,8 +11,9 @@ of later hidden states across a request's rows plug into the same loss.
 Positions before the subject token never see ``δ`` (causal attention), so by default the rows
 are aligned at the subject token and those positions' keys/values are cached once
 (``PrefixRunner``): each step then runs the upper layers on the few columns from the subject
-on. ``VALUE_PATH`` forces either path; "auto" falls back to the full one when the cache setup
-fails (an architecture or transformers version whose cache cannot be restored).
+on. ``VALUE_PATH`` forces either path; "auto" falls back to the full one, with one warning,
+when a setup check raises ``PrefixUnavailable`` (an architecture or transformers version whose
+cache cannot be restored); any other error propagates.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ class ValueHparams:
     #: "stream" (default): batches of up to ``group_tokens`` padded tokens from the subject on
     #: (what a step runs) that a converged request leaves at once and queued ones of similar
     #: width join, rebuilt by selecting recorded rows (``value_stream``); "fixed": groups of
-    #: ``request_batch`` requests whose converged ones ride along until the group ends (the
-    #: earlier scheduling, kept to compare with). Both optimise each request on its own loss:
-    #: only rounding differs.
+    #: ``request_batch`` requests whose converged ones ride along until the group ends (a
+    #: reference whose per-step work is easy to follow). Both optimise each request on its own
+    #: loss and give the same result up to float rounding.
     batching: Batching = "stream"
     group_tokens: int = 2048
 
@@ -383,11 +384,15 @@ def _apply_step(
     opt.step()
     with torch.no_grad():
         delta[done] = keep[done]
-        norms = delta.norm(dim=1)
-        scale = torch.where(
-            norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms)
-        )
-        delta.mul_(scale[:, None])
+        delta.copy_(clamp_norm(delta, max_norm))
+
+
+def clamp_norm(delta: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+    """``delta`` [n, d] with each row scaled down to at most ``max_norm`` [n] in norm: the
+    clamp after every step, shared by both batchings so they stay the same optimisation."""
+    norms = delta.norm(dim=1)
+    scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+    return delta * scale[:, None]
 
 
 def _optimise_group(
