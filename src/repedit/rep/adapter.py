@@ -153,7 +153,9 @@ class RepConfig(Hparams):
     #: its paraphrases' keys a low-rank ``P`` cannot be zero on one and not the others).
     #: Limits: the keys are those of training (a later τ or guard change at a lower layer can
     #: move an upper layer's prompt key), and in a stack each member keeps only its own edit's
-    #: prompt key, so another member may still change it
+    #: prompt key, so another member may still change it. With ``gate_subject_tokens="ignore"``
+    #: the prompt's earlier subject tokens keep theirs too (the gate may open there, and in a
+    #: multi-layer edit their keys feed the subject token's key at the layers above)
     keep_prompt_key: bool = True
     #: inference only: the adapters act on the prompt's tokens only, never on the answer a
     #: probe scores or the tokens a model generates (the caller declares the prompt with

@@ -216,10 +216,17 @@ class _Group:
         return out
 
     def keep_prompt_keys(self, layer: int, keys_from: KeyCache) -> None:
-        """The edit prompts' subject keys as this layer will see them at test time."""
+        """The edit prompts' subject keys as this layer will see them at test time: at the
+        subject token and, with ``gate_subject_tokens="ignore"`` (where the gate may open on
+        them), at the subject's earlier tokens too, whose keys feed the layers above."""
         got = keys_from.get(list(range(self.n_prompts)), self.adapters)[layer]
-        k_o = [got[i][ex.position] for i, ex in enumerate(self.examples[: self.n_prompts])]
-        self.adapters[layer].set_prompt_keys(torch.stack(k_o))
+        k_o = []
+        for i, ex in enumerate(self.examples[: self.n_prompts]):
+            first = ex.position
+            if self.cfg.gate_subject_tokens == "ignore" and ex.subject_start is not None:
+                first = min(ex.subject_start, ex.position)
+            k_o.append(got[i][first : ex.position + 1])
+        self.adapters[layer].set_prompt_keys(torch.cat(k_o))
 
 
 def _optimizer(
