@@ -222,6 +222,7 @@ class _Group:
         got = keys_from.get(list(range(self.n_prompts)), self.adapters)[layer]
         k_o = []
         for i, ex in enumerate(self.examples[: self.n_prompts]):
+            assert ex.position is not None  # a prompt example always has its subject token
             first = ex.position
             if self.cfg.gate_subject_tokens == "ignore" and ex.subject_start is not None:
                 first = min(ex.subject_start, ex.position)
