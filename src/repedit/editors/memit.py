@@ -8,6 +8,7 @@ remaining residual ``R = z − h`` and writes its share ``R / (layers left)`` wi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
@@ -75,6 +76,20 @@ def fraction_layers(
     return list(range(lo, hi + 1))
 
 
+
+def _warn_post_norm(lm: LoadedModel, layers: list[int]) -> None:
+    """Warn where the residual solve does not hold: it writes a share of the residual-stream
+    target into each layer's MLP output, which is exact only when that output is added to the
+    residual stream as it is; a post-MLP norm (Gemma 2/3) rescales it first."""
+    normed = [layer for layer in layers if lm.arch.post_mlp(layer) is not None]
+    if normed:
+        warnings.warn(
+            f"{lm.name}: layers {normed} normalise the MLP output before the residual stream "
+            "(post-MLP norm), so the residual-share solve of MEMIT-style editors does not "
+            "reach its target there; ROME (which optimises the MLP output itself) does",
+            stacklevel=3,
+        )
+
 def spread_over_layers(
     editor: Editor,
     lm: LoadedModel,
@@ -90,6 +105,7 @@ def spread_over_layers(
     (an editor's own value contexts, extra forms or penalty); the keys keep the editor's
     contexts.
     """
+    _warn_post_norm(lm, layers)
     contexts = editor.contexts(lm, hp)
     stats = editor.second_moment(lm, layers)
     key_mode = resolve_key_mode(
