@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_rome import tiny_rome
 
 from repedit.data.augment import fold, probe_texts
 from repedit.data.case import EditCase, EditRequest, Neighbour
 from repedit.data.loaders import load_cases
 from repedit.data.variants import NearSubjects
-from repedit.editors import StatsConfig, make_editor
 from repedit.errors import DataError, InvalidRequestError
 from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepConfig, train_rep
@@ -20,8 +20,6 @@ from repedit.rep.inject import RepInjection
 from repedit.rep.losses import _gate_negatives, _Roles
 from repedit.rep.negatives import SubjectPool, subject_pool
 from repedit.rep.variants import build_pool, item_variants, rep_items
-from repedit.stats import second_moments
-from tiny_text import tiny_corpus_text
 
 CASE = EditCase(
     EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
@@ -174,16 +172,8 @@ def test_pool_subject_tokens_are_near_negatives(lm, pool) -> None:
 
 
 def test_training_with_pool_negatives_shuts_the_gate_on_them(lm, pool_path) -> None:
-    root = pool_path.parent
-    corpus = root / "corpus.txt"
-    corpus.write_text(tiny_corpus_text())
-    stats_cfg = StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root), progress=False)
-    editor = make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 8}}, stats_cfg)
-    result = editor.edit(lm, [CASE.request], apply=False)
-    hp = editor.resolved(lm)
-    (layer,) = editor.layers(lm, hp)
-    stats = second_moments(lm, [layer], str(corpus), 2000, cache=root, progress=False)
-    kw = {"layers": [layer], "stats": stats, "contexts": editor.contexts(lm, hp)}
+    t = tiny_rome(pool_path.parent, CASE, lm)
+    result, layer, kw = t.result, t.layer, t.kw
     on = RepConfig(pool_negatives=4, negative_pool=str(pool_path), long_context=False, steps=20)
     rep = train_rep(lm, result, CASE, cfg=on, **kw)
     assert rep.info["pool"]["pool_subject"] > 0
@@ -192,7 +182,7 @@ def test_training_with_pool_negatives_shuts_the_gate_on_them(lm, pool_path) -> N
     off = train_rep(lm, result, CASE, cfg=on.replace(pool_negatives=0), report=False, **kw)
     spool = subject_pool(lm, str(pool_path))
     (item,) = rep_items(CASE)
-    negs = build_pool(lm, [item], editor.contexts(lm, hp), on, subject_pool=spool).negatives
+    negs = build_pool(lm, [item], kw["contexts"], on, subject_pool=spool).negatives
     assert negs
 
     def soft(adapters) -> float:

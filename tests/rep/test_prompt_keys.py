@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_rome import tiny_rome
 
 from repedit.data.case import EditCase, EditRequest
-from repedit.editors import StatsConfig, make_editor
-from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepAdapter, RepConfig, train_rep
 from repedit.rep.variants import build_pool, rep_items
-from repedit.stats import second_moments
-from tiny_text import tiny_corpus_text
 
 CASE = EditCase(
     EditRequest("The tower stands in {}", "New Paris Town", "Italy", case_id="t"),
@@ -22,18 +19,8 @@ CASE = EditCase(
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("prompt-keys")
-    corpus = root / "corpus.txt"
-    corpus.write_text(tiny_corpus_text())
-    lm = tiny_loaded("llama")
-    stats_cfg = StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root), progress=False)
-    editor = make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 8}}, stats_cfg)
-    result = editor.edit(lm, [CASE.request], apply=False)
-    hp = editor.resolved(lm)
-    (layer,) = editor.layers(lm, hp)
-    stats = second_moments(lm, [layer], str(corpus), 2000, cache=root, progress=False)
-    kw = {"layers": [layer], "stats": stats, "contexts": editor.contexts(lm, hp)}
-    return lm, result, layer, kw
+    t = tiny_rome(tmp_path_factory.mktemp("prompt-keys"), CASE)
+    return t.lm, t.result, t.layer, t.kw
 
 
 def _adapter(setup, **cfg: object) -> RepAdapter:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_rome import tiny_rome
 
 from numerics import tolerance
 from repedit.data.case import EditCase, EditRequest
-from repedit.editors import StatsConfig, make_editor
 from repedit.errors import InvalidRequestError
-from repedit.models.tiny import tiny_loaded
 from repedit.rep import RepAdapter, RepConfig, train_rep
-from repedit.stats import second_moments
-from tiny_text import tiny_corpus_text
 
 CASE = EditCase(
     EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
@@ -24,18 +21,8 @@ CASE = EditCase(
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
     """A tiny model, a ROME edit of CASE (not applied) and what train_rep needs for it."""
-    root = tmp_path_factory.mktemp("rep-reg")
-    corpus = root / "corpus.txt"
-    corpus.write_text(tiny_corpus_text())
-    lm = tiny_loaded("llama")
-    stats_cfg = StatsConfig(corpus=str(corpus), n_tokens=3000, cache=str(root), progress=False)
-    editor = make_editor("rome", {"contexts": ((3, 2),), "value": {"steps": 8}}, stats_cfg)
-    result = editor.edit(lm, [CASE.request], apply=False)
-    hp = editor.resolved(lm)
-    (layer,) = editor.layers(lm, hp)
-    stats = second_moments(lm, [layer], str(corpus), 2000, cache=root, progress=False)
-    kw = {"layers": [layer], "stats": stats, "contexts": editor.contexts(lm, hp)}
-    return lm, result, layer, kw, corpus
+    t = tiny_rome(tmp_path_factory.mktemp("rep-reg"), CASE)
+    return t.lm, t.result, t.layer, t.kw, t.corpus
 
 
 def _train(setup, **cfg: object) -> RepAdapter:
