@@ -6,7 +6,8 @@ table of each group is ``repedit report GROUP/* --markdown``; this script writes
 between the ``generated`` markers of docs/results.md, so the numbers are never copied by hand.
 A group whose runs hold ``ceiling.json`` (``repedit analyze ceiling``) instead gets one table
 of REP's rate, the share of the plain → oracle-key gap it closes and (newer runs) how often
-REP's gate opened at the probes' subject token, per run. A group of ``repedit analyze
+REP's gate opened at the probes' subject token, per run, and, where runs are named
+``*-seedN``, REP's mean and range over them. A group of ``repedit analyze
 readout`` runs (``readout.md``) gets each run's own tables.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
@@ -14,6 +15,7 @@ Usage: python tools/results_tables.py [--check]   (--check: fail if the file is 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +31,15 @@ def ceiling_table(runs: list[Path]) -> str:
     makes the same edits), then per run REP's rate and the gap it closes, in %."""
     docs = {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
     first = next(iter(docs.values()))["tests"]
+    seeds = [name for name in docs if re.search(r"-seed\d+$", name)]
+    seeds = seeds if len(seeds) > 1 else []
     head = [
         "test",
         "n",
         "plain",
         "oracle key",
         *(f"{name}: REP (gap closed, gate)" for name in docs),
+        *([f"REP over {len(seeds)} seeds: mean [range], gap closed"] if seeds else []),
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for test, t in first.items():
@@ -46,8 +51,21 @@ def ceiling_table(runs: list[Path]) -> str:
             notes = [] if gap is None else [f"{100 * gap:.0f} %"]
             notes += [] if gate is None else [f"gate {100 * gate:.0f} %"]
             cells.append(rep + (f" ({', '.join(notes)})" if notes else ""))
+        if seeds:
+            cells.append(_spread([docs[name]["tests"].get(test, {}) for name in seeds]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(rows: list[dict]) -> str:
+    """Mean REP rate over seeds with its range, and the mean gap closed."""
+    reps = [100 * r["rep"] for r in rows if r.get("rep") is not None]
+    if not reps:
+        return "—"
+    mean = sum(reps) / len(reps)
+    gaps = [100 * r["gap_closed"] for r in rows if r.get("gap_closed") is not None]
+    gap = f", {sum(gaps) / len(gaps):.0f} %" if gaps else ""
+    return f"{mean:.1f} [{min(reps):.1f}–{max(reps):.1f}]{gap}"
 
 
 def group_section(group: Path) -> str:

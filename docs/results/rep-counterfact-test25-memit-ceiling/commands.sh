@@ -9,7 +9,8 @@ repedit analyze ceiling $C --out runs/memit-rep
 repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore \
     --rep-set augment=case,spacing,punct,noise,determiner,initials,truncate --rep-set n_augment=2 \
     --out runs/memit-rep-ignore-aug
-# with gate negatives from a subject pool (1 thread, shared machine)
+# with gate negatives from a subject pool, and (since this commit) every subject token of the
+# edit prompt kept at its key under ignore (1 thread, shared machine)
 repedit analyze ceiling $C --rep-set gate_subject_tokens=ignore \
     --rep-set augment=case,spacing,punct,noise,determiner,initials,truncate --rep-set n_augment=2 \
     --rep-set pool_negatives=16 --out runs/memit-rep-ignore-aug-pool16
