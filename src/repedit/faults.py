@@ -10,6 +10,8 @@ one dictionary lookup. Points:
     written; the temporary file is cut to half its size first, as a write caught midway.
 ``stats.batch``
     after each forward batch of a key-statistics computation.
+``values.step``
+    after each step of an edit's value optimisation (either batching).
 ``export.weights``
     an export, after the weights are in the temporary directory and before the tokenizer.
 ``export.rename``

@@ -48,8 +48,8 @@ ENV = {"REPEDIT_DATA": ""}  # long-context passages come from --corpus: no outsi
 
 
 def _kill_at_optimizer_step(n: int) -> None:
-    """Child setup: SIGKILL after the ``n``-th optimiser step of any optimiser (the edit's
-    value optimisation takes at most VALUE_STEPS, REP's training comes after it)."""
+    """Child setup: SIGKILL after the ``n``-th step of any torch optimiser. The edit's value
+    optimisation steps its own row-wise Adam (no torch optimiser), so these are REP's steps."""
     count = [0]
 
     def hook(*_: Any) -> None:
@@ -90,14 +90,14 @@ def _valid_adapters(path: Path) -> None:
 POINTS: dict[str, tuple[Any, dict[str, str], Any, dict[str, str]]] = {
     "REP: mid value optimisation": (
         lambda s, r, e: _rep(s, r),
-        {},
-        lambda: _kill_at_optimizer_step(2),
+        {"REPEDIT_TEST_KILL_AT": "values.step:2"},
+        None,
         {"save": "old", "rep": "old"},
     ),
     "REP: mid training": (
         lambda s, r, e: _rep(s, r),
         {},
-        lambda: _kill_at_optimizer_step(VALUE_STEPS + REP_STEPS // 2),
+        lambda: _kill_at_optimizer_step(REP_STEPS // 2),
         {"save": "new", "rep": "old"},
     ),
     "REP: mid-write of --save": (

@@ -37,6 +37,7 @@ from repedit.editors.values import (
     injection_module,
 )
 from repedit.errors import EditError, PrefixUnavailable
+from repedit.faults import kill_point
 from repedit.models.loading import LoadedModel
 from repedit.models.tokens import Position, pad_id
 
@@ -227,6 +228,7 @@ def _step(
         st.adam.step(st.delta, rows, delta.grad[keep])
         max_norm = hp.clamp_norm_factor * st.init[rows].norm(dim=1)
         st.delta[rows] = clamp_norm(st.delta[rows], max_norm)
+        kill_point("values.step")
         for i in stay:
             taken[i] += 1
     return [i for i in stay if taken[i] < hp.steps]

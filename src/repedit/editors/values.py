@@ -32,6 +32,7 @@ from repedit.editors.context_variance import ContextVariance, pairwise_spread
 from repedit.editors.value_forms import Form, robust_forms
 from repedit.editors.value_plan import Plan, RowBatch, ValuePath, make_plan
 from repedit.errors import EditError, InvalidRequestError
+from repedit.faults import kill_point
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
 from repedit.models.runner import UpperRunner, frozen
@@ -385,6 +386,7 @@ def _apply_step(
     with torch.no_grad():
         delta[done] = keep[done]
         delta.copy_(clamp_norm(delta, max_norm))
+    kill_point("values.step")
 
 
 def clamp_norm(delta: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
