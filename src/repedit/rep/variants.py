@@ -269,7 +269,8 @@ def build_pool(
     own_subjects: set[str] = set()
     excluded = {fold(s) for s in exclude_subjects}
     every = [item_variants(lm, item, cfg, sampler) for item in items]
-    group = _GroupProbes.of(items, every)
+    # what pool negatives must avoid, gathered only when they are drawn
+    group = _GroupProbes.of(items, every) if cfg.pool_negatives and subject_pool else None
     for r, (item, variants) in enumerate(zip(items, every, strict=True)):
         pool.prompts.append(_prompt_example(b, item.request, r))
         own_subjects.add(normalise(item.request.subject))
@@ -280,7 +281,7 @@ def build_pool(
             own_subjects.update(_add_augments(b, pool.positives, item, cfg, ctxs, r, forbidden))
         if cfg.negatives:
             pool.negatives.extend(_item_negatives(b, item, cfg, sampler, r))
-        if cfg.pool_negatives and subject_pool is not None:
+        if group is not None and subject_pool is not None:
             drawn = subject_pool.draw(
                 item.as_case(), cfg.pool_negatives, kinds=cfg.pool_kinds, key=item.key,
                 seed=cfg.seed, excluded=excluded, others=group.forms, texts=group.texts,
