@@ -33,7 +33,8 @@ SAMPLED_TOKENS = 16_384
 @dataclass
 class StatsConfig:
     """Which text the key statistics ``C`` come from (see ``repedit.stats``), and in what
-    precision its forwards run (``bfloat16``: autocast, opt-in, part of the cache key)."""
+    precision its forwards run (``bfloat16``: autocast, opt-in, part of the cache key).
+    ``progress``: bars for the editor's long work (statistics, a batch's values)."""
 
     corpus: str = "auto"
     n_tokens: int = 100_000

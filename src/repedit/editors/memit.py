@@ -76,7 +76,6 @@ def fraction_layers(
     return list(range(lo, hi + 1))
 
 
-
 def _warn_post_norm(lm: LoadedModel, layers: list[int]) -> None:
     """Warn where the residual solve does not hold: it writes a share of the residual-stream
     target into each layer's MLP output, which is exact only when that output is added to the
@@ -89,6 +88,7 @@ def _warn_post_norm(lm: LoadedModel, layers: list[int]) -> None:
             "reach its target there; ROME (which optimises the MLP output itself) does",
             stacklevel=3,
         )
+
 
 def spread_over_layers(
     editor: Editor,
@@ -112,7 +112,11 @@ def spread_over_layers(
         getattr(hp, "key_mode", "mean"), len(requests), len(contexts), lm.arch.d_mlp
     )
     last = layers[-1]
-    value_args: dict[str, Any] = {"contexts": contexts, **(values_with or {})}
+    value_args: dict[str, Any] = {
+        "contexts": contexts,
+        "progress": editor.stats_config.progress and len(requests) > 1,
+        **(values_with or {}),
+    }
     values = optimise_values(
         lm, requests, layer=last, site="residual", hp=hp.value, position=hp.position, **value_args
     )

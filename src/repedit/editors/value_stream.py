@@ -13,7 +13,7 @@ to float rounding.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,9 +159,11 @@ def optimise_stream(
     args: tuple[int, Site, ValueHparams, Position, ValuePath],
     forms: Sequence[Sequence[Form]] | None = None,
     variance: ContextVariance | None = None,
+    advance: Callable[[int], None] = lambda k: None,
 ) -> ValueResult:
     """``optimise_values`` with ``batching="stream"`` (see the module docstring); ``args``:
-    the layer, site, settings, subject position and value path."""
+    the layer, site, settings, subject position and value path; ``advance(k)`` is told as
+    ``k`` requests finish."""
     hp = args[2]
     n, d, device = len(requests), lm.arch.d_model, lm.device
     batches = _Batches(lm, requests, contexts, args, forms, variance)
@@ -188,7 +190,9 @@ def optimise_stream(
             batch = sched.admit(live)
             objective = batches.build(batch, len(live), st)
             live = batch
+        running = len(live)
         live = _step(objective, batch, live, requests, hp, st, taken)
+        advance(running - len(live))
     if any(math.isnan(p) for p in st.prob):
         raise EditError("value optimisation produced NaN probabilities")
     return ValueResult(st.init.cpu(), st.delta.detach().cpu(), st.prob, st.used, st.losses)

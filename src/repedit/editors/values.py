@@ -37,6 +37,7 @@ from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
 from repedit.models.runner import UpperRunner, frozen
 from repedit.models.tokens import Position, continuation_ids, locate, pad_id, pad_right
+from repedit.progress import progress_bar
 
 Site = Literal["mlp", "residual"]
 Batching = Literal["fixed", "stream"]
@@ -181,13 +182,15 @@ def optimise_values(
     path: ValuePath | None = None,
     forms: Sequence[Sequence[Form]] | None = None,
     variance: ContextVariance | None = None,
+    progress: bool = False,
 ) -> ValueResult:
     """Optimise one delta per request at ``site`` of ``layer`` (see module docstring).
 
     ``path`` overrides ``VALUE_PATH`` (both give the same deltas up to float rounding).
     ``forms``: extra rows per request (an editor's own, added to ``hp``'s robustness forms);
     ``variance``: CoRE's penalty on the spread of later hidden states across each request's
-    rows (None or weight 0: off, and nothing is computed for it).
+    rows (None or weight 0: off, and nothing is computed for it). ``progress``: a bar of the
+    requests done (a mass edit's values take hours on a CPU).
     """
     if contexts[0] != "{}":
         raise ValueError("the first context must be the bare prompt '{}'")
@@ -201,23 +204,33 @@ def optimise_values(
         # imported here: the streaming scheduler builds on this module's loss
         from repedit.editors.value_stream import optimise_stream
 
-        with frozen(lm.model):
+        with frozen(lm.model), progress_bar(progress) as bar:
+            done = bar.add_task("values", total=len(requests))
             return optimise_stream(
-                lm, requests, contexts, (layer, site, hp, position, path), extra, variance
+                lm,
+                requests,
+                contexts,
+                (layer, site, hp, position, path),
+                extra,
+                variance,
+                advance=lambda k: bar.advance(done, k),
             )
     inits, deltas, probs, steps, losses = [], [], [], [], []
-    for i in range(0, len(requests), hp.request_batch):
-        group = requests[i : i + hp.request_batch]
-        group_forms = extra[i : i + hp.request_batch] if extra else None
-        with frozen(lm.model):
-            res = _optimise_group(
-                lm, group, contexts, layer, site, hp, position, path, group_forms, variance
-            )
-        inits.append(res.init)
-        deltas.append(res.delta)
-        probs += res.prob
-        steps += res.steps
-        losses += res.losses
+    with progress_bar(progress) as bar:
+        done = bar.add_task("values", total=len(requests))
+        for i in range(0, len(requests), hp.request_batch):
+            group = requests[i : i + hp.request_batch]
+            group_forms = extra[i : i + hp.request_batch] if extra else None
+            with frozen(lm.model):
+                res = _optimise_group(
+                    lm, group, contexts, layer, site, hp, position, path, group_forms, variance
+                )
+            bar.advance(done, len(group))
+            inits.append(res.init)
+            deltas.append(res.delta)
+            probs += res.prob
+            steps += res.steps
+            losses += res.losses
     return ValueResult(torch.cat(inits), torch.cat(deltas), probs, steps, losses)
 
 
