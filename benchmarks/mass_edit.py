@@ -9,7 +9,10 @@ Measured:
 * ``efficacy``: on all N, teacher-forced exact match of the new target after the edit prompt;
 * paraphrase efficacy, neighbourhood accuracy and fluency (ROME's n-gram entropy of sampled
   text), before and after, on a fixed seeded sample of up to ``--sample`` cases;
-* the first batch's efficacy after each batch, as a curve (and a PNG plot).
+* the first batch's efficacy after each batch, as a curve (and a PNG plot);
+* with ``--also-key-mode MODE`` (one batch only): the same batch solved again under the other
+  MEMIT key mode, reusing the values already optimised (they do not depend on the key mode),
+  so ``each`` and ``mean`` are compared at the cost of one value optimisation.
 
 Writes ``mass_edit.json`` and ``mass_edit.png`` under ``--out``, prints the JSON and a table.
 Never asserts: the numbers are for reading.
@@ -60,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--key-mode", default=None, choices=("auto", "each", "mean"), help="default: editor's"
     )
+    p.add_argument(
+        "--also-key-mode",
+        default=None,
+        choices=("each", "mean"),
+        help="one batch only: solve it again with this key mode, reusing the values",
+    )
     p.add_argument("--value-steps", type=int, default=None, help="default: editor's")
     p.add_argument("--batching", default=None, choices=("stream", "fixed"))
     p.add_argument("--group-tokens", type=int, default=None, help="stream batching budget")
@@ -69,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_size = args.batch_size or args.n
     if args.n < 1 or args.batch_size < 1 or args.sample < 0:
         p.error("--n and --batch-size must be positive, --sample non-negative")
+    if args.also_key_mode and args.batch_size < args.n:
+        p.error("--also-key-mode compares key modes on one batch (--batch-size = --n)")
     return args
 
 
@@ -176,22 +187,27 @@ def peak_rss_mb() -> float:
 
 
 def run_batches(
-    lm: Any, editor: Any, cases: list[Any], batch_size: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Edit ``cases`` batch by batch (each applied); time the edits, not the curve's scoring."""
+    lm: Any, editor: Any, cases: list[Any], batch_size: int, values: Any = None
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+    """Edit ``cases`` batch by batch (each applied); time the edits, not the curve's scoring.
+    Returns the timing, the curve and the applied ``EditResult``s. ``values``: what stands in
+    for ``optimise_values`` (``ReusedValues``), else the library's."""
     import repedit.editors.memit as memit
 
     timer = PhaseTimer(lm.device, ["values"])
     first = cases[:batch_size]
-    curve, seconds, batches = [], 0.0, []
+    curve, seconds, batches, results = [], 0.0, [], []
     for start in range(0, len(cases), batch_size):
         batch = [c.request for c in cases[start : start + batch_size]]
         with patched(timer, {"values": [(memit, "optimise_values")]}):
+            if values is not None:  # inside the timer's wrapper, so reuse is timed as values
+                memit.optimise_values = timer.wrap("values", values)
             timer.sync()
             t0 = time.perf_counter()
             result = editor.edit(lm, batch)
             timer.sync()
             took = time.perf_counter() - t0
+        results.append(result)
         seconds += took
         steps = result.info.get("value_steps") or []
         batches.append(
@@ -215,7 +231,55 @@ def run_batches(
         "seconds_per_edit": round(seconds / len(cases), 4) if cases else None,
         "batches": batches,
     }
-    return timing, curve
+    return timing, curve, results
+
+
+class ReusedValues:
+    """``optimise_values`` that records its first result and then returns it again for the
+    same requests and layer: MEMIT's values come before its keys and do not depend on the
+    key mode, so a second solve of the same batch need not optimise them again."""
+
+    def __init__(self) -> None:
+        from repedit.editors.memit import optimise_values
+
+        self.optimise = optimise_values
+        self.saved: tuple[Any, Any] | None = None
+        self.reused = 0
+
+    def __call__(self, lm: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
+        key = ([r.case_id for r in requests], kwargs.get("layer"), kwargs.get("site"))
+        if self.saved is not None and self.saved[0] == key:
+            self.reused += 1
+            return self.saved[1]
+        result = self.optimise(lm, requests, *args, **kwargs)
+        self.saved = (key, result)
+        return result
+
+
+def other_key_mode(
+    lm: Any, args: argparse.Namespace, cases: list[Any], sampled: list[Any], ctx: dict
+) -> dict[str, Any]:
+    """The one batch solved again under ``--also-key-mode`` with the values already found."""
+    from repedit.editors import StatsConfig, make_editor
+
+    hp = editor_hparams(args)
+    hp["key_mode"] = args.also_key_mode
+    stats = StatsConfig(
+        corpus=args.corpus, n_tokens=args.stats_tokens, cache=args.cache, progress=False
+    )
+    editor = make_editor(args.method, hp, stats)
+    editor.adopt_state(ctx["editor"].derived_state())
+    timing, _, results = run_batches(lm, editor, cases, args.batch_size, ctx["values"])
+    after = {"efficacy": efficacy(lm, cases), **sample_scores(lm, sampled, args, ctx["ref"])}
+    for result in reversed(results):
+        result.revert(lm)
+    return {
+        "key_mode": args.also_key_mode,
+        "values_reused": ctx["values"].reused > 0,
+        "edit_seconds_without_values": round(timing["edit_seconds"] - timing["value_seconds"], 3),
+        "efficacy": after["efficacy"],
+        "after": after,
+    }
 
 
 def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -279,9 +343,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = predictions(lm, probes) if probes else None
     before = {"efficacy": efficacy(lm, cases), **sample_scores(lm, sampled, args)}
     rss_before = peak_rss_mb()
-    timing, curve = run_batches(lm, editor, cases, args.batch_size)
+    values = ReusedValues() if args.also_key_mode else None
+    timing, curve, results = run_batches(lm, editor, cases, args.batch_size, values)
     rss_after = peak_rss_mb()
     after = {"efficacy": efficacy(lm, cases), **sample_scores(lm, sampled, args, reference)}
+    other = None
+    if args.also_key_mode:
+        for result in reversed(results):
+            result.revert(lm)
+        ctx = {"editor": editor, "values": values, "ref": reference}
+        other = other_key_mode(lm, args, cases, sampled, ctx)
     report = {
         "benchmark": "mass_edit",
         "method": args.method,
@@ -306,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "before": before,
         "after": after,
         "first_batch_curve": curve,
+        "other_key_mode": other,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +405,22 @@ def table(r: dict[str, Any]) -> str:
             " ".join(str(p["first_batch_efficacy"]) for p in r["first_batch_curve"]),
         ),
     ]
+    o = r.get("other_key_mode")
+    if o:
+        oa = o["after"]
+        rows += [
+            (f"[{o['key_mode']}] solve s (values reused)", f"{o['edit_seconds_without_values']}"),
+            (f"[{o['key_mode']}] efficacy, all N", str(o["efficacy"])),
+            (
+                f"[{o['key_mode']}] paraphrase / neighbourhood",
+                f"{oa['paraphrase']} / {oa['neighbourhood']}",
+            ),
+            (
+                f"[{o['key_mode']}] neighbourhood argmax unchanged",
+                str(oa.get("neighbourhood_agree")),
+            ),
+            (f"[{o['key_mode']}] fluency (bits)", str(oa["fluency"])),
+        ]
     width = max(len(k) for k, _ in rows)
     head = f"mass_edit: {r['method']} on {r['model']} ({r['threads']} threads)"
     return "\n".join([head, *(f"  {k.ljust(width)}  {v}" for k, v in rows)])

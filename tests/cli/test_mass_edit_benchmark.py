@@ -84,3 +84,66 @@ def test_mass_edit_runs_in_sequence(
     assert isinstance(report["cpu_flags"], list) and report["threads"] >= 1
     assert 0 <= report["after"]["neighbourhood_agree"] <= 1
     assert (out / "mass_edit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_second_key_mode_reuses_the_values(bench, tiny_dir, corpus, data_file, tmp_path):
+    """``--also-key-mode`` solves the one batch again without a second value optimisation."""
+    threads = torch.get_num_threads()
+    calls: list[int] = []
+    optimise = bench.ReusedValues.__call__
+
+    def counting(self, lm, requests, *a, **kw):
+        calls.append(len(requests))
+        return optimise(self, lm, requests, *a, **kw)
+
+    bench.ReusedValues.__call__ = counting
+    try:
+        report = bench.main(
+            [
+                "--model", str(tiny_dir), "--method", "memit", "--n", "3",
+                "--dataset", str(data_file), "--corpus", str(corpus), "--stats-tokens", "2000",
+                "--cache", str(tmp_path / "cache"), "--sample", "2", "--fluency-tokens", "4",
+                "--value-steps", "3", "--key-mode", "each", "--also-key-mode", "mean",
+                "--out", str(tmp_path / "out"),
+            ]
+        )  # fmt: skip
+    finally:
+        bench.ReusedValues.__call__ = optimise
+        torch.set_num_threads(threads)
+    other = report["other_key_mode"]
+    assert calls == [3, 3] and other["values_reused"] and other["key_mode"] == "mean"
+    assert 0 <= other["efficacy"] <= 1 and other["edit_seconds_without_values"] > 0
+    assert {"paraphrase", "neighbourhood", "fluency"} <= set(other["after"])
+    assert bench.parse_args(["--n", "4", "--batch-size", "4", "--also-key-mode", "mean"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--n", "4", "--batch-size", "2", "--also-key-mode", "mean"])
+
+
+def test_reused_values_give_the_fresh_edit(bench, corpus, tmp_path, monkeypatch):
+    """A MEMIT "mean" edit on values recorded during an "each" edit equals, bit for bit, a
+    fresh "mean" edit: the values do not depend on the key mode, so reusing them is exact."""
+    import repedit.editors.memit as memit
+    from repedit.data.case import EditRequest
+    from repedit.editors import StatsConfig, make_editor
+    from repedit.models.tiny import tiny_loaded
+
+    lm = tiny_loaded("llama")
+    stats = StatsConfig(corpus=str(corpus), n_tokens=2000, cache=str(tmp_path), progress=False)
+    fast = {"contexts": ((3, 2),), "value": {"steps": 3}}
+    requests = [
+        EditRequest("The Eiffel Tower is in {}", "Paris", "Italy", case_id="eiffel"),
+        EditRequest("Toyota was founded in {}", "Japan", "Europe", case_id="toyota"),
+    ]
+    fresh = make_editor("memit", {**fast, "key_mode": "mean"}, stats).edit(
+        lm, requests, apply=False
+    )
+    values = bench.ReusedValues()
+    monkeypatch.setattr(memit, "optimise_values", values)
+    each = make_editor("memit", {**fast, "key_mode": "each"}, stats).edit(lm, requests, apply=False)
+    reused = make_editor("memit", {**fast, "key_mode": "mean"}, stats).edit(
+        lm, requests, apply=False
+    )
+    assert values.reused == 1
+    assert any(not torch.equal(each.deltas[k], fresh.deltas[k]) for k in fresh.deltas)
+    for name, delta in fresh.deltas.items():
+        assert torch.equal(reused.deltas[name], delta), name
