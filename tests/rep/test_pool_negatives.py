@@ -11,7 +11,7 @@ from tiny_rome import tiny_rome
 
 from repedit.data.augment import fold, probe_texts
 from repedit.data.case import EditCase, EditRequest, Neighbour
-from repedit.data.loaders import load_cases
+from repedit.data.loaders import DATASETS, load_cases
 from repedit.data.variants import NearSubjects
 from repedit.errors import DataError, InvalidRequestError
 from repedit.models.tiny import tiny_loaded
@@ -195,3 +195,29 @@ def test_training_with_pool_negatives_shuts_the_gate_on_them(lm, pool_path) -> N
         return total / len(negs)
 
     assert soft(rep.adapters) < soft(off.adapters)
+
+
+def test_auto_pool_uses_counterfact_when_found_and_trains_without_it_otherwise(
+    lm, pool_path, tmp_path, monkeypatch
+) -> None:
+    """``negative_pool="auto"``: CounterFact from the data folder when it is there; without a
+    data folder a warning, no pool negatives, and the training result says so. A named pool
+    that is missing stays an error."""
+    t = tiny_rome(pool_path.parent, CASE, lm)
+    cfg = RepConfig(pool_negatives=4, negative_pool="auto", long_context=False, steps=2)
+    data = tmp_path / "data"
+    monkeypatch.setenv("REPEDIT_DATA", str(data))
+    target = data / DATASETS["counterfact"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(pool_path.read_bytes())
+    found = train_rep(lm, t.result, CASE, cfg=cfg, report=False, **t.kw)
+    assert found.info["subject_pool"] == str(target)
+    assert found.info["pool"]["pool_subject"] > 0
+
+    monkeypatch.setenv("REPEDIT_DATA", str(tmp_path / "nowhere"))
+    with pytest.warns(UserWarning, match="training without them"):
+        missing = train_rep(lm, t.result, CASE, cfg=cfg, report=False, **t.kw)
+    assert missing.info["subject_pool"] is None
+    assert missing.info["pool"].get("pool_subject", 0) == 0
+    with pytest.raises(DataError, match="negative_pool"):
+        train_rep(lm, t.result, CASE, cfg=cfg.replace(negative_pool="counterfact"), **t.kw)

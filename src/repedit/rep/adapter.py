@@ -175,7 +175,9 @@ class RepConfig(Hparams):
     #: random; none the evaluation uses) in the edit's prompt and contexts, their tokens "near"
     #: gate negatives (:mod:`repedit.rep.negatives`); independent of ``negatives``. 0: none
     pool_negatives: int = 0
-    #: the dataset (a name or a file) ``pool_negatives`` draws subjects from
+    #: the dataset (a name or a file) ``pool_negatives`` draws subjects from; "auto":
+    #: CounterFact when the data folder has it, else none (a warning; ``info["subject_pool"]``
+    #: of the training result says which). A named pool that is missing is a DataError
     negative_pool: str = "counterfact"
     #: which pool subjects, an equal share of each: ``kin`` (same true answer as the edit),
     #: ``lookalike`` (sharing a token piece), ``random``

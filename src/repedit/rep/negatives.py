@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -111,8 +112,29 @@ class SubjectPool:
         return pool
 
 
+#: ``negative_pool`` that uses this dataset when it is found and no pool otherwise
+AUTO_POOL = "auto"
+AUTO_DATASET = "counterfact"
+
 _CACHE: dict[tuple[object, ...], SubjectPool] = {}
 _LOCK = threading.Lock()
+
+
+def find_pool(lm: LoadedModel, spec: str) -> SubjectPool | None:
+    """:func:`subject_pool` of ``spec``; for ``"auto"``, CounterFact's subjects when the data
+    folder has them, else None with a warning (REP then trains without pool negatives, as
+    ``--rep`` must work without a data folder). Any other missing pool is a DataError."""
+    if spec != AUTO_POOL:
+        return subject_pool(lm, spec)
+    try:
+        return subject_pool(lm, AUTO_DATASET)
+    except DataError as exc:
+        warnings.warn(
+            f"REP: no subject pool for pool negatives ({exc}); training without them. Set "
+            "REPEDIT_DATA, or --rep-set negative_pool=PATH to make a missing pool an error",
+            stacklevel=2,
+        )
+        return None
 
 
 def subject_pool(lm: LoadedModel, spec: str) -> SubjectPool:

@@ -52,7 +52,7 @@ from repedit.rep.adapter import (
     stack_adapters,
 )
 from repedit.rep.losses import step_losses
-from repedit.rep.negatives import SubjectPool, subject_pool
+from repedit.rep.negatives import SubjectPool, find_pool
 from repedit.rep.reader import KeyCache, LayerwiseReader, read_keys
 from repedit.rep.tally import Tally, gate_rates, measure
 from repedit.rep.targets import Targets, edit_targets
@@ -404,7 +404,7 @@ def _train(run: _Run) -> RepTrainResult:
     if sampler is _AUTO:
         wants_text = cfg.long_context or (cfg.negatives and "text" in cfg.negative_sources)
         sampler = passage_sampler(lm, cfg) if wants_text else None
-    spool = subject_pool(lm, cfg.negative_pool) if cfg.pool_negatives else None
+    spool = find_pool(lm, cfg.negative_pool) if cfg.pool_negatives else None
     n = len(items)
     groups = [list(range(n))] if cfg.shared or n == 1 else [[i] for i in range(n)]
     per_layer: dict[int, list[RepAdapter]] = {layer: [] for layer in layers}
@@ -430,6 +430,7 @@ def _train(run: _Run) -> RepTrainResult:
         "k_star": {str(k): v for k, v in targets.source.items()},
         "groups": len(groups),
         "pool": pools[0] if len(pools) == 1 else pools,
+        "subject_pool": spool.source if spool is not None else None,
         "forward_seconds": round(forward_seconds, 3),
         "long_context_sampler": sampler is not None,
         "method": getattr(run.edit_result, "method", None),
