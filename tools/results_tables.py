@@ -8,7 +8,9 @@ A group whose runs hold ``ceiling.json`` (``repedit analyze ceiling``) instead g
 of REP's rate, the share of the plain → oracle-key gap it closes and (newer runs) how often
 REP's gate opened at the probes' subject token, per run, and, where runs are named
 ``*-seedN``, REP's mean and range over them. A group of ``repedit analyze
-readout`` runs (``readout.md``) gets each run's own tables.
+readout`` runs (``readout.md``) gets each run's own tables, and a group of
+``benchmarks/mass_edit.py`` runs (``mass_edit.json``) one table of the runs side by side with
+each run's plot of the first batch's efficacy.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
 
@@ -68,6 +70,83 @@ def _spread(rows: list[dict]) -> str:
     return f"{mean:.1f} [{min(reps):.1f}–{max(reps):.1f}]{gap}"
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _arrow(before: dict, after: dict, key: str, pct: bool = True) -> str:
+    fmt = _pct if pct else (lambda v: "—" if v is None else f"{v:.2f}")
+    return f"{fmt(before.get(key))} → {fmt(after.get(key))}"
+
+
+def mass_edit_rows(r: dict) -> list[tuple[str, str]]:
+    """One run's column of the mass-edit table (rates in %)."""
+    b, a = r["before"], r["after"]
+    curve = r["first_batch_curve"]
+    rows = [
+        ("method", r["method"]),
+        ("edits / batch size", f"{r['n']} / {r['batch_size']}"),
+        ("key mode used", str(r.get("key_mode_used"))),
+        ("edit seconds (value share)", f"{r['edit_seconds']:.0f} ({r['value_share']:.2f})"),
+        ("seconds per edit", f"{r['seconds_per_edit']:.2f}"),
+        (
+            "peak RSS MB (before edits)",
+            f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb_before_edits']:.0f})",
+        ),
+        ("efficacy, all N", _arrow(b, a, "efficacy")),
+        (f"paraphrase (sample {r['sample_size']})", _arrow(b, a, "paraphrase")),
+        ("neighbourhood", _arrow(b, a, "neighbourhood")),
+        ("neighbourhood argmax unchanged", _pct(a.get("neighbourhood_agree"))),
+        ("fluency bits", _arrow(b, a, "fluency", pct=False)),
+        (
+            "first batch's efficacy, after its batch → at the end",
+            f"{_pct(curve[0]['first_batch_efficacy'])} → {_pct(curve[-1]['first_batch_efficacy'])}",
+        ),
+        ("threads", str(r["threads"])),
+    ]
+    other = r.get("other_key_mode")
+    if other:
+        o, mode = other["after"], other["key_mode"]
+        rows += [
+            (
+                f"[{mode}] solve seconds, values reused",
+                f"{other['edit_seconds_without_values']:.0f}",
+            ),
+            (f"[{mode}] efficacy, all N", _pct(other["efficacy"])),
+            (f"[{mode}] paraphrase", _pct(o.get("paraphrase"))),
+            (f"[{mode}] neighbourhood", _pct(o.get("neighbourhood"))),
+            (f"[{mode}] neighbourhood argmax unchanged", _pct(o.get("neighbourhood_agree"))),
+            (f"[{mode}] fluency bits", "—" if o.get("fluency") is None else f"{o['fluency']:.2f}"),
+        ]
+    return rows
+
+
+def mass_edit_section(group: Path, runs: list[Path], commands: str) -> str:
+    """The runs' numbers side by side, the CPU flags, each run's plot, then the commands."""
+    docs = {r.name: json.loads((r / "mass_edit.json").read_text(encoding="utf-8")) for r in runs}
+    columns = {name: dict(mass_edit_rows(d)) for name, d in docs.items()}
+    labels = list(dict.fromkeys(k for col in columns.values() for k in col))
+    lines = ["| | " + " | ".join(docs) + " |", "|---|" + "---:|" * len(docs)]
+    for label in labels:
+        lines.append(
+            f"| {label} | " + " | ".join(col.get(label, "") for col in columns.values()) + " |"
+        )
+    flags = sorted({", ".join(d["cpu_flags"]) for d in docs.values()})
+    plots = [
+        f"![{name}: the first batch's efficacy as batches arrive]"
+        f"(results/{group.name}/{name}/mass_edit.png)"
+        for name in docs
+        if (group / name / "mass_edit.png").is_file()
+    ]
+    return (
+        f"### {group.name}\n\n" + "\n".join(lines) + "\n\n"
+        f"Table: `mass_edit.json` of {', '.join(docs)}; rates in %. CPU flags: "
+        f"{'; '.join(flags)}.\n\n"
+        + "".join(p + "\n\n" for p in plots)
+        + f"Runs:\n\n```bash\n{commands}\n```\n"
+    )
+
+
 def group_section(group: Path) -> str:
     """The Markdown of one group: its table (``repedit report --markdown``, or the ceiling
     table) and its commands."""
@@ -80,6 +159,9 @@ def group_section(group: Path) -> str:
             f"Table: `repedit analyze ceiling` outputs ({', '.join(r.name for r in ceilings)})."
             f" Runs:\n\n```bash\n{commands}\n```\n"
         )
+    masses = sorted(p for p in group.iterdir() if (p / "mass_edit.json").is_file())
+    if masses:
+        return mass_edit_section(group, masses, commands)
     readouts = sorted(p for p in group.iterdir() if (p / "readout.md").is_file())
     if readouts and not runs:
         return readout_section(group, readouts, commands)

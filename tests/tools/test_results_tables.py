@@ -1,0 +1,53 @@
+"""tools/results_tables.py renders a group of mass_edit.py runs from their JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_SPEC = importlib.util.spec_from_file_location(
+    "results_tables", Path(__file__).resolve().parents[2] / "tools" / "results_tables.py"
+)
+assert _SPEC and _SPEC.loader
+results_tables = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(results_tables)
+
+
+def _report(method: str, n: int, batch: int, other: dict | None = None) -> dict:
+    scores = {"efficacy": 0.0, "paraphrase": 0.1, "neighbourhood": 0.5, "fluency": 4.8}
+    after = {**scores, "efficacy": 0.93, "neighbourhood_agree": 0.97, "fluency": 4.75}
+    return {
+        "method": method, "n": n, "batch_size": batch, "key_mode_used": "mean",
+        "edit_seconds": 1234.5, "value_share": 0.9, "seconds_per_edit": 1.2345,
+        "peak_rss_mb": 3000.0, "peak_rss_mb_before_edits": 1000.0, "sample_size": 100,
+        "before": scores, "after": after, "threads": 2, "cpu_flags": ["avx2", "amx_bf16"],
+        "first_batch_curve": [
+            {"edits": batch, "first_batch_efficacy": 0.95},
+            {"edits": n, "first_batch_efficacy": 0.81},
+        ],
+        "other_key_mode": other,
+    }  # fmt: skip
+
+
+def test_mass_edit_group_gets_one_table_with_every_run(tmp_path: Path, monkeypatch) -> None:
+    group = tmp_path / "mass-edit-x"
+    other = {
+        "key_mode": "each", "values_reused": True, "edit_seconds_without_values": 99.0,
+        "efficacy": 0.42, "after": {"paraphrase": 0.2, "neighbourhood": 0.4, "fluency": 4.7},
+    }  # fmt: skip
+    for name, rep in (("memit", _report("memit", 1000, 1000, other)),
+                      ("alphaedit-seq", _report("alphaedit", 1000, 100))):  # fmt: skip
+        (group / name).mkdir(parents=True)
+        (group / name / "mass_edit.json").write_text(json.dumps(rep))
+    (group / "memit" / "mass_edit.png").write_bytes(b"\x89PNG")
+    (group / "commands.sh").write_text("python benchmarks/mass_edit.py --n 1000\n")
+    text = results_tables.group_section(group)
+    assert text.startswith("### mass-edit-x")
+    assert "| | alphaedit-seq | memit |" in text
+    assert "| efficacy, all N | 0.0 → 93.0 | 0.0 → 93.0 |" in text
+    assert "| first batch's efficacy, after its batch → at the end | 95.0 → 81.0 |" in text
+    assert "| [each] efficacy, all N |  | 42.0 |" in text  # only the run that has it
+    assert "(results/mass-edit-x/memit/mass_edit.png)" in text
+    assert "alphaedit-seq/mass_edit.png" not in text  # no plot, no link
+    assert "CPU flags: avx2, amx_bf16." in text and "--n 1000" in text
