@@ -256,17 +256,27 @@ class ReusedValues:
         return result
 
 
+def stats_config(args: argparse.Namespace) -> Any:
+    """The editor's statistics settings; progress bars (statistics, values) in a terminal."""
+    from repedit.editors import StatsConfig
+
+    return StatsConfig(
+        corpus=args.corpus,
+        n_tokens=args.stats_tokens,
+        cache=args.cache,
+        progress=sys.stderr.isatty(),
+    )
+
+
 def other_key_mode(
     lm: Any, args: argparse.Namespace, cases: list[Any], sampled: list[Any], ctx: dict
 ) -> dict[str, Any]:
     """The one batch solved again under ``--also-key-mode`` with the values already found."""
-    from repedit.editors import StatsConfig, make_editor
+    from repedit.editors import make_editor
 
     hp = editor_hparams(args)
     hp["key_mode"] = args.also_key_mode
-    stats = StatsConfig(
-        corpus=args.corpus, n_tokens=args.stats_tokens, cache=args.cache, progress=False
-    )
+    stats = stats_config(args)
     editor = make_editor(args.method, hp, stats)
     editor.adopt_state(ctx["editor"].derived_state())
     timing, _, results = run_batches(lm, editor, cases, args.batch_size, ctx["values"])
@@ -319,13 +329,11 @@ def key_mode_used(lm: Any, editor: Any, batch: int) -> str | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from repedit.editors import StatsConfig, make_editor
+    from repedit.editors import make_editor
     from repedit.models import load_model
 
     lm = load_model(args.model, device=args.device, dtype=args.dtype, cache=args.cache)
-    stats = StatsConfig(
-        corpus=args.corpus, n_tokens=args.stats_tokens, cache=args.cache, progress=False
-    )
+    stats = stats_config(args)
     editor = make_editor(args.method, editor_hparams(args), stats)
     hp = editor.resolved(lm)
     t0 = time.perf_counter()
