@@ -74,8 +74,12 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _bits(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
 def _arrow(before: dict, after: dict, key: str, pct: bool = True) -> str:
-    fmt = _pct if pct else (lambda v: "—" if v is None else f"{v:.2f}")
+    fmt = _pct if pct else _bits
     return f"{fmt(before.get(key))} → {fmt(after.get(key))}"
 
 
@@ -116,7 +120,7 @@ def mass_edit_rows(r: dict) -> list[tuple[str, str]]:
             (f"[{mode}] paraphrase", _pct(o.get("paraphrase"))),
             (f"[{mode}] neighbourhood", _pct(o.get("neighbourhood"))),
             (f"[{mode}] neighbourhood argmax unchanged", _pct(o.get("neighbourhood_agree"))),
-            (f"[{mode}] fluency bits", "—" if o.get("fluency") is None else f"{o['fluency']:.2f}"),
+            (f"[{mode}] fluency bits", _bits(o.get("fluency"))),
         ]
     return rows
 
