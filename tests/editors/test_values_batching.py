@@ -312,7 +312,7 @@ def test_unavailable_prefix_falls_back_once_with_a_warning(
         raise PrefixUnavailable("layer_calls: injected")
 
     monkeypatch.setattr(plan_module, "_warned", set())
-    monkeypatch.setattr(stream_module, "SelectedRunner", unavailable)
+    monkeypatch.setattr(stream_module, "RowParts", unavailable)
     with caplog.at_level(logging.WARNING, logger="repedit.editors.value_plan"):
         got = _run(lm, stop, **STREAM)
     assert caplog.text.count("layer_calls: injected") == 1

@@ -10,6 +10,7 @@ wrong.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -22,7 +23,7 @@ from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
 from repedit.editors.values import _build, injection_module, optimise_values
 from repedit.errors import PrefixUnavailable
-from repedit.models.runner import PrefixRunner, UpperRunner
+from repedit.models.runner import PrefixRunner, UpperRunner, prefix_buckets
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 
 REQUESTS = (
@@ -90,6 +91,67 @@ def test_prefix_path_equals_full_path(family: str, site: str, layer: int) -> Non
     full = _run(lm, "full", site, layer)
     prefix = _run(lm, "prefix", site, layer)
     _check_same_optimisation(lm, full, prefix, site, layer)
+
+
+#: one context long enough that its rows get a prefix bucket of their own (``prefix_buckets``)
+LONG_CONTEXTS = (*CONTEXTS, "Paris is a city. " * 12 + "{}")
+
+
+def test_prefix_buckets_partition_rows_with_bounded_padding() -> None:
+    lengths = torch.tensor([3, 70, 12, 0, 40, 16, 33, 130])
+    groups = prefix_buckets(lengths)
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+    for g in groups:  # no row padded to over twice its length (short rows: to 32)
+        top = int(lengths[g].max())
+        assert all(top <= 2 * max(int(n), 16) for n in lengths[g])
+    assert len(groups) == 3  # {130, 70}, {40, 33}, {16, 12, 3, 0}
+    assert [g.tolist() for g in prefix_buckets(torch.tensor([5, 9, 30]))] == [[0, 1, 2]]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_bucketed_prefix_equals_full_path(family: str) -> None:
+    """A long context puts its rows in their own prefix bucket; the optimisation still equals
+    the full rows'."""
+    lm = tiny_loaded(family)
+    b = _build(lm, REQUESTS, LONG_CONTEXTS, HP.kl_prompts, "last")
+    assert len(prefix_buckets(b.subject_pos)) > 1  # the premise: more than one bucket
+    run = functools.partial(
+        optimise_values, lm, REQUESTS, LONG_CONTEXTS, layer=1, site="mlp", hp=HP
+    )
+    window = getattr(lm.model.config, "sliding_window", None)
+    if window is not None and window <= b.ids.shape[1]:  # cannot be cached: said, not wrong
+        with pytest.raises(PrefixUnavailable, match="sliding window"):
+            run(path="prefix")
+        return
+    full, prefix = run(path="full"), run(path="prefix")
+    _check_same_optimisation(lm, full, prefix, "mlp", 1)
+
+
+@pytest.mark.numerics
+def test_bucketed_rows_carry_the_context_variance_penalty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CoRE's penalty reads every row's later layers: with the rows replayed in several buckets
+    (``RowParts``) it, and so the optimisation, equals the full rows'."""
+    import repedit.editors.value_stream as stream_module
+    from repedit.editors.context_variance import ContextVariance
+    from repedit.editors.value_rows import RowParts
+
+    lm = tiny_loaded("llama")
+    made: list[int] = []
+
+    class Counted(RowParts):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(len(self.parts))
+
+    monkeypatch.setattr(stream_module, "RowParts", Counted)
+    penalty = ContextVariance(0.05)
+    run = functools.partial(
+        optimise_values, lm, REQUESTS, LONG_CONTEXTS, layer=1, site="mlp", hp=HP, variance=penalty
+    )
+    full, prefix = run(path="full"), run(path="prefix")
+    assert made and max(made) > 1  # the premise: the rows ran in more than one bucket
+    _check_same_optimisation(lm, full, prefix, "mlp", 1)
 
 
 def _shifted_plan(field: str):

@@ -17,7 +17,7 @@ import torch
 from repedit.errors import PrefixUnavailable
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
-from repedit.models.runner import PrefixRunner, UpperRunner
+from repedit.models.runner import PrefixRunner, UpperRunner, prefix_cache
 from repedit.models.tokens import pad_id
 
 ValuePath = Literal["auto", "prefix", "full"]
@@ -89,25 +89,25 @@ def prefix_plan(lm: LoadedModel, b: RowBatch, module: torch.nn.Module, layer: in
     """Rows left-padded so every subject token sits in column ``split``; columns before it cached.
 
     Position ids count only real tokens, so each row is computed as if unpadded. A failed
-    setup check of the cache (``PrefixRunner`` raises RuntimeError or ValueError) becomes
-    ``PrefixUnavailable``, naming the layer.
+    setup check of the cache (``prefix_cache`` and ``PrefixRunner`` raise RuntimeError or
+    ValueError) becomes ``PrefixUnavailable``, naming the layer.
     """
     device = lm.device
     ids, mask, split, target_pos = left_align(b, pad_id(lm.tokenizer))
     n_rows, width = ids.shape
     position = position_ids(mask)
     first = torch.zeros(n_rows, dtype=torch.long, device=device)
-    with Hooks() as h:  # the last capture is the suffix forward's, at the subject column
-        h.capture("site", module, which="output", positions=first)
-        try:
-            runner = PrefixRunner(
-                lm, layer, ids.to(device), mask.to(device), position.to(device), split
-            )
-        except torch.cuda.OutOfMemoryError:  # a resource limit, not a missing feature
-            raise
-        except (RuntimeError, ValueError) as exc:  # what PrefixRunner's setup checks raise
-            raise PrefixUnavailable(f"layer {layer}: {exc}") from exc
-        site_values = h["site"]
+    ids, mask, position = ids.to(device), mask.to(device), position.to(device)
+    try:
+        cache = prefix_cache(lm, ids, mask, position, split)
+        with Hooks() as h:  # the capture is the suffix forward's, at the subject column
+            h.capture("site", module, which="output", positions=first)
+            runner = PrefixRunner(lm, layer, ids, mask, position, split, cache)
+            site_values = h["site"]
+    except torch.cuda.OutOfMemoryError:  # a resource limit, not a missing feature
+        raise
+    except (RuntimeError, ValueError) as exc:  # what the cache's setup checks raise
+        raise PrefixUnavailable(f"layer {layer}: {exc}") from exc
     log.debug("value optimisation: cached prefix of %d of %d columns", split, width)
     return Plan(runner, site_values, first, target_pos.to(device), "prefix")
 

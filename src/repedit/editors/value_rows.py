@@ -24,7 +24,7 @@ from repedit.editors.value_plan import Plan, RowBatch, left_align, position_ids
 from repedit.errors import PrefixUnavailable
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
-from repedit.models.runner import PrefixRunner, cache_keyword, without_hidden
+from repedit.models.runner import PrefixRunner, cache_keyword, prefix_buckets, without_hidden
 from repedit.models.tokens import pad_id
 
 
@@ -248,4 +248,36 @@ class SelectedRunner(PrefixRunner):
         self._state = [dict(vars(c)) for c in cache.layers]
         self._versions = [
             (t, t._version) for state in self._state for t in state.values() if torch.is_tensor(t)
+        ]
+
+
+def runner_rows(rows: Rows, idx: torch.Tensor) -> Rows:
+    """Rows ``idx`` of ``rows`` for a runner, with prefix columns that are padding in all of them
+    dropped. Only a runner's fields (tokens, cache, first input) are subset; the loss reads the
+    rest from the whole batch."""
+    mask = rows.mask[idx]
+    lead = rows.split - max(int(mask[:, : rows.split].sum(1).max()), 1)
+    return replace(
+        rows,
+        ids=rows.ids[idx, lead:],
+        mask=mask[:, lead:],
+        split=rows.split - lead,
+        hidden_in=rows.hidden_in[idx],
+        prefix=[(k[idx, :, lead:], v[idx, :, lead:]) for k, v in rows.prefix],
+    )
+
+
+class RowParts:
+    """``rows`` replayed in buckets of similar prefix width (``prefix_buckets``): ``parts`` is
+    a list of (row indices, ``SelectedRunner``), which ``values._Loss`` runs one by one.
+
+    One long passage in a batch would otherwise have every row attend over, and copy, its
+    hundreds of cached columns at every step.
+    """
+
+    def __init__(self, lm: LoadedModel, start: int, rows: Rows):
+        lengths = rows.mask[:, : rows.split].sum(1)
+        self.parts = [
+            (idx, SelectedRunner(lm, start, runner_rows(rows, idx)))
+            for idx in prefix_buckets(lengths)
         ]

@@ -23,7 +23,7 @@ from repedit.editors import values
 from repedit.editors.context_variance import ContextVariance
 from repedit.editors.value_forms import Form
 from repedit.editors.value_plan import RowBatch, ValuePath, make_plan, warn_fallback
-from repedit.editors.value_rows import Rows, SelectedRunner, concat, rows_from_plan, select
+from repedit.editors.value_rows import RowParts, Rows, concat, rows_from_plan, select
 from repedit.editors.value_schedule import RowAdam, Schedule, suffix_shape
 from repedit.editors.values import (
     Site,
@@ -123,7 +123,7 @@ class _Batches:
         return self._objective(rows)
 
     def _objective(self, rows: Rows) -> _Loss:
-        runner = SelectedRunner(self.lm, self.layer, rows)
+        runner = RowParts(self.lm, self.layer, rows)
         inject_pos = torch.zeros_like(rows.owner)
         v = self.variance
         watched = v.monitored(self.layer, self.lm.n_layers) if v is not None else []

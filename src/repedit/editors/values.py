@@ -31,6 +31,7 @@ from repedit.data.case import EditRequest
 from repedit.editors.context_variance import ContextVariance, pairwise_spread
 from repedit.editors.value_forms import Form, robust_forms
 from repedit.editors.value_plan import Plan, RowBatch, ValuePath, make_plan
+from repedit.editors.value_rows import RowParts
 from repedit.errors import EditError, InvalidRequestError
 from repedit.faults import kill_point
 from repedit.models.hooks import Hooks
@@ -258,7 +259,7 @@ class _Loss:
 
     lm: LoadedModel
     module: torch.nn.Module
-    runner: UpperRunner
+    runner: UpperRunner | RowParts  # RowParts: rows replayed in buckets of prefix width
     owner: torch.Tensor  # [rows] request of each row
     inject_pos: torch.Tensor  # [rows] column where δ is added
     t_rows: torch.Tensor  # [m] row, column, id and prompt of each scored target token
@@ -277,28 +278,43 @@ class _Loss:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probs of the target tokens [m], KL-prompt log-distributions [r, V] and the
         monitored layers' outputs at the subject token [layers, rows, d] (None: no penalty)."""
-        rows = torch.arange(self.owner.shape[0], device=self.owner.device)
-
-        def inject(out: torch.Tensor) -> torch.Tensor:
-            add = torch.zeros_like(out)
-            add[rows, self.inject_pos] = delta[self.owner].to(out.dtype)
-            return out + add
-
-        with Hooks() as h:
-            h.rewrite(self.module, inject, which="output")
-            for j, module in enumerate(self.monitored):
-                h.capture(f"m{j}", module, which="output", positions=self.inject_pos, detach=False)
-            hidden = self.runner.run()
-            later = (
-                torch.stack([h[f"m{j}"] for j in range(len(self.monitored))])
-                if self.monitored
-                else None
-            )
+        if not isinstance(self.runner, RowParts):
+            hidden, later = self._run(self.runner, delta, self.owner, self.inject_pos)
+        else:
+            parts = self.runner.parts
+            runs = [self._run(r, delta, self.owner[i], self.inject_pos[i]) for i, r in parts]
+            back = torch.argsort(torch.cat([i for i, _ in parts]))
+            hidden = torch.cat([h for h, _ in runs])[back]
+            later = None if runs[0][1] is None else torch.cat([x for _, x in runs], 1)[:, back]
         logits = self.lm.arch.logits(hidden[self.t_rows, self.t_pos]).float()
         target_lp = logits.log_softmax(-1).gather(1, self.t_ids[:, None])[:, 0]
         kl_hidden = hidden[self.kl_rows, self.inject_pos[self.kl_rows]]
         kl_lp = self.lm.arch.logits(kl_hidden).float().log_softmax(-1)
         return target_lp, kl_lp, later
+
+    def _run(
+        self, runner: UpperRunner, delta: torch.Tensor, owner: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One runner's final hidden states with ``δ`` added at ``pos``, and the monitored
+        layers' outputs there (None without a penalty)."""
+        rows = torch.arange(owner.shape[0], device=owner.device)
+
+        def inject(out: torch.Tensor) -> torch.Tensor:
+            add = torch.zeros_like(out)
+            add[rows, pos] = delta[owner].to(out.dtype)
+            return out + add
+
+        with Hooks() as h:
+            h.rewrite(self.module, inject, which="output")
+            for j, module in enumerate(self.monitored):
+                h.capture(f"m{j}", module, which="output", positions=pos, detach=False)
+            hidden = runner.run()
+            later = (
+                torch.stack([h[f"m{j}"] for j in range(len(self.monitored))])
+                if self.monitored
+                else None
+            )
+        return hidden, later
 
     def spread(self, later: torch.Tensor | None) -> torch.Tensor:
         """The weighted penalty per request [n] over its scored rows (zeros when off)."""

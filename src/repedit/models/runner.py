@@ -164,24 +164,14 @@ class PrefixRunner(UpperRunner):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         split: int,
+        cache: Any = None,
     ):
-        from transformers import DynamicCache
-
         if not 0 < split < input_ids.shape[1]:
             raise ValueError(f"PrefixRunner: split {split} leaves no prefix or no suffix")
         layers = lm.arch.layers()
-        cache = DynamicCache(config=lm.model.config)
         key = cache_keyword(lm.model)
-        with torch.no_grad(), Hooks() as h:
-            h.stop_after(layers[-1])
-            h.run(
-                lm.model,
-                input_ids=input_ids[:, :split],
-                attention_mask=attention_mask[:, :split],
-                position_ids=position_ids[:, :split],
-                use_cache=True,
-                **{key: cache},
-            )
+        if cache is None:
+            cache = prefix_cache(lm, input_ids, attention_mask, position_ids, split)
         cached = getattr(cache, "layers", None)
         if cached is None or len(cached) != len(layers):
             raise RuntimeError("PrefixRunner: the cache has no per-layer state to restore")
@@ -222,3 +212,77 @@ class PrefixRunner(UpperRunner):
         for layer_cache, state in zip(self.cache.layers, self._state, strict=True):
             layer_cache.__dict__.clear()
             layer_cache.__dict__.update(state)
+
+
+def prefix_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Row indices grouped so no group pads a row to over twice its length (at least 16).
+
+    ``lengths``: each row's real prefix tokens. A long passage in one row would otherwise make
+    every row of the batch run, and cache, that many padded columns.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    groups: list[list[int]] = []
+    top = 0
+    for i in order.tolist():
+        n = int(lengths[i])
+        if not groups or 2 * max(n, 16) < top:
+            groups.append([])
+            top = max(n, 1)
+        groups[-1].append(i)
+    return [torch.tensor(sorted(g), dtype=torch.long, device=lengths.device) for g in groups]
+
+
+def prefix_cache(
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    split: int,
+) -> Any:
+    """A KV cache of columns ``< split`` of left-padded rows, each bucket of similar prefix
+    length (``prefix_buckets``) run on its own columns only.
+
+    Columns a bucket leaves out hold zero keys and values: they are padding, which the mask
+    hides, so every real column is what one padded forward gives, up to float rounding.
+    """
+    from transformers import DynamicCache
+
+    if not 0 < split < input_ids.shape[1]:
+        raise ValueError(f"PrefixRunner: split {split} leaves no prefix or no suffix")
+    layers = lm.arch.layers()
+    key = cache_keyword(lm.model)
+    lengths = attention_mask[:, :split].sum(1)
+    buckets = prefix_buckets(lengths)
+    parts = []
+    for rows in buckets:
+        lead = split - max(int(lengths[rows].max()), 1)
+        part = DynamicCache(config=lm.model.config)
+        with torch.no_grad(), Hooks() as h:
+            h.stop_after(layers[-1])
+            h.run(
+                lm.model,
+                input_ids=input_ids[rows, lead:split],
+                attention_mask=attention_mask[rows, lead:split],
+                position_ids=position_ids[rows, lead:split],
+                use_cache=True,
+                **{key: part},
+            )
+        for i, c in enumerate(getattr(part, "layers", [None])):
+            if not hasattr(c, "keys"):
+                raise RuntimeError("PrefixRunner: the cache has no per-layer keys and values")
+            if c.keys.shape[2] != split - lead:  # a sliding window dropped columns
+                raise RuntimeError(f"PrefixRunner: layer {i}'s sliding window is shorter than T")
+        parts.append((rows, lead, part))
+    if len(parts) == 1 and parts[0][1] == 0:
+        return parts[0][2]
+    cache = DynamicCache(config=lm.model.config)
+    for i in range(len(layers)):
+        kv = []
+        for t in ("keys", "values"):
+            first = getattr(parts[0][2].layers[i], t)
+            full = first.new_zeros((input_ids.shape[0], first.shape[1], split, first.shape[3]))
+            for rows, lead, part in parts:
+                full[rows, :, lead:] = getattr(part.layers[i], t)
+            kv.append(full)
+        cache.update(kv[0], kv[1], i)
+    return cache
