@@ -17,6 +17,11 @@ Prints one JSON object, then a table. Never asserts: the numbers are for reading
 
     python benchmarks/edit_speed.py --batches 10 --repeats 2 --threads 1
     python benchmarks/edit_speed.py --batches "" --repeats 3 --value-path full,prefix
+    python benchmarks/edit_speed.py --batches "" --repeats 3 \
+        --set value.robust_forms=3 --set value.robust_prefix_lengths=50,300
+
+``--set`` overrides an editor hyper-parameter of both editors, as ``repedit edit --set`` does
+(above: the value-side robustness forms, whose long passage row sets the cost).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from bench_common import PhaseTimer, default_data_dir, patched
+from bench_common import PhaseTimer, cpu_flags, default_data_dir, patched
 
 #: timed phase -> (module, function name) pairs patched in the editor modules' namespaces
 PHASES: dict[str, list[tuple[str, str]]] = {
@@ -80,6 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="value optimisation path(s), comma-separated: auto, prefix, full "
         "(several: each edit timed once per path, back to back)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="editor hyper-parameter override for both editors (repeatable), "
+        "e.g. --set value.robust_forms=3",
     )
     args = p.parse_args(argv)
     args.value_paths = [v.strip() for v in args.value_path.split(",") if v.strip()]
@@ -221,9 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import transformers
 
+    from repedit.cli.common import parse_overrides
     from repedit.editors import StatsConfig, make_editor
     from repedit.models import load_model
 
+    overrides = parse_overrides(args.overrides)
     sizes = [int(s) for s in args.batches.split(",") if s.strip()]
     warm: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         corpus=args.corpus, n_tokens=args.stats_tokens, cache=args.cache, progress=False
     )
 
-    editors = {"rome": make_editor("rome", stats=stats), "memit": make_editor("memit", stats=stats)}
+    editors = {m: make_editor(m, dict(overrides), stats) for m in ("rome", "memit")}
     for name, editor in editors.items():
         hp = editor.resolved(lm)
         t0 = time.perf_counter()
@@ -287,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(),
+        "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -369,7 +387,9 @@ def _table(r: dict[str, Any]) -> None:
     print()
     print(
         f"edit speed, {r['model']} ({r['device']} {r['dtype']}, {r['threads']} threads, "
-        f"torch {r['torch']}, value path {','.join(r['value_paths'])}); "
+        f"torch {r['torch']}, value path {','.join(r['value_paths'])}"
+        + "".join(f", {k}={v}" for k, v in r["overrides"].items())
+        + "); "
         "phases as shares of each edit's wall time"
     )
     header = f"{'edit':<32}{'requests':>9}{'seconds':>10}{'efficacy':>9}"
