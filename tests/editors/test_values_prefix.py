@@ -23,6 +23,7 @@ from repedit.data.case import EditRequest
 from repedit.editors import StatsConfig, ValueHparams, make_editor
 from repedit.editors.values import _build, injection_module, optimise_values
 from repedit.errors import PrefixUnavailable
+from repedit.models.batching import fits_width
 from repedit.models.runner import PrefixRunner, UpperRunner, prefix_buckets
 from repedit.models.tiny import TINY_FAMILIES, tiny_loaded
 
@@ -97,15 +98,14 @@ def test_prefix_path_equals_full_path(family: str, site: str, layer: int) -> Non
 LONG_CONTEXTS = (*CONTEXTS, "Paris is a city. " * 12 + "{}")
 
 
-def test_prefix_buckets_partition_rows_with_bounded_padding() -> None:
+def test_prefix_buckets_partition_rows_by_the_shared_length_rule() -> None:
     lengths = torch.tensor([3, 70, 12, 0, 40, 16, 33, 130])
     groups = prefix_buckets(lengths)
     assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
-    for g in groups:  # no row padded to over twice its length (short rows: to 32)
-        top = int(lengths[g].max())
-        assert all(top <= 2 * max(int(n), 16) for n in lengths[g])
-    assert len(groups) == 3  # {130, 70}, {40, 33}, {16, 12, 3, 0}
-    assert [g.tolist() for g in prefix_buckets(torch.tensor([5, 9, 30]))] == [[0, 1, 2]]
+    for g in groups:  # the house rule (models.batching.fits_width), rows in ascending order
+        assert g.tolist() == sorted(g.tolist())
+        assert all(fits_width(int(lengths[g].min()), int(n)) for n in lengths[g])
+    assert [sorted(lengths[g].tolist()) for g in groups] == [[0, 3], [12, 16], [33, 40, 70], [130]]
 
 
 @pytest.mark.numerics

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from repedit.models.batching import length_buckets
 from repedit.models.hooks import Hooks
 from repedit.models.loading import LoadedModel
 
@@ -215,20 +216,10 @@ class PrefixRunner(UpperRunner):
 
 
 def prefix_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Row indices grouped so no group pads a row to over twice its length (at least 16).
-
-    ``lengths``: each row's real prefix tokens. A long passage in one row would otherwise make
-    every row of the batch run, and cache, that many padded columns.
-    """
-    order = torch.argsort(lengths, descending=True, stable=True)
-    groups: list[list[int]] = []
-    top = 0
-    for i in order.tolist():
-        n = int(lengths[i])
-        if not groups or 2 * max(n, 16) < top:
-            groups.append([])
-            top = max(n, 1)
-        groups[-1].append(i)
+    """Row indices (ascending) grouped by their real prefix length ``lengths`` with
+    :func:`~repedit.models.batching.length_buckets`: a long passage in one row would otherwise
+    make every row of the batch run, and cache, that many padded columns."""
+    groups = length_buckets([int(n) for n in lengths.tolist()])
     return [torch.tensor(sorted(g), dtype=torch.long, device=lengths.device) for g in groups]
 
 
@@ -240,7 +231,7 @@ def prefix_cache(
     split: int,
 ) -> Any:
     """A KV cache of columns ``< split`` of left-padded rows, each bucket of similar prefix
-    length (``prefix_buckets``) run on its own columns only.
+    length (:func:`prefix_buckets`) run on its own columns only.
 
     Columns a bucket leaves out hold zero keys and values: they are padding, which the mask
     hides, so every real column is what one padded forward gives, up to float rounding.
