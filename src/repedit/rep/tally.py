@@ -75,6 +75,10 @@ def measure(
 ) -> Tally:
     """Gate (eval semantics: hard-open share and soft mean) and alignment of adapted keys.
 
+    A positive's other tokens are negatives, except, under ``gate_subject_tokens="ignore"``,
+    the subject's earlier tokens, which its gate loss leaves free: they are tallied apart as
+    ``subject_other``.
+
     Each layer's gate runs once over every token of every example, and the adapter once over
     all subject-token keys; the tallies are then split per example."""
     tally = Tally()
@@ -101,7 +105,12 @@ def measure(
                     pos = ex.position
                     for cat in ("positive", f"pos:{ex.kind}"):
                         tally.add_gate(layer, cat, g[pos : pos + 1], adapter.tau)
-                    neg = torch.cat([g[:pos], g[pos + 1 :]])
+                    start = pos  # under "ignore" the subject's earlier tokens are not negatives
+                    if adapter.cfg.gate_subject_tokens == "ignore" and ex.subject_start is not None:
+                        start = min(ex.subject_start, pos)
+                        if start < pos:
+                            tally.add_gate(layer, "subject_other", g[start:pos], adapter.tau)
+                    neg = torch.cat([g[:start], g[pos + 1 :]])
                     if neg.numel():
                         tally.add_gate(layer, "negative", neg, adapter.tau)
                         tally.add_gate(layer, "neg:context", neg, adapter.tau)
