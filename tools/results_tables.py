@@ -29,34 +29,45 @@ BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 
 def ceiling_table(runs: list[Path]) -> str:
-    """Rows: tests; columns: plain and oracle key (from the first run: every run of a group
-    makes the same edits), then per run REP's rate and the gap it closes, in %."""
+    """Rows: tests; columns: plain and oracle key (shared when every run of the group made the
+    same edits, else per run), then per run REP's rate and the gap it closes, in %."""
     docs = {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
     first = next(iter(docs.values()))["tests"]
+    same = all(
+        {t: (v["plain"], v["oracle_key"]) for t, v in d["tests"].items()}
+        == {t: (v["plain"], v["oracle_key"]) for t, v in first.items()}
+        for d in docs.values()
+    )
     seeds = [name for name in docs if re.search(r"-seed\d+$", name)]
     seeds = seeds if len(seeds) > 1 else []
+    own = [] if same else ["plain", "oracle key"]
     head = [
         "test",
         "n",
-        "plain",
-        "oracle key",
-        *(f"{name}: REP (gap closed, gate)" for name in docs),
+        *(["plain", "oracle key"] if same else []),
+        *(f"{name}: {col}" for name in docs for col in [*own, "REP (gap closed, gate)"]),
         *([f"REP over {len(seeds)} seeds: mean [range], gap closed"] if seeds else []),
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for test, t in first.items():
-        cells = [test, str(t["n"]), f"{100 * t['plain']:.1f}", f"{100 * t['oracle_key']:.1f}"]
+        cells = [test, str(t["n"])]
+        cells += [_pct(t["plain"]), _pct(t["oracle_key"])] if same else []
         for doc in docs.values():
             r = doc["tests"].get(test, {})
-            gap, gate = r.get("gap_closed"), r.get("rep_gate_open")
-            rep = "—" if r.get("rep") is None else f"{100 * r['rep']:.1f}"
-            notes = [] if gap is None else [f"{100 * gap:.0f} %"]
-            notes += [] if gate is None else [f"gate {100 * gate:.0f} %"]
-            cells.append(rep + (f" ({', '.join(notes)})" if notes else ""))
+            cells += [] if same else [_pct(r.get("plain")), _pct(r.get("oracle_key"))]
+            cells.append(_rep_cell(r))
         if seeds:
             cells.append(_spread([docs[name]["tests"].get(test, {}) for name in seeds]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _rep_cell(r: dict) -> str:
+    """REP's rate with the gap it closes and its gate-open share, where the run has them."""
+    gap, gate = r.get("gap_closed"), r.get("rep_gate_open")
+    notes = [] if gap is None else [f"{100 * gap:.0f} %"]
+    notes += [] if gate is None else [f"gate {100 * gate:.0f} %"]
+    return _pct(r.get("rep")) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _spread(rows: list[dict]) -> str:

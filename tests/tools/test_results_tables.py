@@ -51,3 +51,34 @@ def test_mass_edit_group_gets_one_table_with_every_run(tmp_path: Path, monkeypat
     assert "(results/mass-edit-x/memit/mass_edit.png)" in text
     assert "alphaedit-seq/mass_edit.png" not in text  # no plot, no link
     assert "CPU flags: avx2, amx_bf16." in text and "--n 1000" in text
+
+
+def _ceiling(root: Path, name: str, plain: float, rep: float) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    tests = {
+        "efficacy": {"plain": 1.0, "rep": 1.0, "oracle_key": 0.9, "n": 4},
+        "ood_subject_paraphrase": {
+            "plain": plain, "rep": rep, "oracle_key": 0.8, "n": 20,
+            "gap_closed": (rep - plain) / (0.8 - plain), "rep_gate_open": 0.5,
+        },
+    }  # fmt: skip
+    (run / "ceiling.json").write_text(json.dumps({"tests": tests}))
+    return run
+
+
+def test_ceiling_runs_of_the_same_edits_share_plain_and_oracle(tmp_path: Path) -> None:
+    runs = [_ceiling(tmp_path, "a", 0.6, 0.7), _ceiling(tmp_path, "b", 0.6, 0.75)]
+    head, _, _, ood = results_tables.ceiling_table(runs).splitlines()
+    assert head.count("plain") == 1 and "a: REP" in head and "b: REP" in head
+    assert ood.split(" | ")[2:4] == ["60.0", "80.0"]
+    assert "70.0 (50 %, gate 50 %)" in ood and "75.0 (75 %, gate 50 %)" in ood
+
+
+def test_ceiling_runs_of_different_edits_get_their_own_plain_and_oracle(tmp_path: Path) -> None:
+    """A value-side edit is another edit: its plain column must not be the first run's."""
+    runs = [_ceiling(tmp_path, "plain-edit", 0.6, 0.7), _ceiling(tmp_path, "value-side", 0.7, 0.75)]
+    head, _, _, ood = results_tables.ceiling_table(runs).splitlines()
+    assert "plain-edit: plain" in head and "value-side: plain" in head
+    assert ood.split(" | ")[2:] == ["60.0", "80.0", "70.0 (50 %, gate 50 %)", "70.0", "80.0",
+                                    "75.0 (50 %, gate 50 %) |"]  # fmt: skip
