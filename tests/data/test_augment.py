@@ -20,6 +20,7 @@ from repedit.data.variants import case_variants
 from repedit.errors import InvalidRequestError
 from repedit.models.tiny import tiny_tokenizer
 from repedit.rep import RepConfig
+from repedit.rep.adapter import GENERATED_FORMS
 
 
 class CharTokenizer:
@@ -137,7 +138,8 @@ def test_config_parses_and_checks_augment_kinds() -> None:
     cfg = RepConfig().replace(augment="case, noise,case", n_augment="3")
     assert cfg.augment == ("case", "noise") and cfg.n_augment == 3
     assert cfg.to_dict()["augment"] == ["case", "noise"]
-    assert RepConfig().augment == ()
+    assert RepConfig().augment == GENERATED_FORMS  # every kind but span, by default
+    assert "span" not in GENERATED_FORMS and RepConfig(augment=()).augment == ()
     with pytest.raises(InvalidRequestError, match="augment"):
         RepConfig(augment=("case", "typos"))
     with pytest.raises(InvalidRequestError, match="n_augment"):

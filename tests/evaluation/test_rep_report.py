@@ -39,6 +39,11 @@ def test_ablation_overrides_map_onto_rep_config():
         "decouple_gate": False,
     }
     assert ablation_overrides([]) == {}
+    assert ablation_overrides("listed-forms") == {  # the defaults before generalisation
+        "gate_subject_tokens": "negative",
+        "augment": (),
+        "pool_negatives": 0,
+    }
     assert set(ABLATIONS) == {
         "no-gate",
         "no-consistency",
@@ -48,6 +53,7 @@ def test_ablation_overrides_map_onto_rep_config():
         "no-guard",
         "no-prompt-key",
         "coupled-gate",
+        "listed-forms",
         "all-tokens",
     }
     every = ablation_overrides(list(ABLATIONS))

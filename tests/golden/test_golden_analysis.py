@@ -22,6 +22,7 @@ from repedit.data import PassageSampler, load_cases
 from repedit.evaluation.probes import SuiteConfig, build_probes, case_keys
 from repedit.models.tiny import tiny_loaded, tiny_model, tiny_tokenizer
 from repedit.rep import RepConfig
+from repedit.rep.adapter import LISTED_FORMS
 from repedit.rep.variants import build_pool, heldout_examples, rep_items
 from tiny_text import tiny_corpus_text
 
@@ -127,7 +128,10 @@ GOLDEN_TESTS = (
 
 
 def _rep_cfg(corpus: Path) -> RepConfig:
+    """The pool as it was pinned: the listed forms only (generated forms and pool negatives,
+    defaults since, have their own tests)."""
     return RepConfig(
+        **LISTED_FORMS,
         long_context_corpus=str(corpus),
         long_context_length=30,
         long_context_unit="tokens",

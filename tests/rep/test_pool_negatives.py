@@ -149,8 +149,9 @@ def test_build_pool_marks_the_other_subject_and_leaks_no_probe(lm, pool) -> None
         span = tok.decode(list(ex.ids[ex.subject_start : ex.subject_end + 1])).strip()
         assert fold(span) in {fold(s) for s in POOL}
         assert "Parisa" not in ex.text and fold(ex.text) not in probes
-    off = build_pool(lm, [item], ["{}"], RepConfig(long_context=False), subject_pool=pool)
-    assert not off.negatives  # off by default
+    no_pool = RepConfig(long_context=False, pool_negatives=0)
+    off = build_pool(lm, [item], ["{}"], no_pool, subject_pool=pool)
+    assert not off.negatives  # pool_negatives=0: none
 
 
 def test_pool_subject_tokens_are_near_negatives(lm, pool) -> None:

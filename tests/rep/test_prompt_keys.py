@@ -55,13 +55,13 @@ def test_ignore_keeps_every_subject_token_of_the_edit_prompt(setup) -> None:
     assert n_subject > 1
     span = slice(pos - n_subject + 1, pos + 1)
     wide_open = {"tau": 1e-6, "beta_guard": None}  # the gate opens on every token
-    default = _adapter(setup, **wide_open)
-    assert default.prompt_k.shape[0] == 1  # the default: the subject token only
+    default = _adapter(setup, gate_subject_tokens="negative", **wide_open)
+    assert default.prompt_k.shape[0] == 1  # "negative": the subject token only
     with torch.no_grad():
         moved = default(keys)
     assert torch.equal(moved[pos], keys[pos])
     assert not torch.equal(moved[span], keys[span])  # its earlier subject tokens do move
-    ignore = _adapter(setup, gate_subject_tokens="ignore", **wide_open)
+    ignore = _adapter(setup, **wide_open)  # the default, "ignore"
     assert ignore.prompt_k.shape[0] == n_subject
     with torch.no_grad():
         kept = ignore(keys)

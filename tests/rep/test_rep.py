@@ -485,7 +485,8 @@ def test_pool_trains_generated_forms_at_the_subjects_last_token(lm, corpus: Path
     cfg = tiny_cfg(corpus, long_context=False, augment="punct,determiner,noise", n_augment=2)
     contexts = ["{}", "Hello there. {}", "The capital. {}"]
     pool = build_pool(lm, rep_items(CASE), contexts, cfg)
-    plain = build_pool(lm, rep_items(CASE), contexts, tiny_cfg(corpus, long_context=False))
+    none = tiny_cfg(corpus, long_context=False, augment=())
+    plain = build_pool(lm, rep_items(CASE), contexts, none)
     aug = [ex for ex in pool.positives if ex.kind == "augment"]
     assert "augment" not in plain.counts()
     assert len(aug) == 3 * 2 * 3  # kinds x forms x (prompt + two contexts)

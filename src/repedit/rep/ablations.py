@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from repedit.errors import InvalidRequestError
+from repedit.rep.adapter import LISTED_FORMS
 
 #: ablation name → the RepConfig fields it sets
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -25,6 +26,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-prompt-key": {"keep_prompt_key": False},
     "coupled-gate": {"decouple_gate": False},
     "all-tokens": {"prompt_only": False},
+    #: the defaults before the generalisation setting: REP learns only the forms listed for it
+    "listed-forms": LISTED_FORMS,
 }
 
 

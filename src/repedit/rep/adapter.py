@@ -35,6 +35,11 @@ PoolKind = Literal["kin", "lookalike", "random"]
 POOL_KINDS: tuple[PoolKind, ...] = get_args(PoolKind)
 ConsistencyOn = Literal["prompt", "original"]
 TARGETS: tuple[str, ...] = get_args(Target)
+#: the generated subject forms REP trains on by default: every kind but ``span`` (chosen on the
+#: validation cases, docs/generalisation.md)
+GENERATED_FORMS: tuple[str, ...] = (
+    "case", "spacing", "punct", "noise", "determiner", "initials", "truncate",
+)  # fmt: skip
 
 #: the RepConfig fields whose values are one of a fixed set (checked from their Literal)
 _CHOICES: dict[str, Any] = {
@@ -47,11 +52,20 @@ _CHOICES: dict[str, Any] = {
 #: ``keep_prompt_key``: how close (‖k − k_o‖/‖k_o‖) a key must be to the edit prompt's own
 PROMPT_KEY_TOLERANCE = 1e-3
 FORMAT = "repedit-rep/1"
+#: the generalisation fields at their values before they became the defaults (and the paper's):
+#: the subject's earlier tokens as gate negatives, no generated forms, no pool negatives; the
+#: ``listed-forms`` ablation
+LISTED_FORMS: dict[str, Any] = {
+    "gate_subject_tokens": "negative",
+    "augment": (),
+    "pool_negatives": 0,
+}
 
 
 @dataclass
 class RepConfig(Hparams):
-    """Hyper-parameters of REP (defaults: the paper's script settings, plus a trained gate).
+    """Hyper-parameters of REP (defaults: the paper's script settings, plus a trained gate and
+    the generalisation setting: ``gate_subject_tokens="ignore"``, generated forms, pool negatives).
 
     Adapter: ``rank``, ``alpha`` (scale α/r), ``dropout``, gate width
     ``h = max(gate_hidden_min, floor(gate_hidden_fraction · d_mlp))``, threshold ``tau``.
@@ -120,7 +134,7 @@ class RepConfig(Hparams):
     #: the subject's earlier tokens: "negative" (near negatives, see below) or "ignore" (left
     #: out of the gate loss, where the gate tends to open on them and the change to their keys
     #: can break long-context prompts)
-    gate_subject_tokens: SubjectTokens = "negative"
+    gate_subject_tokens: SubjectTokens = "ignore"
     #: tokens right after the subject token that count as "near" negatives: the gate loss
     #: weighs near negatives (these and the subject's earlier tokens, whose keys resemble the
     #: positive one) as much as all the other ("far") negatives together
@@ -174,11 +188,11 @@ class RepConfig(Hparams):
     #: subjects per request from ``negative_pool`` (half look-alikes of the subject, half at
     #: random; none the evaluation uses) in the edit's prompt and contexts, their tokens "near"
     #: gate negatives (:mod:`repedit.rep.negatives`); independent of ``negatives``. 0: none
-    pool_negatives: int = 0
+    pool_negatives: int = 16
     #: the dataset (a name or a file) ``pool_negatives`` draws subjects from; "auto":
     #: CounterFact when the data folder has it, else none (a warning; ``info["subject_pool"]``
     #: of the training result says which). A named pool that is missing is a DataError
-    negative_pool: str = "counterfact"
+    negative_pool: str = "auto"
     #: which pool subjects, an equal share of each: ``kin`` (same true answer as the edit),
     #: ``lookalike`` (sharing a token piece), ``random``
     pool_kinds: tuple[PoolKind, ...] = ("lookalike", "random")
@@ -193,7 +207,7 @@ class RepConfig(Hparams):
     #: ``spacing``, ``punct``, ``noise``, ``determiner``, ``initials``, ``truncate``; a comma
     #: string is accepted), ``n_augment`` per kind and request, none equal to an evaluation
     #: probe. Empty: none (the paper)
-    augment: tuple[str, ...] = ()
+    augment: tuple[str, ...] = GENERATED_FORMS
     n_augment: int = 2
     target: Target = "whitened"
     #: aggregation loss: ``direction`` = the paper's −(k̂/‖k̂‖)·t; ``match`` = ‖k̂ − k*‖²/‖k*‖²
@@ -290,6 +304,7 @@ def released_config(**overrides: Any) -> RepConfig:
     them. Use it to show that the released gate does not open (``docs/method.md``).
     """
     base = {
+        **LISTED_FORMS,
         "gate_loss_weight": 0.0,
         "decouple_gate": False,
         "gate_lr": None,
