@@ -285,7 +285,8 @@ class _Loss:
             runs = [self._run(r, delta, self.owner[i], self.inject_pos[i]) for i, r in parts]
             back = torch.argsort(torch.cat([i for i, _ in parts]))
             hidden = torch.cat([h for h, _ in runs])[back]
-            later = None if runs[0][1] is None else torch.cat([x for _, x in runs], 1)[:, back]
+            watched = [x for _, x in runs if x is not None]
+            later = torch.cat(watched, 1)[:, back] if watched else None
         logits = self.lm.arch.logits(hidden[self.t_rows, self.t_pos]).float()
         target_lp = logits.log_softmax(-1).gather(1, self.t_ids[:, None])[:, 0]
         kl_hidden = hidden[self.kl_rows, self.inject_pos[self.kl_rows]]
