@@ -48,6 +48,16 @@ class TextSources:
     long_context_corpus: str | None  # None: RepConfig's default ($REPEDIT_DATA wikitext)
     note: str
 
+    def rep_config(self) -> Any:
+        """REP's RepConfig for these sources. On model-sampled text (no data folder) its
+        passages come from that text and it trains without pool negatives, since CounterFact's
+        subjects are not there either (``note`` says so)."""
+        from repedit.rep import RepConfig
+
+        if self.long_context_corpus is None:
+            return RepConfig()
+        return RepConfig(long_context_corpus=self.long_context_corpus, pool_negatives=0)
+
 
 def text_sources(lm: LoadedModel, stats: StatsConfig, status: Status | None = None) -> TextSources:
     """``stats`` unchanged when a data folder or an explicit corpus is there; else one file of
@@ -73,7 +83,8 @@ def text_sources(lm: LoadedModel, stats: StatsConfig, status: Status | None = No
     )
     note = (
         f"no data folder: key statistics, REP's long-context passages and the long-context "
-        f"probes use {SAMPLED_TOKENS} tokens of model-sampled text"
+        f"probes use {SAMPLED_TOKENS} tokens of model-sampled text, and REP trains without "
+        "pool negatives"
     )
     return TextSources(replace(stats, corpus=str(path), n_tokens=SAMPLED_TOKENS), str(path), note)
 
@@ -172,12 +183,12 @@ def edit_fact(
     editor: Editor,
     case: EditCase,
     probes: dict[str, str],
-    rep_corpus: str | None,
+    rep_cfg: Any,
     with_rep: bool = True,
 ) -> FactResult:
     """Edit, score the probes, train REP and score them again, then revert everything."""
     from repedit.edit_report import ProbeSpec, rep_items
-    from repedit.rep import RepConfig, rep_applied, train_rep_after
+    from repedit.rep import rep_applied, train_rep_after
 
     req = case.request
     prompts = list(probes.values())
@@ -189,8 +200,7 @@ def edit_fact(
         rep, rep_seconds = None, None
         if with_rep:
             specs = [ProbeSpec("probe", p, req.target_new, req.target_true) for p in prompts]
-            cfg = RepConfig(long_context_corpus=rep_corpus)
-            trained = train_rep_after(lm, editor, result, rep_items([req], specs), cfg=cfg)
+            trained = train_rep_after(lm, editor, result, rep_items([req], specs), cfg=rep_cfg)
             rep_seconds = trained.seconds
             with rep_applied(lm, trained.adapters):
                 rep = dict(zip(probes, exact(lm, prompts, req.target_new), strict=True))
@@ -226,9 +236,7 @@ def run_story(
             rep = " and training REP" if with_rep else ""
             status(f"[{i + 1}/{len(facts)}] editing {req.text} → {req.target_new}{rep}…")
         probes = variant_probes(lm, case, sampler)
-        story.facts.append(
-            edit_fact(lm, editor, case, probes, sources.long_context_corpus, with_rep)
-        )
+        story.facts.append(edit_fact(lm, editor, case, probes, sources.rep_config(), with_rep))
     return story
 
 

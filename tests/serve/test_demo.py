@@ -10,6 +10,7 @@ from repedit import demo
 from repedit.data import builtin_facts
 from repedit.editors import StatsConfig, make_editor
 from repedit.models.tiny import tiny_loaded
+from repedit.rep import RepConfig
 
 
 def test_story_scores_every_probe_plain_and_with_rep(playground) -> None:
@@ -60,6 +61,9 @@ def test_without_a_data_folder_the_text_is_model_sampled_once(
     assert path.is_file() and path.parent == tmp_path / "sampled"
     assert sources.long_context_corpus == str(path) and sources.stats.n_tokens == 64
     assert "model-sampled" in sources.note and said
+    cfg = sources.rep_config()  # no data folder: no CounterFact pool either, said in the note
+    assert cfg.long_context_corpus == str(path) and cfg.pool_negatives == 0
+    assert "without pool negatives" in sources.note
     stamp = path.stat().st_mtime_ns
     again = demo.text_sources(lm, StatsConfig(cache=str(tmp_path)))
     assert again.stats.corpus == str(path) and path.stat().st_mtime_ns == stamp  # cached
@@ -72,6 +76,7 @@ def test_a_data_folder_or_a_chosen_corpus_is_left_alone(tmp_path: Path) -> None:
     chosen = StatsConfig(corpus=str(tmp_path / "x.txt"), n_tokens=123)
     sources = demo.text_sources(lm, chosen)
     assert sources.stats is chosen and sources.long_context_corpus is None and not sources.note
+    assert sources.rep_config() == RepConfig()  # REP's own defaults, pool negatives included
 
 
 def test_demo_command_prints_plain_against_rep(

@@ -128,10 +128,11 @@ def find_pool(lm: LoadedModel, spec: str) -> SubjectPool | None:
         return subject_pool(lm, spec)
     try:
         return subject_pool(lm, AUTO_DATASET)
-    except DataError as exc:
+    except DataError:
         warnings.warn(
-            f"REP: no subject pool for pool negatives ({exc}); training without them. Set "
-            "REPEDIT_DATA, or --rep-set negative_pool=PATH to make a missing pool an error",
+            f"REP: no {AUTO_DATASET} subjects for pool negatives (set REPEDIT_DATA to the data "
+            "folder); training without them. --rep-set negative_pool=PATH names a pool, "
+            "pool_negatives=0 turns them off",
             stacklevel=2,
         )
         return None

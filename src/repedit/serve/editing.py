@@ -57,9 +57,9 @@ def _stage(pg: Playground, stage: str, message: str) -> None:
 
 
 def _train_rep(pg: Playground, editor: Any, result: Any, req: EditRequest, specs: list[ProbeSpec]):
-    from repedit.rep import RepConfig, train_rep_after
+    from repedit.rep import train_rep_after
 
-    cfg = RepConfig(long_context_corpus=pg.sources.long_context_corpus)
+    cfg = pg.sources.rep_config()
     _stage(pg, "rep", f"training REP adapters at layers {result.layers} ({cfg.steps} steps)…")
     trained = train_rep_after(pg.lm, editor, result, rep_items([req], specs), cfg=cfg)
     _stage(pg, "rep", f"REP trained in {trained.seconds:.1f} s")
