@@ -2,7 +2,7 @@
 # generalisation setting (REP's defaults since: gate_subject_tokens=ignore, generated forms, 16
 # pool subjects, negative_pool=auto; written out so the line reproduces it under any default)
 # and the oracle key k* at the probe's last subject token at every edited layer.
-# Made with repedit 0.2.0.dev0 on 2026-12-06, 1 thread, next to one other single-thread job.
+# Made with repedit 0.2.0.dev0 on 2026-12-06, 1 thread, next to one or two other jobs (71 min).
 export REPEDIT_DATA=../shared/data
 repedit analyze ceiling --method memit --rep --data rep-counterfact --n 100 --threads 1 \
     --tests efficacy,subject_paraphrase,ood_subject_paraphrase,scrambled_subject,neighbourhood,near_subject \
