@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from repedit.data.variants import PassageSampler
     from repedit.editors import Editor, StatsConfig
     from repedit.models import LoadedModel
+    from repedit.rep import RepConfig
 
 ProbeKind = Literal["prompt", "paraphrase", "scramble", "long-context"]
 PROBE_KINDS: tuple[ProbeKind, ...] = ("prompt", "paraphrase", "scramble", "long-context")
@@ -48,7 +49,7 @@ class TextSources:
     long_context_corpus: str | None  # None: RepConfig's default ($REPEDIT_DATA wikitext)
     note: str
 
-    def rep_config(self) -> Any:
+    def rep_config(self) -> RepConfig:
         """REP's RepConfig for these sources. On model-sampled text (no data folder) its
         passages come from that text and it trains without pool negatives, since CounterFact's
         subjects are not there either (``note`` says so)."""
@@ -183,7 +184,7 @@ def edit_fact(
     editor: Editor,
     case: EditCase,
     probes: dict[str, str],
-    rep_cfg: Any,
+    rep_cfg: RepConfig,
     with_rep: bool = True,
 ) -> FactResult:
     """Edit, score the probes, train REP and score them again, then revert everything."""

@@ -257,6 +257,8 @@ def runner_rows(rows: Rows, idx: torch.Tensor) -> Rows:
     rest from the whole batch."""
     mask = rows.mask[idx]
     lead = rows.split - max(int(mask[:, : rows.split].sum(1).max()), 1)
+    if lead == 0 and len(idx) == rows.mask.shape[0]:  # one bucket of every row: nothing to cut
+        return rows
     return replace(
         rows,
         ids=rows.ids[idx, lead:],
