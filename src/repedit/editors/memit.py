@@ -4,11 +4,12 @@ A target hidden state ``z`` is optimised at the output of the last edited layer.
 then updated in order: each recomputes its keys (earlier updates change them), takes the
 remaining residual ``R = z − h`` and writes its share ``R / (layers left)`` with
 ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹``. EMMET and AlphaEdit reuse this procedure with their own solve.
+Where a layer normalises its MLP output before the residual add (Gemma 2/3), the share is first
+mapped through that norm (:mod:`repedit.editors.post_norm`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
@@ -19,6 +20,7 @@ from repedit.data.case import EditRequest
 from repedit.editors.base import Editor, LocateEditHparams
 from repedit.editors.hparams import layer_at
 from repedit.editors.keys import compute_keys
+from repedit.editors.post_norm import through_post_norm
 from repedit.editors.result import EditResult
 from repedit.editors.solve import least_squares_update
 from repedit.editors.values import current_values, optimise_values
@@ -76,18 +78,19 @@ def fraction_layers(
     return list(range(lo, hi + 1))
 
 
-def _warn_post_norm(lm: LoadedModel, layers: list[int]) -> None:
-    """Warn where the residual solve does not hold: it writes a share of the residual-stream
-    target into each layer's MLP output, which is exact only when that output is added to the
-    residual stream as it is; a post-MLP norm (Gemma 2/3) rescales it first."""
-    normed = [layer for layer in layers if lm.arch.post_mlp(layer) is not None]
-    if normed:
-        warnings.warn(
-            f"{lm.name}: layers {normed} normalise the MLP output before the residual stream "
-            "(post-MLP norm), so the residual-share solve of MEMIT-style editors does not "
-            "reach its target there; ROME (which optimises the MLP output itself) does",
-            stacklevel=3,
-        )
+def _mlp_share(
+    lm: LoadedModel, layer: int, keys: torch.Tensor, share: torch.Tensor
+) -> torch.Tensor:
+    """The change of layer ``layer``'s MLP output that moves the residual stream by ``share``
+    at ``keys`` (``[n, d_mlp]``): ``share`` itself, or mapped through a post-MLP norm (Gemma 2/3)
+    where the layer has one."""
+    norm = lm.arch.post_mlp(layer)
+    if norm is None:
+        return share
+    weight = lm.arch.weight(layer)
+    with torch.no_grad():
+        outputs = lm.arch.down_proj(layer)(keys.to(device=weight.device, dtype=weight.dtype))
+    return through_post_norm(norm, outputs, share.to(outputs.device)).to(share.device)
 
 
 def spread_over_layers(
@@ -105,7 +108,6 @@ def spread_over_layers(
     (an editor's own value contexts, extra forms or penalty); the keys keep the editor's
     contexts.
     """
-    _warn_post_norm(lm, layers)
     contexts = editor.contexts(lm, hp)
     stats = editor.second_moment(lm, layers)
     key_mode = resolve_key_mode(
@@ -133,6 +135,7 @@ def spread_over_layers(
             share = (z - h).T / (len(layers) - i)  # [d_model, n]
             if key_mode == "each":
                 share = share.repeat_interleave(len(contexts), dim=1)
+            share = _mlp_share(lm, layer, keys, share)
             delta = solve(layer, keys.T, share, stats[layer])
             name = f"{lm.arch.down_proj_name(layer)}.weight"
             stored = lm.arch.to_storage(delta).float().cpu()
