@@ -30,8 +30,11 @@ BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 def ceiling_table(runs: list[Path]) -> str:
     """Rows: tests; columns: plain and oracle key (shared when every run of the group made the
-    same edits, else per run), then per run REP's rate and the gap it closes, in %."""
+    same edits, else per run), then per run REP's rate and the gap it closes, in %. Runs of
+    different editors get :func:`editors_table` instead."""
     docs = {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
+    if len({d.get("method") for d in docs.values()}) > 1:
+        return editors_table(docs)
     first = next(iter(docs.values()))["tests"]
     same = all(
         {t: (v["plain"], v["oracle_key"]) for t, v in d["tests"].items()}
@@ -59,6 +62,29 @@ def ceiling_table(runs: list[Path]) -> str:
         if seeds:
             cells.append(_spread([docs[name]["tests"].get(test, {}) for name in seeds]))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def editors_table(docs: dict[str, dict]) -> str:
+    """Rows: runs (one editor each); columns: tests, each ``plain → REP (gap closed)`` in %."""
+    tests = list(dict.fromkeys(t for d in docs.values() for t in d["tests"]))
+    lines = [
+        "| run | method | " + " | ".join(tests) + " |",
+        "|---|---|" + "---:|" * len(tests),
+    ]
+    for name, doc in docs.items():
+        cells = [name, str(doc.get("method", "—"))]
+        for test in tests:
+            r = doc["tests"].get(test)
+            if r is None:
+                cells.append("—")
+                continue
+            gap = r.get("gap_closed")
+            note = "" if gap is None else f" ({100 * gap:.0f} %)"
+            cells.append(f"{_pct(r.get('plain'))} → {_pct(r.get('rep'))}{note}")
+        lines.append("| " + " | ".join(cells) + " |")
+    n = {t: max(d["tests"][t]["n"] for d in docs.values() if t in d["tests"]) for t in tests}
+    lines.append("| probes per run | — | " + " | ".join(str(n[t]) for t in tests) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,3 +82,16 @@ def test_ceiling_runs_of_different_edits_get_their_own_plain_and_oracle(tmp_path
     assert "plain-edit: plain" in head and "value-side: plain" in head
     assert ood.split(" | ")[2:] == ["60.0", "80.0", "70.0 (50 %, gate 50 %)", "70.0", "80.0",
                                     "75.0 (50 %, gate 50 %) |"]  # fmt: skip
+
+
+def test_ceiling_runs_of_different_editors_get_one_row_each(tmp_path: Path) -> None:
+    """The editors × REP table: one row per editor, each cell plain → REP (gap closed)."""
+    runs = [_ceiling(tmp_path, "rome", 0.6, 0.7), _ceiling(tmp_path, "memit", 0.5, 0.65)]
+    for run, method in zip(runs, ("rome", "memit"), strict=True):
+        doc = json.loads((run / "ceiling.json").read_text())
+        (run / "ceiling.json").write_text(json.dumps({**doc, "method": method}))
+    head, _, rome, memit, count = results_tables.ceiling_table(runs).splitlines()
+    assert head == "| run | method | efficacy | ood_subject_paraphrase |"
+    assert rome.split(" | ")[1:] == ["rome", "100.0 → 100.0", "60.0 → 70.0 (50 %) |"]
+    assert memit.split(" | ")[3] == "50.0 → 65.0 (50 %) |"
+    assert count == "| probes per run | — | 4 | 20 |"
