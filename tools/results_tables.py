@@ -65,9 +65,17 @@ def ceiling_table(runs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: column order of the editors table: success tests, then locality; others follow
+TEST_ORDER = (
+    "efficacy", "subject_paraphrase", "ood_subject_paraphrase", "scrambled_subject_id",
+    "scrambled_subject_ood", "long_context", "neighbourhood", "near_subject",
+)  # fmt: skip
+
+
 def editors_table(docs: dict[str, dict]) -> str:
     """Rows: runs (one editor each); columns: tests, each ``plain → REP (gap closed)`` in %."""
-    tests = list(dict.fromkeys(t for d in docs.values() for t in d["tests"]))
+    seen = list(dict.fromkeys(t for d in docs.values() for t in d["tests"]))
+    tests = [t for t in TEST_ORDER if t in seen] + [t for t in seen if t not in TEST_ORDER]
     lines = [
         "| run | method | " + " | ".join(tests) + " |",
         "|---|---|" + "---:|" * len(tests),
