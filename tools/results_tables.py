@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from repedit.evaluation.probes import TESTS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "results.md"
@@ -65,17 +67,15 @@ def ceiling_table(runs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: column order of the editors table: success tests, then locality; others follow
-TEST_ORDER = (
-    "efficacy", "subject_paraphrase", "ood_subject_paraphrase", "scrambled_subject_id",
-    "scrambled_subject_ood", "long_context", "neighbourhood", "near_subject",
-)  # fmt: skip
+def _test_order(test: str) -> tuple[int, str]:
+    """The suite's report order (``evaluation.probes.TESTS``), a scramble half after its test."""
+    base = re.sub(r"_(id|ood)$", "", test)
+    return (TESTS.index(base) if base in TESTS else len(TESTS), test)
 
 
 def editors_table(docs: dict[str, dict]) -> str:
     """Rows: runs (one editor each); columns: tests, each ``plain → REP (gap closed)`` in %."""
-    seen = list(dict.fromkeys(t for d in docs.values() for t in d["tests"]))
-    tests = [t for t in TEST_ORDER if t in seen] + [t for t in seen if t not in TEST_ORDER]
+    tests = sorted({t for d in docs.values() for t in d["tests"]}, key=_test_order)
     lines = [
         "| run | method | " + " | ".join(tests) + " |",
         "|---|---|" + "---:|" * len(tests),
