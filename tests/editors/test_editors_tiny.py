@@ -41,8 +41,9 @@ OTHERS = (
 def _combos() -> list[tuple[str, str]]:
     """All methods on llama, gpt2 and gemma3_text (a post-MLP norm); ROME and MEMIT on every
     other tiny family."""
-    out = [(family, method) for family in ("llama", "gpt2", "gemma3_text") for method in METHODS]
-    out += [(f, m) for f in TINY_FAMILIES if f not in ("llama", "gpt2", "gemma3_text") for m in ("rome", "memit")]
+    every = ("llama", "gpt2", "gemma3_text")
+    out = [(family, method) for family in every for method in METHODS]
+    out += [(f, m) for f in TINY_FAMILIES if f not in every for m in ("rome", "memit")]
     return out
 
 
