@@ -35,7 +35,8 @@ def test_a_reachable_change_is_recovered_to_second_order() -> None:
     """A change the norm can make (``norm(m + δ) − norm(m)``) comes back with an error that
     falls as ``|δ|²``: ten times smaller ``δ``, at least fifty times smaller error (a first-order
     error would fall ten times)."""
-    norm, m = _norm(), _outputs(_norm())
+    norm = _norm()
+    m = _outputs(norm)
     errors = []
     for size in (1e-1, 1e-2):
         delta = _outputs(norm, seed=2) * size
@@ -50,7 +51,8 @@ def test_a_reachable_change_is_recovered_to_second_order() -> None:
 
 def test_writing_the_share_unmapped_misses_it() -> None:
     """The check above can fail: the raw share, written as it is, lands far from itself."""
-    norm, m = _norm(), _outputs(_norm())
+    norm = _norm()
+    m = _outputs(norm)
     with torch.no_grad():
         wanted = (norm(m + _outputs(norm, seed=2) * 1e-2) - norm(m)).T
         raw = norm(m + wanted.T) - norm(m)
