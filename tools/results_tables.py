@@ -7,7 +7,8 @@ between the ``generated`` markers of docs/results.md, so the numbers are never c
 A group whose runs hold ``ceiling.json`` (``repedit analyze ceiling``) instead gets one table
 of REP's rate, the share of the plain → oracle-key gap it closes and (newer runs) how often
 REP's gate opened at the probes' subject token, per run, and, where runs are named
-``*-seedN``, REP's mean and range over them. A group of ``repedit analyze
+``*-seedN``, REP's mean and range over them; with a ``goals.json`` ({test: ">= 85" or
+">= plain + 10"}) every rate is shown beside its distance to the test's goal. A group of ``repedit analyze
 readout`` runs (``readout.md``) gets each run's own tables, and a group of
 ``benchmarks/mass_edit.py`` runs (``mass_edit.json``) one table of the runs side by side with
 each run's plot of the first batch's efficacy.
@@ -30,11 +31,15 @@ PAGE = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 
+def _ceiling_docs(runs: list[Path]) -> dict[str, dict]:
+    return {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
+
+
 def ceiling_table(runs: list[Path]) -> str:
     """Rows: tests; columns: plain and oracle key (shared when every run of the group made the
     same edits, else per run), then per run REP's rate and the gap it closes, in %. Runs of
     different editors get :func:`editors_table` instead."""
-    docs = {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
+    docs = _ceiling_docs(runs)
     if len({d.get("method") for d in docs.values()}) > 1:
         return editors_table(docs)
     first = next(iter(docs.values()))["tests"]
@@ -64,6 +69,57 @@ def ceiling_table(runs: list[Path]) -> str:
         if seeds:
             cells.append(_spread([docs[name]["tests"].get(test, {}) for name in seeds]))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+GOAL = re.compile(r"^>=\s*(?:(plain)\s*([+-])\s*)?(\d+(?:\.\d+)?)$")
+
+
+def _goal(spec: str, plain: float | None) -> float | None:
+    """The threshold in [0, 1] of a goal ``">= 85"`` or ``">= plain + 10"`` / ``">= plain - 2"``
+    (points; ``plain`` is the rate of the group's unmodified editor, or None where it has none)."""
+    m = GOAL.match(spec.strip())
+    if m is None:
+        raise SystemExit(f"goal {spec!r}: write '>= 85', '>= plain + 10' or '>= plain - 2'")
+    points = float(m.group(3)) / 100
+    if m.group(1) is None:
+        return points
+    return None if plain is None else plain + (points if m.group(2) == "+" else -points)
+
+
+def _against(x: float | None, goal: float | None) -> str:
+    """A rate with ✓ where it meets the goal, else its distance below it in points."""
+    if x is None or goal is None:
+        return _pct(x)
+    short = 100 * (goal - x)
+    return f"{_pct(x)} ✓" if short < 1e-6 else f"{_pct(x)} [−{short:.1f}]"
+
+
+def goals_table(docs: dict[str, dict], goals: dict[str, str]) -> str:
+    """Rows: tests; per run (one configuration each) its plain edit, the oracle key and + REP
+    (gap closed), every rate beside its goal's distance; the first run is the unmodified
+    editor that relative goals (``plain + 10``) refer to."""
+    tests = sorted({t for d in docs.values() for t in d["tests"]}, key=_test_order)
+    base = next(iter(docs.values()))["tests"]
+    head = ["test", "n"]
+    for name in docs:
+        head += [name, f"{name}: oracle key", f"{name} + REP (gap closed)"]
+    lines = [
+        "| " + " | ".join([*head, "goal"]) + " |",
+        "|---|" + "---:|" * (len(head) - 1) + "---|",
+    ]
+    for test in tests:
+        spec = goals.get(test)
+        goal = None if spec is None else _goal(spec, base.get(test, {}).get("plain"))
+        n = max(d["tests"][test]["n"] for d in docs.values() if test in d["tests"])
+        cells = [test, str(n)]
+        for doc in docs.values():
+            r = doc["tests"].get(test, {})
+            gap = r.get("gap_closed")
+            note = "" if gap is None or r.get("rep") is None else f" ({100 * gap:.0f} %)"
+            cells += [_against(r.get("plain"), goal), _pct(r.get("oracle_key"))]
+            cells.append(_against(r.get("rep"), goal) + note)
+        lines.append("| " + " | ".join([*cells, spec or ""]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,8 +259,16 @@ def group_section(group: Path) -> str:
     runs = sorted(p for p in group.iterdir() if (p / "summary.json").is_file())
     commands = (group / "commands.sh").read_text(encoding="utf-8").strip()
     if ceilings:
+        goals = group / "goals.json"
+        table = (
+            goals_table(_ceiling_docs(ceilings), json.loads(goals.read_text(encoding="utf-8")))
+            if goals.is_file()
+            else ceiling_table(ceilings)
+        )
+        if goals.is_file():
+            table += "\n✓: the goal is met; [−x]: x points short of it.\n"
         return (
-            f"### {group.name}\n\n{ceiling_table(ceilings).rstrip()}\n\n"
+            f"### {group.name}\n\n{table.rstrip()}\n\n"
             f"Table: `repedit analyze ceiling` outputs ({', '.join(r.name for r in ceilings)})."
             f" Runs:\n\n```bash\n{commands}\n```\n"
         )

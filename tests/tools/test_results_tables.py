@@ -97,3 +97,31 @@ def test_ceiling_runs_of_different_editors_get_one_row_each(tmp_path: Path) -> N
     assert rome.split(" | ")[1:] == ["rome", "100.0 → 100.0", "60.0 → 70.0 (50 %)", "90.0 → 88.0 |"]
     assert memit.split(" | ")[3] == "50.0 → 65.0 (50 %)"
     assert count == "| probes per run | — | 4 | 20 | 7 |"
+
+
+def test_goals_table_puts_each_rate_beside_its_distance_to_the_goal(tmp_path: Path) -> None:
+    """Absolute goals compare every rate to a number; relative ones to the first run's plain."""
+    group = tmp_path / "robust"
+    _ceiling(group, "a-plain", 0.6, 0.7)
+    _ceiling(group, "b-value", 0.75, 0.85)
+    (group / "goals.json").write_text(
+        json.dumps({"ood_subject_paraphrase": ">= 80", "efficacy": ">= plain - 2"})
+    )
+    (group / "commands.sh").write_text("repedit analyze ceiling\n")
+    text = results_tables.group_section(group)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert "| b-value | b-value: oracle key | b-value + REP (gap closed) | goal |" in rows[0]
+    ood = rows[2].split(" | ")
+    assert ood[2:5] == ["60.0 [−20.0]", "80.0", "70.0 [−10.0] (50 %)"]
+    assert ood[5:] == ["75.0 [−5.0]", "80.0", "85.0 ✓ (200 %)", ">= 80 |"]
+    assert rows[1].split(" | ")[-1] == ">= plain - 2 |" and "100.0 ✓" in rows[1]
+    assert "[−x]: x points short of it." in text
+
+
+def test_a_goal_it_cannot_read_stops_the_tool(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit, match="write '>= 85'"):
+        results_tables._goal("at least 85", 0.5)
+    assert results_tables._goal(">= plain + 10", None) is None  # no plain rate: no distance
+    assert abs(results_tables._goal(">= plain + 10", 0.5) - 0.6) < 1e-12
