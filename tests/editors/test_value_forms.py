@@ -144,8 +144,40 @@ def test_missing_corpus_warns_and_adds_no_passage(
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("robust_forms", -1), ("robust_prefix_lengths", (10, 0))]
+    ("field", "value"),
+    [("robust_forms", -1), ("robust_paraphrases", -1), ("robust_prefix_lengths", (10, 0))],
 )
 def test_bad_robustness_settings_are_rejected(field: str, value: object) -> None:
     with pytest.raises(InvalidRequestError, match=field):
         ValueHparams(**{field: value})
+
+
+def test_paraphrase_rows_come_from_the_request_and_only_its_in_domain_half() -> None:
+    """``robust_paraphrases=N`` adds the first N ``subject_forms``; a case fills those with its
+    in-domain paraphrases, so a held-out one never becomes a training row."""
+    lm = tiny_loaded("llama")
+    case = EditCase(
+        REQUESTS[0], subject_paraphrases=["Eiffel", "Paris tower", "La Tour Eiffel"], id_split=2
+    )
+    req = case.edit_request
+    assert req.subject_forms == ("Eiffel", "Paris tower")
+    assert req.identity() == REQUESTS[0].to_dict()  # the same fact
+    forms = robust_forms(lm, req, scrambles=0, paraphrases=5, prefix_lengths=())
+    assert forms == [Form(req.prompt, "Eiffel"), Form(req.prompt, "Paris tower")]
+    assert robust_forms(lm, req, scrambles=0, paraphrases=1, prefix_lengths=()) == forms[:1]
+    assert robust_forms(lm, REQUESTS[0], scrambles=0, paraphrases=3, prefix_lengths=()) == []
+    hp = dataclasses.replace(HP, robust_paraphrases=2)
+    rows = _training_forms(lm, [req, REQUESTS[1]], hp, None)
+    assert rows == [forms, []]
+
+
+def test_subject_forms_change_nothing_while_the_option_is_off() -> None:
+    """Carrying forms is not using them: the same value with and without them."""
+    lm = tiny_loaded("llama")
+    with_forms = dataclasses.replace(REQUESTS[0], subject_forms=("Eiffel",))
+    a = optimise_values(lm, [REQUESTS[0]], CONTEXTS, layer=1, site="mlp", hp=HP)
+    b = optimise_values(lm, [with_forms], CONTEXTS, layer=1, site="mlp", hp=HP)
+    assert torch.equal(a.delta, b.delta)
+    on = dataclasses.replace(HP, robust_paraphrases=1)
+    c = optimise_values(lm, [with_forms], CONTEXTS, layer=1, site="mlp", hp=on)
+    assert not torch.equal(a.delta, c.delta)

@@ -288,7 +288,7 @@ def score_case(
     ``exclude_subjects``: subjects REP's generated forms must not take (the look-alikes)."""
     bs = cfg.suite.batch_size
     reference = reference_ids(lm, items, bs)
-    result = editor.edit(lm, [case.request])
+    result = editor.edit(lm, [case.edit_request])
     try:
         k_stars = mean_keys(result)
         scores: dict[str, list[float]] = {"plain": plain_rates(lm, items, reference, bs)}

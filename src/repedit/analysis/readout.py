@@ -162,7 +162,7 @@ def score_case(
     is unedited again on return). ``edit``: the item of the case's edit prompt, the donor."""
     bs = cfg.suite.batch_size
     reference = reference_ids(lm, items, bs)
-    result = editor.edit(lm, [case.request])
+    result = editor.edit(lm, [case.edit_request])
     try:
         k_stars = mean_keys(result)
         plain = plain_rates(lm, items, reference, bs)

@@ -133,7 +133,7 @@ def _edit_and_score(
             Probe(cs.variants[v].texts[j], req.target_new, req.target_true, v) for v, j in items
         ]
         try:
-            result = editor.edit(lm, [req])
+            result = editor.edit(lm, [case.edit_request])
         except (RepeditError, RuntimeError) as exc:
             failures.append(f"{cs.case_id}: {exc}")
             if progress is not None:

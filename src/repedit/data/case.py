@@ -6,7 +6,7 @@ Kept free of torch so datasets can be read, validated and split without loading 
 from __future__ import annotations
 
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from repedit.errors import InvalidRequestError
@@ -20,6 +20,9 @@ class EditRequest:
 
     ``prompt`` holds exactly one ``{}`` where the subject goes, e.g. ``"{} is located in"``;
     any other brace in it must be doubled (``{{``), so filling the slot can never fail later.
+    ``subject_forms`` are other surface forms of the subject the edit may train on (a case's
+    in-domain paraphrases, :attr:`EditCase.edit_request`); only an option of the value step
+    reads them, so a request is edited the same with or without them.
     """
 
     prompt: str
@@ -27,6 +30,7 @@ class EditRequest:
     target_new: str
     target_true: str | None = None
     case_id: str | None = None
+    subject_forms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f" (case {self.case_id})" if self.case_id is not None else ""
@@ -43,6 +47,10 @@ class EditRequest:
             raise InvalidRequestError(f"target_true must be a string{where}")
         if self.target_true is not None and not self.target_true.strip():
             object.__setattr__(self, "target_true", None)
+        forms = self.subject_forms
+        if isinstance(forms, str) or not all(isinstance(f, str) and f.strip() for f in forms):
+            raise InvalidRequestError(f"subject_forms must be non-empty strings{where}")
+        object.__setattr__(self, "subject_forms", tuple(forms))
 
     @property
     def text(self) -> str:
@@ -53,7 +61,16 @@ class EditRequest:
         return EditRequest(self.prompt, subject, self.target_new, self.target_true, self.case_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The fields that are set (``subject_forms`` as a list, left out when empty)."""
+        d = {k: v for k, v in asdict(self).items() if v is not None and v != ()}
+        if "subject_forms" in d:
+            d["subject_forms"] = list(d["subject_forms"])
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without ``subject_forms``: what names the fact (matching a stored
+        edit's requests against asked ones)."""
+        return {k: v for k, v in self.to_dict().items() if k != "subject_forms"}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any], where: str = "") -> EditRequest:
@@ -77,7 +94,14 @@ class EditRequest:
             target_new=target_new,
             target_true=record.get("target_true", record.get("ground_truth")),
             case_id=None if record.get("case_id") is None else str(record["case_id"]),
+            subject_forms=_forms(record.get("subject_forms", ()), where),
         )
+
+
+def _forms(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise InvalidRequestError(f"{where}: subject_forms must be a list of strings")
+    return tuple(value)
 
 
 def _one_slot(template: str) -> bool:
@@ -142,6 +166,13 @@ class EditCase:
     @property
     def ood_paraphrases(self) -> list[str]:
         return self.subject_paraphrases[self.id_split :]
+
+    @property
+    def edit_request(self) -> EditRequest:
+        """The request to edit with: :attr:`request` carrying the in-domain paraphrases as its
+        ``subject_forms`` (what REP may train on too), never a held-out one."""
+        forms = tuple(p for p in self.id_paraphrases if p.strip())
+        return replace(self.request, subject_forms=forms)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -8,8 +8,9 @@ every editor.
 
 The robustness forms obey REP's no-leakage rule. Scrambled subjects come from the in-domain
 half of the evaluation suite's scramble list (same generator, key, seed and list length), the
-half the suite labels ``"id"`` and REP trains on; passages are drawn under the key
-``"<case key>:value-train"``, disjoint from the suite's ``"<case key>:test"`` draw.
+half the suite labels ``"id"`` and REP trains on. Subject paraphrases are the request's
+``subject_forms``, which a case fills with its in-domain half only. Passages are drawn under
+the key ``"<case key>:value-train"``, disjoint from the suite's ``"<case key>:test"`` draw.
 """
 
 from __future__ import annotations
@@ -75,11 +76,18 @@ def training_passages(request: EditRequest, lengths: tuple[int, ...]) -> list[st
 
 
 def robust_forms(
-    lm: LoadedModel, request: EditRequest, *, scrambles: int, prefix_lengths: tuple[int, ...]
+    lm: LoadedModel,
+    request: EditRequest,
+    *,
+    scrambles: int,
+    prefix_lengths: tuple[int, ...],
+    paraphrases: int = 0,
 ) -> list[Form]:
-    """The value-side robustness rows of one request: training-half scrambles in the edit
-    prompt, then the edit prompt after one corpus passage of each length."""
+    """The value-side robustness rows of one request: training-half scrambles and the first
+    ``paraphrases`` of its ``subject_forms`` in the edit prompt, then the edit prompt after
+    one corpus passage of each length."""
     out = [Form(request.prompt, s) for s in training_scrambles(request, lm.tokenizer, scrambles)]
+    out += [Form(request.prompt, s) for s in request.subject_forms[:paraphrases]]
     for passage in training_passages(request, prefix_lengths) if prefix_lengths else []:
         escaped = passage.replace("{", "{{").replace("}", "}}")
         out.append(Form(escaped + " " + request.prompt, request.subject))

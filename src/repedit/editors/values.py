@@ -63,9 +63,11 @@ class ValueHparams:
     kl_prompts: tuple[str, ...] = ("{} is a",)
     request_batch: int = 8  # requests per group under batching="fixed"
     #: value-side robustness (0 / () = off): this many of the subject's training-half
-    #: scrambles, and one corpus passage of each of these lengths (words) before the edit
+    #: scrambles, this many of the request's ``subject_forms`` (a case's in-domain
+    #: paraphrases), and one corpus passage of each of these lengths (words) before the edit
     #: prompt, become extra rows of the loss (see :mod:`repedit.editors.value_forms`)
     robust_forms: int = 0
+    robust_paraphrases: int = 0
     robust_prefix_lengths: tuple[int, ...] = ()
     #: "stream" (default): batches of up to ``group_tokens`` padded tokens from the subject on
     #: (what a step runs) that a converged request leaves at once and queued ones of similar
@@ -87,6 +89,7 @@ class ValueHparams:
             "stop_prob": 0 < self.stop_prob <= 1,
             "request_batch": self.request_batch >= 1,
             "robust_forms": self.robust_forms >= 0,
+            "robust_paraphrases": self.robust_paraphrases >= 0,
             "robust_prefix_lengths": all(n >= 1 for n in self.robust_prefix_lengths),
             "batching": self.batching in ("fixed", "stream"),
             "group_tokens": self.group_tokens >= 1,
@@ -245,10 +248,14 @@ def _training_forms(
     if forms is not None and len(forms) != len(requests):
         raise ValueError(f"{len(forms)} form lists for {len(requests)} requests")
     out = [list(forms[r]) if forms is not None else [] for r in range(len(requests))]
-    if hp.robust_forms or hp.robust_prefix_lengths:
+    if hp.robust_forms or hp.robust_paraphrases or hp.robust_prefix_lengths:
         for r, req in enumerate(requests):
             out[r] += robust_forms(
-                lm, req, scrambles=hp.robust_forms, prefix_lengths=hp.robust_prefix_lengths
+                lm,
+                req,
+                scrambles=hp.robust_forms,
+                paraphrases=hp.robust_paraphrases,
+                prefix_lengths=hp.robust_prefix_lengths,
             )
     return out if any(out) else None
 

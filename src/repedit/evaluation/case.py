@@ -551,7 +551,9 @@ def _edit(ctx: CaseContext, valid: Sequence[CaseItem], *, keep: bool) -> _EditSt
     step = _EditStep()
     t0 = time.perf_counter()
     try:
-        step.result = ctx.editor.edit(ctx.lm, [it.case.request for it in valid], apply=not keep)
+        step.result = ctx.editor.edit(
+            ctx.lm, [it.case.edit_request for it in valid], apply=not keep
+        )
         check_finite(step.result)
         step.edit_seconds = time.perf_counter() - t0
         if keep:

@@ -37,8 +37,11 @@ class Targets:
 
 
 def _request_rows(edit_result: Any, items: Sequence[RepItem]) -> list[int]:
-    stored = [dict(r) for r in (getattr(edit_result, "requests", None) or [])]
-    wanted = [it.request.to_dict() for it in items]
+    stored = [
+        {k: v for k, v in dict(r).items() if k != "subject_forms"}
+        for r in (getattr(edit_result, "requests", None) or [])
+    ]
+    wanted = [it.request.identity() for it in items]
     if stored and all(w in stored for w in wanted):
         return [stored.index(w) for w in wanted]
     if not stored or len(stored) == len(items):

@@ -485,7 +485,7 @@ def train_rep_for_editor(
     :func:`~repedit.rep.inject.rep_applied`. On a REP failure the edit is reverted.
     """
     items = rep_items(cases, kwargs.pop("keys", None))
-    result = editor.edit(lm, [it.request for it in items])
+    result = editor.edit(lm, [it.edit_request for it in items])
     try:
         rep = train_rep_after(lm, editor, result, items, cfg=cfg, **kwargs)
     except BaseException:

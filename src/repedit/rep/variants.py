@@ -99,6 +99,11 @@ class RepItem:
             id_split=len(self.paraphrases),
         )
 
+    @property
+    def edit_request(self) -> EditRequest:
+        """The request to edit with, carrying the in-domain paraphrases (``subject_forms``)."""
+        return self.as_case().edit_request
+
 
 def item_key(request: EditRequest) -> str:
     """The evaluation suite's case key: the case id, else the prompt text."""
