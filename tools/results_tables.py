@@ -7,11 +7,11 @@ between the ``generated`` markers of docs/results.md, so the numbers are never c
 A group whose runs hold ``ceiling.json`` (``repedit analyze ceiling``) instead gets one table
 of REP's rate, the share of the plain → oracle-key gap it closes and (newer runs) how often
 REP's gate opened at the probes' subject token, per run, and, where runs are named
-``*-seedN``, REP's mean and range over them; with a ``goals.json`` ({test: ">= 85" or
-">= plain + 10"}) every rate is shown beside its distance to the test's goal. A group of ``repedit analyze
-readout`` runs (``readout.md``) gets each run's own tables, and a group of
-``benchmarks/mass_edit.py`` runs (``mass_edit.json``) one table of the runs side by side with
-each run's plot of the first batch's efficacy.
+``*-seedN``, REP's mean and range over them. With a ``goals.json`` ({test: ">= 85" or
+">= plain + 10"}) the group's table shows every rate beside its distance to the test's goal.
+A group of ``repedit analyze readout`` runs (``readout.md``) gets each run's own tables, and a
+group of ``benchmarks/mass_edit.py`` runs (``mass_edit.json``) one table of the runs side by
+side with each run's plot of the first batch's efficacy.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
 
@@ -32,7 +32,19 @@ BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 
 def _ceiling_docs(runs: list[Path]) -> dict[str, dict]:
-    return {r.name: json.loads((r / "ceiling.json").read_text(encoding="utf-8")) for r in runs}
+    """Each run's ``ceiling.json``, with the tests of any ``ceiling.*.json`` beside it added:
+    one configuration whose tests came from two runs of the same edits (its commands say so)."""
+    docs = {}
+    for r in runs:
+        doc = json.loads((r / "ceiling.json").read_text(encoding="utf-8"))
+        for part in sorted(r.glob("ceiling.*.json")):
+            extra = json.loads(part.read_text(encoding="utf-8"))
+            same = all(extra.get(k) == doc.get(k) for k in ("method", "data", "n_cases"))
+            if not same or set(extra["tests"]) & set(doc["tests"]):
+                raise SystemExit(f"{part}: not the same edits as ceiling.json, or a test twice")
+            doc["tests"] = {**doc["tests"], **extra["tests"]}
+        docs[r.name] = doc
+    return docs
 
 
 def ceiling_table(runs: list[Path]) -> str:

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location(
     "results_tables", Path(__file__).resolve().parents[2] / "tools" / "results_tables.py"
 )
@@ -119,9 +121,18 @@ def test_goals_table_puts_each_rate_beside_its_distance_to_the_goal(tmp_path: Pa
 
 
 def test_a_goal_it_cannot_read_stops_the_tool(tmp_path: Path) -> None:
-    import pytest
-
     with pytest.raises(SystemExit, match="write '>= 85'"):
         results_tables._goal("at least 85", 0.5)
     assert results_tables._goal(">= plain + 10", None) is None  # no plain rate: no distance
     assert abs(results_tables._goal(">= plain + 10", 0.5) - 0.6) < 1e-12
+
+
+def test_a_run_may_add_tests_from_a_second_run_of_the_same_edits(tmp_path: Path) -> None:
+    run = _ceiling(tmp_path, "a", 0.6, 0.7)
+    doc = json.loads((run / "ceiling.json").read_text())
+    long = {"long_context": {"plain": 0.5, "rep": 0.6, "oracle_key": 0.5, "n": 4}}
+    (run / "ceiling.long.json").write_text(json.dumps({**doc, "tests": long}))
+    assert list(results_tables._ceiling_docs([run])["a"]["tests"]) == [*doc["tests"], *long]
+    (run / "ceiling.twice.json").write_text(json.dumps(doc))
+    with pytest.raises(SystemExit, match="a test twice"):
+        results_tables._ceiling_docs([run])
