@@ -33,15 +33,17 @@ BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 def _ceiling_docs(runs: list[Path]) -> dict[str, dict]:
     """Each run's ``ceiling.json``, with the tests of any ``ceiling.*.json`` beside it added:
-    one configuration whose tests came from two runs of the same edits (its commands say so)."""
+    one configuration whose tests came from two runs of the same edits (its commands say so;
+    a test both runs measured must agree, which checks that they made the same edits)."""
     docs = {}
     for r in runs:
         doc = json.loads((r / "ceiling.json").read_text(encoding="utf-8"))
         for part in sorted(r.glob("ceiling.*.json")):
             extra = json.loads(part.read_text(encoding="utf-8"))
             same = all(extra.get(k) == doc.get(k) for k in ("method", "data", "n_cases"))
-            if not same or set(extra["tests"]) & set(doc["tests"]):
-                raise SystemExit(f"{part}: not the same edits as ceiling.json, or a test twice")
+            both = set(extra["tests"]) & set(doc["tests"])
+            if not same or any(extra["tests"][t] != doc["tests"][t] for t in both):
+                raise SystemExit(f"{part}: not the same edits as ceiling.json (a test differs)")
             doc["tests"] = {**doc["tests"], **extra["tests"]}
         docs[r.name] = doc
     return docs

@@ -131,8 +131,10 @@ def test_a_run_may_add_tests_from_a_second_run_of_the_same_edits(tmp_path: Path)
     run = _ceiling(tmp_path, "a", 0.6, 0.7)
     doc = json.loads((run / "ceiling.json").read_text())
     long = {"long_context": {"plain": 0.5, "rep": 0.6, "oracle_key": 0.5, "n": 4}}
-    (run / "ceiling.long.json").write_text(json.dumps({**doc, "tests": long}))
+    both = {"efficacy": doc["tests"]["efficacy"], **long}  # measured by both runs, the same
+    (run / "ceiling.long.json").write_text(json.dumps({**doc, "tests": both}))
     assert list(results_tables._ceiling_docs([run])["a"]["tests"]) == [*doc["tests"], *long]
-    (run / "ceiling.twice.json").write_text(json.dumps(doc))
-    with pytest.raises(SystemExit, match="a test twice"):
+    other = {"efficacy": {**doc["tests"]["efficacy"], "plain": 0.9}}
+    (run / "ceiling.other.json").write_text(json.dumps({**doc, "tests": other}))
+    with pytest.raises(SystemExit, match="a test differs"):
         results_tables._ceiling_docs([run])
