@@ -12,3 +12,6 @@ V="--set value.robust_forms=3 --set value.robust_prefix_lengths=50,300"
 repedit analyze ceiling $C --out runs/a-plain
 repedit analyze ceiling $C $V --out runs/b-value
 repedit analyze ceiling $C $V --set value.stop_prob=0.8 --out runs/c-value-stop80
+# the value-side forms plus three of the case's in-domain subject paraphrases as rows
+# (value.robust_paraphrases), 1 thread, three or four jobs on 2 cores (21 min)
+repedit analyze ceiling $C $V --set value.robust_paraphrases=3 --out runs/d-value-paraphrases
