@@ -133,7 +133,8 @@ def goals_table(docs: dict[str, dict], goals: dict[str, str]) -> str:
             note = "" if gap is None or r.get("rep") is None else f" ({100 * gap:.0f} %)"
             cells += [_against(r.get("plain"), goal), _pct(r.get("oracle_key"))]
             cells.append(_against(r.get("rep"), goal) + note)
-        lines.append("| " + " | ".join([*cells, spec or ""]) + " |")
+        shown = (spec or "").replace(">=", "≥").replace(" - ", " − ")
+        lines.append("| " + " | ".join([*cells, shown]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -115,8 +115,8 @@ def test_goals_table_puts_each_rate_beside_its_distance_to_the_goal(tmp_path: Pa
     assert "| b-value | b-value: oracle key | b-value + REP (gap closed) | goal |" in rows[0]
     ood = rows[2].split(" | ")
     assert ood[2:5] == ["60.0 [−20.0]", "80.0", "70.0 [−10.0] (50 %)"]
-    assert ood[5:] == ["75.0 [−5.0]", "80.0", "85.0 ✓ (200 %)", ">= 80 |"]
-    assert rows[1].split(" | ")[-1] == ">= plain - 2 |" and "100.0 ✓" in rows[1]
+    assert ood[5:] == ["75.0 [−5.0]", "80.0", "85.0 ✓ (200 %)", "≥ 80 |"]
+    assert rows[1].split(" | ")[-1] == "≥ plain − 2 |" and "100.0 ✓" in rows[1]
     assert "[−x]: x points short of it." in text
 
 

@@ -1,0 +1,20 @@
+# SmolLM2-135M, ROME, REP-CounterFact test cases 0-99: the configurations of docs/core.md's
+# test tables, each scored plain, with REP at its defaults (the generalisation setting) and with
+# the oracle key. a-rome-rep is plain ROME: its success and locality tests are the ROME run of
+# rep-counterfact-test100-editors (ceiling.json) and its long-context test the run of
+# rep-counterfact-test100-longctx (ceiling.long_context.json); both runs made the same edits
+# (their efficacy rows agree). b-rome-value-side-rep adds the value-side forms chosen on the
+# validation cases (three in-domain scrambles and passages of 50 and 300 words as rows of v*'s
+# loss); its in-domain scramble half is trained on, so only the held-out half is a measure.
+# Made with repedit 0.2.0.dev0 on 2026-12-06, 1 thread, next to two or three other jobs (109 min).
+export REPEDIT_DATA=../shared/data
+T=efficacy,subject_paraphrase,ood_subject_paraphrase,scrambled_subject,long_context,neighbourhood,near_subject
+C="--rep --data rep-counterfact --n 100 --threads 1 \
+   --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000"
+repedit analyze ceiling --method rome $C \
+    --tests efficacy,subject_paraphrase,ood_subject_paraphrase,scrambled_subject,neighbourhood,near_subject \
+    --out runs/a-rome-rep
+repedit analyze ceiling --method rome $C --tests efficacy,long_context --out runs/a-rome-rep-long
+repedit analyze ceiling --method rome $C --tests $T \
+    --set value.robust_forms=3 --set value.robust_prefix_lengths=50,300 \
+    --out runs/b-rome-value-side-rep
