@@ -1,0 +1,15 @@
+# SmolLM2-135M, MEMIT-style editors at MEMIT's default layers, REP-CounterFact test cases 0-24:
+# plain MEMIT, MEMIT with the value-side forms (three in-domain scrambles and passages of 50 and
+# 300 words as rows of v*'s loss), and CoRE at its defaults (per-request prefixes, variance
+# weight 1e-4), each scored plain, with REP at its defaults and with the oracle key at every
+# edited layer. The value-side run's in-domain scramble half is trained on.
+# Made with repedit 0.2.0.dev0 on 2026-12-06, 1 thread, next to two other jobs (27, 22 and 20 min).
+export REPEDIT_DATA=../shared/data
+T=efficacy,subject_paraphrase,ood_subject_paraphrase,scrambled_subject,long_context,neighbourhood,near_subject
+C="--rep --data rep-counterfact --n 25 --threads 1 --tests $T \
+   --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000"
+repedit analyze ceiling --method memit $C --out runs/a-memit-rep
+repedit analyze ceiling --method memit $C \
+    --set value.robust_forms=3 --set value.robust_prefix_lengths=50,300 \
+    --out runs/b-memit-value-side-rep
+repedit analyze ceiling --method core $C --out runs/c-core-rep
