@@ -275,13 +275,12 @@ def group_section(group: Path) -> str:
     commands = (group / "commands.sh").read_text(encoding="utf-8").strip()
     if ceilings:
         goals = group / "goals.json"
-        table = (
-            goals_table(_ceiling_docs(ceilings), json.loads(goals.read_text(encoding="utf-8")))
-            if goals.is_file()
-            else ceiling_table(ceilings)
-        )
         if goals.is_file():
+            spec = json.loads(goals.read_text(encoding="utf-8"))
+            table = goals_table(_ceiling_docs(ceilings), spec)
             table += "\n✓: the goal is met; [−x]: x points short of it.\n"
+        else:
+            table = ceiling_table(ceilings)
         return (
             f"### {group.name}\n\n{table.rstrip()}\n\n"
             f"Table: `repedit analyze ceiling` outputs ({', '.join(r.name for r in ceilings)})."

@@ -70,7 +70,7 @@ class EditRequest:
     def identity(self) -> dict[str, Any]:
         """:meth:`to_dict` without ``subject_forms``: what names the fact (matching a stored
         edit's requests against asked ones)."""
-        return {k: v for k, v in self.to_dict().items() if k != "subject_forms"}
+        return request_identity(self.to_dict())
 
     @classmethod
     def from_dict(cls, record: dict[str, Any], where: str = "") -> EditRequest:
@@ -96,6 +96,11 @@ class EditRequest:
             case_id=None if record.get("case_id") is None else str(record["case_id"]),
             subject_forms=_forms(record.get("subject_forms", ()), where),
         )
+
+
+def request_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """A request record (:meth:`EditRequest.to_dict`) without ``subject_forms``."""
+    return {k: v for k, v in record.items() if k != "subject_forms"}
 
 
 def _forms(value: Any, where: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from repedit.data.case import request_identity
 from repedit.editors.keys import compute_keys
 from repedit.errors import InvalidRequestError
 from repedit.models.loading import LoadedModel
@@ -37,10 +38,7 @@ class Targets:
 
 
 def _request_rows(edit_result: Any, items: Sequence[RepItem]) -> list[int]:
-    stored = [
-        {k: v for k, v in dict(r).items() if k != "subject_forms"}
-        for r in (getattr(edit_result, "requests", None) or [])
-    ]
+    stored = [request_identity(dict(r)) for r in (getattr(edit_result, "requests", None) or [])]
     wanted = [it.request.identity() for it in items]
     if stored and all(w in stored for w in wanted):
         return [stored.index(w) for w in wanted]
