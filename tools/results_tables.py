@@ -11,12 +11,14 @@ REP's gate opened at the probes' subject token, per run, and, where runs are nam
 ">= plain + 10"}) the group's table shows every rate beside its distance to the test's goal.
 A group of ``repedit analyze readout`` runs (``readout.md``) gets each run's own tables, and a
 group of ``benchmarks/mass_edit.py`` runs (``mass_edit.json``) one table of the runs side by
-side with each run's plot of the first batch's efficacy.
+side with each run's plot of the first batch's efficacy; a group of ``tools/locality_keys.py``
+runs (``locality_keys.json``) each run's table.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -27,6 +29,7 @@ from repedit.evaluation.probes import TESTS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
+TOOLS = ROOT / "tools"
 PAGE = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
@@ -289,6 +292,9 @@ def group_section(group: Path) -> str:
     masses = sorted(p for p in group.iterdir() if (p / "mass_edit.json").is_file())
     if masses:
         return mass_edit_section(group, masses, commands)
+    keys = sorted(p for p in group.iterdir() if (p / "locality_keys.json").is_file())
+    if keys:
+        return locality_keys_section(group, keys, commands)
     readouts = sorted(p for p in group.iterdir() if (p / "readout.md").is_file())
     if readouts and not runs:
         return readout_section(group, readouts, commands)
@@ -306,6 +312,24 @@ def group_section(group: Path) -> str:
         f"### {group.name}\n\n{table.rstrip()}\n\n"
         f"Table: `repedit report {rel} --markdown`. Runs:\n\n```bash\n{commands}\n```\n"
     )
+
+
+def locality_keys_section(group: Path, runs: list[Path], commands: str) -> str:
+    """Each run's table as ``tools/locality_keys.py`` prints it, then the group's commands."""
+    spec = importlib.util.spec_from_file_location("locality_keys", TOOLS / "locality_keys.py")
+    assert spec and spec.loader
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    parts = [f"### {group.name}\n"]
+    for r in runs:
+        doc = json.loads((r / "locality_keys.json").read_text(encoding="utf-8"))
+        head = f"**{r.name}**: {doc['model']}, layer {doc['layer']}, {doc['data']} (n = {doc['n']})"
+        parts.append(f"{head}, held subjects from {doc['pool']}\n\n{tool.table(doc)}\n")
+    parts.append(
+        "Mean over cases of the largest share |s| of the edit's residual written at a probe's "
+        f"keys. Tables: `tools/locality_keys.py` outputs. Runs:\n\n```bash\n{commands}\n```\n"
+    )
+    return "\n".join(parts)
 
 
 def readout_section(group: Path, runs: list[Path], commands: str) -> str:

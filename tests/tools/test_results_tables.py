@@ -55,6 +55,19 @@ def test_mass_edit_group_gets_one_table_with_every_run(tmp_path: Path, monkeypat
     assert "CPU flags: avx2, amx_bf16." in text and "--n 1000" in text
 
 
+def test_locality_keys_group_gets_each_run_s_table(tmp_path: Path) -> None:
+    group = tmp_path / "keys-x"
+    (group / "rome").mkdir(parents=True)
+    doc = {"model": "m", "layer": 5, "data": "d", "n": 3, "pool": "p",
+           "rows": [{"held": 20, "mu": 0.0, "neighbourhood": 0.0823}]}  # fmt: skip
+    (group / "rome" / "locality_keys.json").write_text(json.dumps(doc))
+    (group / "commands.sh").write_text("python tools/locality_keys.py --n 3\n")
+    text = results_tables.group_section(group)
+    assert text.startswith("### keys-x")
+    assert "**rome**: m, layer 5, d (n = 3), held subjects from p" in text
+    assert "| 20 | 0 | 0.082 |" in text and "--n 3" in text
+
+
 def _ceiling(root: Path, name: str, plain: float, rep: float) -> Path:
     run = root / name
     run.mkdir(parents=True)
