@@ -15,11 +15,19 @@ from repedit.data.case import EditCase, EditRequest
 from repedit.data.loaders import DATA_ENV, PASSAGE_CORPUS
 from repedit.data.variants import scrambled_subjects, split_half
 from repedit.editors import ValueHparams
-from repedit.editors.value_forms import Form, robust_forms, training_scrambles
+from repedit.editors.value_forms import (
+    TARGET_ROOM,
+    Form,
+    fit_passage,
+    robust_forms,
+    training_passages,
+    training_scrambles,
+)
 from repedit.editors.values import _build, _training_forms, optimise_values
 from repedit.errors import InvalidRequestError
 from repedit.evaluation.probes import SuiteConfig, build_probes
 from repedit.models.tiny import tiny_loaded
+from repedit.models.tokens import prompt_ids
 
 #: subjects of four to six tokens on the tiny tokenizer: several scrambles in each half
 REQUESTS = (
@@ -181,3 +189,25 @@ def test_subject_forms_change_nothing_while_the_option_is_off() -> None:
     on = dataclasses.replace(HP, robust_paraphrases=1)
     c = optimise_values(lm, [with_forms], CONTEXTS, layer=1, site="mlp", hp=on)
     assert not torch.equal(a.delta, c.delta)
+
+
+def test_a_passage_longer_than_the_model_reads_is_cut_from_its_front(corpus: Path) -> None:
+    lm = tiny_loaded("llama")
+    limit = lm.max_positions
+    assert limit == 512  # the tiny models' position table
+    req = REQUESTS[0]
+    (row,) = [f for f in robust_forms(lm, req, scrambles=0, prefix_lengths=(1000,))]
+    passage = row.template[: -len(req.prompt) - 1]
+    whole = training_passages(req, (1000,))[0]
+    assert whole.endswith(passage) and len(passage.split()) < 1000
+    tokens = len(prompt_ids(lm.tokenizer, passage + " " + req.text))
+    assert limit - TARGET_ROOM - 10 < tokens <= limit - TARGET_ROOM  # the longest that fits
+    assert fit_passage(lm, "w1 w2 w3", req.text) == "w1 w2 w3"  # fits: unchanged
+
+
+def test_no_position_limit_keeps_the_passage(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tiny_loaded("gpt2").max_positions == 512  # read from ``n_positions`` there
+    lm = tiny_loaded("llama")
+    monkeypatch.setattr(type(lm), "max_positions", property(lambda self: None))
+    long = " ".join(f"w{i}" for i in range(5000))
+    assert fit_passage(lm, long, REQUESTS[0].text) == long

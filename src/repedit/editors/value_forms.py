@@ -25,11 +25,14 @@ from repedit.data.case import EditRequest
 from repedit.data.loaders import DATA_ENV, passage_corpus
 from repedit.data.variants import PassageSampler, scrambled_subjects, split_half
 from repedit.models.loading import LoadedModel
+from repedit.models.tokens import prompt_ids
 
 #: the evaluation suite's scramble list length and seed (its defaults): the in-domain half of
 #: exactly this list is what the suite reports as ``half="id"``
 SUITE_SCRAMBLE_MAX = 10
 SUITE_SEED = 0
+#: tokens left free after a passage row for the target (:func:`fit_passage`)
+TARGET_ROOM = 64
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,30 @@ def robust_forms(
     out = [Form(request.prompt, s) for s in training_scrambles(request, lm.tokenizer, scrambles)]
     out += [Form(request.prompt, s) for s in request.subject_forms[:paraphrases]]
     for passage in training_passages(request, prefix_lengths) if prefix_lengths else []:
+        passage = fit_passage(lm, passage, request.text)
+        if not passage:
+            continue
         escaped = passage.replace("{", "{{").replace("}", "}}")
         out.append(Form(escaped + " " + request.prompt, request.subject))
     return out
+
+
+def fit_passage(lm: LoadedModel, passage: str, prompt: str) -> str:
+    """``passage`` with words cut from its front until it, ``prompt`` and ``TARGET_ROOM``
+    tokens fit the model's positions (unchanged when they fit or the model has no limit):
+    a model with a short context still gets the longest passage it can read."""
+    limit = lm.max_positions
+    if limit is None:
+        return passage
+
+    def fits(text: str) -> bool:
+        return len(prompt_ids(lm.tokenizer, text + " " + prompt)) + TARGET_ROOM <= limit
+
+    words = passage.split(" ")
+    if fits(passage):
+        return passage
+    lo, hi = 0, len(words)  # keep the last ``lo`` words (fits), not the last ``hi`` (too long)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(" ".join(words[-mid:])) else (lo, mid)
+    return " ".join(words[-lo:]) if lo else ""

@@ -92,6 +92,16 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position scheme takes, when its config says."""
+        cfg = self.model.config
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
