@@ -29,7 +29,11 @@ from repedit.models.tiny import tiny_loaded
 REQ = EditRequest(
     "The Eiffel Tower is in {}", "Paris", "Italy", target_true="France", case_id="eiffel"
 )
-FAST = {"contexts": ((3, 2),), "value": {"steps": 8}}
+#: MEMIT without its default value-side rows, so that CoRE's own additions are all that differ
+FAST = {
+    "contexts": ((3, 2),),
+    "value": {"steps": 8, "robust_forms": 0, "robust_prefix_lengths": ()},
+}
 
 
 # --------------------------------------------------------------------------- the penalty

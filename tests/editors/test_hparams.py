@@ -290,3 +290,16 @@ def test_explicit_settings_win_over_family_overrides(gpt2_32: LoadedModel) -> No
     assert _layers("rome", gpt2_32, {"layer_fraction": 0.5}) == [16]
     assert _layers("memit", gpt2_32, {"layers": [9, 7]}) == [7, 9]
     assert _layers("emmet", gpt2_32, {"layer_fractions": [0.5, 0.5]}) == [16]
+
+
+def test_memit_fits_its_value_on_the_value_side_forms_by_default() -> None:
+    from repedit.editors import AlphaEditHparams, CoreHparams, MemitHparams, ValueHparams
+    from repedit.editors.values import ROBUST_VALUE
+
+    assert MemitHparams().value == ValueHparams(**ROBUST_VALUE)
+    assert ROBUST_VALUE == {"robust_forms": 3, "robust_prefix_lengths": (50, 300)}
+    # the other editors keep their own value step; the value side turns off from the CLI's text
+    assert AlphaEditHparams().value == ValueHparams()
+    assert CoreHparams().value == ValueHparams(stop_prob=1.0)
+    off = MemitHparams().replace(**{"value.robust_forms": "0", "value.robust_prefix_lengths": ""})
+    assert off.value == ValueHparams()

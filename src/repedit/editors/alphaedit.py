@@ -9,7 +9,7 @@ edit-evaluate-revert loop starts afresh each time (``reset()`` forgets all of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +19,7 @@ from repedit.editors.base import Editor
 from repedit.editors.memit import MemitHparams, fraction_layers, spread_over_layers
 from repedit.editors.result import EditResult
 from repedit.editors.solve import null_space_projector, null_space_update
+from repedit.editors.values import ValueHparams
 from repedit.models.loading import LoadedModel
 from repedit.stats.second_moment import SecondMoment
 
@@ -29,6 +30,8 @@ class AlphaEditHparams(MemitHparams):
     #: eigenvalues of C below this fraction of the largest span the null space
     nullspace_threshold: float = 1e-2
     l2: float = 10.0
+    #: the value side is MEMIT's default only: its cost to AlphaEdit's locality is not measured
+    value: ValueHparams = field(default_factory=ValueHparams)
 
 
 class AlphaEdit(Editor):

@@ -11,7 +11,7 @@ mapped through that norm (:mod:`repedit.editors.post_norm`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -23,7 +23,7 @@ from repedit.editors.keys import compute_keys
 from repedit.editors.post_norm import through_post_norm
 from repedit.editors.result import EditResult
 from repedit.editors.solve import least_squares_update
-from repedit.editors.values import current_values, optimise_values
+from repedit.editors.values import ROBUST_VALUE, ValueHparams, current_values, optimise_values
 from repedit.errors import InvalidRequestError
 from repedit.models.loading import LoadedModel
 from repedit.stats.second_moment import SecondMoment
@@ -67,6 +67,9 @@ class MemitHparams(LocateEditHparams):
     #: editing); "auto" (default): "each" while requests × contexts ≤ d_mlp, else "mean"
     #: (:func:`resolve_key_mode`; the mode used is in the result's ``info["key_mode"]``)
     key_mode: KeyMode = "auto"
+    #: value-side robustness on by default: three in-domain scrambles and corpus passages of
+    #: 50 and 300 words as rows of the value loss (what it buys and costs: docs/core.md)
+    value: ValueHparams = field(default_factory=lambda: ValueHparams(**ROBUST_VALUE))
 
 
 def fraction_layers(

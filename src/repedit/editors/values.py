@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,11 @@ class ValueHparams:
             raise InvalidRequestError(f"invalid value hyper-parameter(s): {', '.join(bad)}")
         if any(p.count("{}") != 1 for p in self.kl_prompts):
             raise InvalidRequestError("every kl_prompt needs exactly one '{}' for the subject")
+
+
+#: the value-side setting chosen on the validation cases (MEMIT's default): three in-domain
+#: scrambles and one passage each of 50 and 300 words as extra rows of the value loss
+ROBUST_VALUE: dict[str, Any] = {"robust_forms": 3, "robust_prefix_lengths": (50, 300)}
 
 
 @dataclass
