@@ -6,7 +6,9 @@
 export REPEDIT_DATA=../shared/data
 C="--data rep-counterfact --n 20 --threads 1 --tests efficacy,fluency \
    --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000"
-repedit eval --method memit $C --out runs/a-memit
+# plain MEMIT: its value step without the value-side forms (MEMIT's default before 0.2.0)
+repedit eval --method memit $C \
+    --set value.robust_forms=0 --set value.robust_prefix_lengths= --out runs/a-memit
 repedit eval --method memit $C \
     --set value.robust_forms=3 --set value.robust_prefix_lengths=50,300 \
     --out runs/b-memit-value-side

@@ -8,7 +8,9 @@ export REPEDIT_DATA=../shared/data
 T=efficacy,subject_paraphrase,ood_subject_paraphrase,scrambled_subject,long_context,neighbourhood,near_subject
 C="--rep --data rep-counterfact --n 25 --threads 1 --tests $T \
    --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000"
-repedit analyze ceiling --method memit $C --out runs/a-memit-rep
+# plain MEMIT: its value step without the value-side forms (MEMIT's default before 0.2.0)
+repedit analyze ceiling --method memit $C \
+    --set value.robust_forms=0 --set value.robust_prefix_lengths= --out runs/a-memit-rep
 repedit analyze ceiling --method memit $C \
     --set value.robust_forms=3 --set value.robust_prefix_lengths=50,300 \
     --out runs/b-memit-value-side-rep
