@@ -72,6 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--value-steps", type=int, default=None, help="default: editor's")
     p.add_argument("--batching", default=None, choices=("stream", "fixed"))
     p.add_argument("--group-tokens", type=int, default=None, help="stream batching budget")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="editor hyper-parameter override (repeatable), as `repedit edit --set`; e.g. "
+        "value.robust_forms=0 and value.robust_prefix_lengths= for MEMIT's plain value step",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
@@ -99,6 +108,9 @@ def editor_hparams(args: argparse.Namespace) -> dict[str, Any]:
     }
     if value:
         hp["value"] = value
+    from repedit.cli.common import parse_overrides
+
+    hp.update(parse_overrides(args.overrides))
     return hp
 
 

@@ -147,3 +147,19 @@ def test_reused_values_give_the_fresh_edit(bench, corpus, tmp_path, monkeypatch)
     assert any(not torch.equal(each.deltas[k], fresh.deltas[k]) for k in fresh.deltas)
     for name, delta in fresh.deltas.items():
         assert torch.equal(reused.deltas[name], delta), name
+
+
+def test_set_overrides_reach_the_editor_beside_the_named_options(bench) -> None:
+    args = bench.parse_args(
+        ["--value-steps", "3", "--set", "value.robust_forms=0",
+         "--set", "value.robust_prefix_lengths=", "--set", "key_mode=mean"]
+    )  # fmt: skip
+    hp = bench.editor_hparams(args)
+    assert hp == {"value": {"steps": 3}, "value.robust_forms": 0,
+                  "value.robust_prefix_lengths": "", "key_mode": "mean"}  # fmt: skip
+    from repedit.editors import MemitHparams, ValueHparams
+    from repedit.errors import InvalidRequestError
+
+    assert MemitHparams().replace(**hp).value == ValueHparams(steps=3)
+    with pytest.raises(InvalidRequestError, match="key=value"):
+        bench.editor_hparams(bench.parse_args(["--set", "robust"]))
