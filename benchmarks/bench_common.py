@@ -6,6 +6,7 @@ The scripts run as ``python benchmarks/<name>.py``, which puts this folder on ``
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import time
@@ -16,6 +17,14 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, as ``repedit edit --set``
+    (parse it with ``repedit.cli.common.parse_overrides``)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def default_data_dir() -> Path:

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from bench_common import PhaseTimer, cpu_flags, default_data_dir, patched
+from bench_common import PhaseTimer, add_set_option, cpu_flags, default_data_dir, patched
 
 #: timed phase -> (module, function name) pairs patched in the editor modules' namespaces
 PHASES: dict[str, list[tuple[str, str]]] = {
@@ -86,13 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="value optimisation path(s), comma-separated: auto, prefix, full "
         "(several: each edit timed once per path, back to back)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="editor hyper-parameter override for both editors (repeatable), "
+    add_set_option(
+        p,
+        "editor hyper-parameter override for both editors (repeatable), "
         "e.g. --set value.robust_forms=3",
     )
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import PhaseTimer, cpu_flags, default_data_dir, patched
+from bench_common import PhaseTimer, add_set_option, cpu_flags, default_data_dir, patched
 
 METHODS = ("memit", "emmet", "alphaedit")
 
@@ -72,13 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--value-steps", type=int, default=None, help="default: editor's")
     p.add_argument("--batching", default=None, choices=("stream", "fixed"))
     p.add_argument("--group-tokens", type=int, default=None, help="stream batching budget")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="editor hyper-parameter override (repeatable), as `repedit edit --set`; e.g. "
+    add_set_option(
+        p,
+        "editor hyper-parameter override (repeatable), as `repedit edit --set`; e.g. "
         "value.robust_forms=0 and value.robust_prefix_lengths= for MEMIT's plain value step",
     )
     p.add_argument("--device", default=None)
