@@ -12,7 +12,9 @@ REP's gate opened at the probes' subject token, per run, and, where runs are nam
 A group of ``repedit analyze readout`` runs (``readout.md``) gets each run's own tables, and a
 group of ``benchmarks/mass_edit.py`` runs (``mass_edit.json``) one table of the runs side by
 side with each run's plot of the first batch's efficacy; a group of ``tools/locality_keys.py``
-runs (``locality_keys.json``) each run's table.
+runs (``locality_keys.json``) each run's table. ``docs/results/goal-board.json`` names, per
+configuration and dataset, one ceiling run; the board puts them all in one table (plain, with
+REP and with the oracle key), each rate beside its group's goal, ahead of the groups.
 Usage: python tools/results_tables.py [--check]   (--check: fail if the file is out of date)
 """
 
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 TOOLS = ROOT / "tools"
 PAGE = ROOT / "docs" / "results.md"
+BOARD = RESULTS / "goal-board.json"
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 
@@ -347,12 +350,90 @@ def readout_section(group: Path, runs: list[Path], commands: str) -> str:
     return "\n".join(parts)
 
 
+#: the board's column names for the suite's tests (others keep their own)
+SHORT = {
+    "subject_paraphrase": "in-domain",
+    "ood_subject_paraphrase": "OOD",
+    "scrambled_subject_ood": "held-out scrambles",
+    "long_context": "long context",
+    "near_subject": "near subject",
+}
+#: the board's rows per configuration: the field of a ceiling test and the row label's suffix
+BOARD_ROWS = (("plain", ""), ("rep", " + REP"), ("oracle_key", ": oracle key"))
+
+
+def _board_source(ref: str) -> tuple[dict, dict[str, float | None], dict[str, str]]:
+    """The run ``GROUP/RUN`` of the board: its ceiling document, the plain rates of its group's
+    first run (what relative goals count from) and the group's goals."""
+    group, _, run = ref.partition("/")
+    path = RESULTS / group
+    found = path.iterdir() if path.is_dir() else iter(())
+    runs = sorted(p for p in found if (p / "ceiling.json").is_file())
+    docs = _ceiling_docs(runs)
+    if run not in docs:
+        raise SystemExit(f"{BOARD}: no ceiling run {ref!r} under {RESULTS}")
+    base = next(iter(docs.values()))["tests"]
+    goals_file = path / "goals.json"
+    goals = json.loads(goals_file.read_text(encoding="utf-8")) if goals_file.is_file() else {}
+    return docs[run], {t: v.get("plain") for t, v in base.items()}, goals
+
+
+def board_table(spec: dict) -> str:
+    """Rows: each configuration plain, with REP and with the oracle key (the ceiling, shown
+    without goal marks); columns: per dataset its cases and tests, each rate beside the goal of
+    the run's group; a last row names the goals."""
+    datasets: dict[str, list[str]] = spec["datasets"]
+    head, goal_row = ["configuration"], ["goal"]
+    for name, tests in datasets.items():
+        head += [f"{name} cases", *(f"{name}: {SHORT.get(t, t)}" for t in tests)]
+        goal_row += ["", *("" for _ in tests)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for conf in spec["configurations"]:
+        unknown = set(conf["runs"]) - set(datasets)
+        if unknown:
+            raise SystemExit(f"{BOARD}: {conf['label']!r} names unknown datasets {sorted(unknown)}")
+        sources = {name: _board_source(ref) for name, ref in conf["runs"].items()}
+        for field, suffix in BOARD_ROWS:
+            cells, col = [conf["label"] + suffix], 1
+            for name, tests in datasets.items():
+                if name not in sources:
+                    cells += ["—"] * (len(tests) + 1)
+                    col += len(tests) + 1
+                    continue
+                doc, base, goals = sources[name]
+                cells.append(str(doc.get("n_cases", "—")))
+                for i, test in enumerate(tests, start=col + 1):
+                    want = goals.get(test)
+                    goal = None if want is None else _goal(want, base.get(test))
+                    x = doc["tests"].get(test, {}).get(field)
+                    cells.append(_pct(x) if field == "oracle_key" else _against(x, goal))
+                    if want:
+                        goal_row[i] = want.replace(">=", "≥").replace(" - ", " − ")
+                col += len(tests) + 1
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| " + " | ".join(goal_row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def board_section(spec: dict) -> str:
+    """The board under its title, its note and where its numbers come from."""
+    refs = sorted({ref for conf in spec["configurations"] for ref in conf["runs"].values()})
+    return (
+        f"### {spec['title']}\n\n{spec.get('note', '').strip()}\n\n{board_table(spec).rstrip()}\n\n"
+        "✓: the goal is met; [−x]: x points short of it; a relative goal counts from the plain "
+        "editor of the run's group. Oracle-key rows are the ceiling, not a configuration. "
+        f"From the groups below: {', '.join(f'`{r}`' for r in refs)}.\n"
+    )
+
+
 def render(page: str) -> str:
     """``page`` with the text between the markers replaced by every group's section."""
     if BEGIN not in page or END not in page:
         raise SystemExit(f"{PAGE}: the {BEGIN} / {END} markers are missing")
     groups = sorted(p for p in RESULTS.iterdir() if p.is_dir())
     body = "\n".join(group_section(g) for g in groups)
+    if BOARD.is_file():
+        body = board_section(json.loads(BOARD.read_text(encoding="utf-8"))) + "\n" + body
     head, rest = page.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n{body}{END}{tail}"

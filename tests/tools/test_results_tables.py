@@ -151,3 +151,51 @@ def test_a_run_may_add_tests_from_a_second_run_of_the_same_edits(tmp_path: Path)
     (run / "ceiling.other.json").write_text(json.dumps({**doc, "tests": other}))
     with pytest.raises(SystemExit, match="a test differs"):
         results_tables._ceiling_docs([run])
+
+
+def _board(tmp_path: Path, monkeypatch, configurations: list[dict]) -> dict:
+    """Two groups (CF with goals, ZsRE without) of ceiling runs under a results folder, and
+    a board spec over them."""
+    results = tmp_path / "results"
+    _ceiling(results / "cf", "a-plain", 0.6, 0.7)
+    _ceiling(results / "cf", "b-value", 0.75, 0.85)
+    (results / "cf" / "goals.json").write_text(
+        json.dumps({"ood_subject_paraphrase": ">= 80", "efficacy": ">= plain - 2"})
+    )
+    _ceiling(results / "zsre", "a-plain", 0.3, 0.35)
+    monkeypatch.setattr(results_tables, "RESULTS", results)
+    return {
+        "title": "Board",
+        "note": "what it shows",
+        "datasets": {"CF": ["efficacy", "ood_subject_paraphrase"], "Z": ["ood_subject_paraphrase"]},
+        "configurations": configurations,
+    }
+
+
+def test_goal_board_puts_every_configuration_beside_its_group_s_goals(
+    tmp_path: Path, monkeypatch
+) -> None:
+    spec = _board(tmp_path, monkeypatch, [
+        {"label": "plain", "runs": {"CF": "cf/a-plain", "Z": "zsre/a-plain"}},
+        {"label": "value", "runs": {"CF": "cf/b-value"}},
+    ])  # fmt: skip
+    text = results_tables.board_section(spec)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0][1:] == ["CF cases", "CF: efficacy", "CF: OOD", "Z cases", "Z: OOD |"]
+    by_label = {r[0].removeprefix("| "): r[1:] for r in rows[1:]}
+    assert by_label["plain"][1:3] == ["100.0 ✓", "60.0 [−20.0]"]
+    assert by_label["plain"][4] == "30.0 |"  # a group without goals: the bare rate
+    assert by_label["value + REP"][2] == "85.0 ✓"
+    assert by_label["value: oracle key"][1:3] == ["90.0", "80.0"]  # the ceiling: no marks
+    assert by_label["value"][3:] == ["—", "— |"]  # no ZsRE run for this configuration
+    assert by_label["goal"][1:3] == ["≥ plain − 2", "≥ 80"]
+    assert text.startswith("### Board\n\nwhat it shows") and "`cf/b-value`" in text
+
+
+def test_goal_board_names_a_missing_run(tmp_path: Path, monkeypatch) -> None:
+    spec = _board(tmp_path, monkeypatch, [{"label": "x", "runs": {"CF": "cf/c-none"}}])
+    with pytest.raises(SystemExit, match="no ceiling run 'cf/c-none'"):
+        results_tables.board_table(spec)
+    spec["configurations"] = [{"label": "x", "runs": {"Q": "cf/a-plain"}}]
+    with pytest.raises(SystemExit, match="unknown datasets"):
+        results_tables.board_table(spec)
