@@ -380,8 +380,8 @@ def _board_source(ref: str) -> tuple[dict, dict[str, float | None], dict[str, st
 
 def board_table(spec: dict) -> str:
     """Rows: each configuration plain, with REP and with the oracle key (the ceiling, shown
-    without goal marks); columns: per dataset its cases and tests, each rate beside the goal of
-    the run's group; a last row names the goals."""
+    without goal marks), a row none of its runs measured left out; columns: per dataset its
+    cases and tests, each rate beside the goal of the run's group; a last row names the goals."""
     datasets: dict[str, list[str]] = spec["datasets"]
     head, goal_row = ["configuration"], ["goal"]
     for name, tests in datasets.items():
@@ -394,7 +394,7 @@ def board_table(spec: dict) -> str:
             raise SystemExit(f"{BOARD}: {conf['label']!r} names unknown datasets {sorted(unknown)}")
         sources = {name: _board_source(ref) for name, ref in conf["runs"].items()}
         for field, suffix in BOARD_ROWS:
-            cells, col = [conf["label"] + suffix], 1
+            cells, col, measured = [conf["label"] + suffix], 1, False
             for name, tests in datasets.items():
                 if name not in sources:
                     cells += ["—"] * (len(tests) + 1)
@@ -406,11 +406,13 @@ def board_table(spec: dict) -> str:
                     want = goals.get(test)
                     goal = None if want is None else _goal(want, base.get(test))
                     x = doc["tests"].get(test, {}).get(field)
+                    measured = measured or x is not None
                     cells.append(_pct(x) if field == "oracle_key" else _against(x, goal))
                     if want:
                         goal_row[i] = want.replace(">=", "≥").replace(" - ", " − ")
                 col += len(tests) + 1
-            lines.append("| " + " | ".join(cells) + " |")
+            if measured:  # a configuration run without REP gets no REP row
+                lines.append("| " + " | ".join(cells) + " |")
     lines.append("| " + " | ".join(goal_row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -199,3 +199,15 @@ def test_goal_board_names_a_missing_run(tmp_path: Path, monkeypatch) -> None:
     spec["configurations"] = [{"label": "x", "runs": {"Q": "cf/a-plain"}}]
     with pytest.raises(SystemExit, match="unknown datasets"):
         results_tables.board_table(spec)
+
+
+def test_goal_board_leaves_out_a_row_no_run_measured(tmp_path: Path, monkeypatch) -> None:
+    """A configuration run without REP has no "+ REP" row rather than a row of dashes."""
+    spec = _board(tmp_path, monkeypatch, [{"label": "plain", "runs": {"CF": "cf/a-plain"}}])
+    doc_path = tmp_path / "results" / "cf" / "a-plain" / "ceiling.json"
+    doc = json.loads(doc_path.read_text())
+    for r in doc["tests"].values():
+        r["rep"] = None
+    doc_path.write_text(json.dumps(doc))
+    labels = [line.split(" | ")[0] for line in results_tables.board_table(spec).splitlines()]
+    assert labels[2:] == ["| plain", "| plain: oracle key", "| goal"]

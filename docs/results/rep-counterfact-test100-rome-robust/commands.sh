@@ -18,3 +18,11 @@ repedit analyze ceiling --method rome $C --tests efficacy,long_context --out run
 repedit analyze ceiling --method rome $C --tests $T \
     --set value.robust_forms=3 --set value.robust_prefix_lengths=50,300 \
     --out runs/b-rome-value-side-rep
+# c-rome-passages: the value-side passages alone (no scrambles), to see whether the long-context
+# gain keeps ROME's locality; scored plain and with the oracle key, without REP (the "always"
+# list of a default is about the edit alone). Made on 2026-12-07, 1 thread, next to one or two
+# other jobs (50 min).
+repedit analyze ceiling --method rome --data rep-counterfact --n 100 --threads 1 \
+    --tests efficacy,long_context,neighbourhood,near_subject \
+    --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000 \
+    --set value.robust_prefix_lengths=50,300 --out runs/c-rome-passages
