@@ -12,3 +12,7 @@ repedit eval --method memit $C \
 repedit eval --method memit $C \
     --set value.robust_forms=3 --set value.robust_prefix_lengths=50,300 \
     --out runs/b-memit-value-side
+# plain ROME and ROME with the value-side passages alone (no scrambles), made on 2026-12-07, 1
+# thread, one after the other next to one other job (5 and 6 min)
+repedit eval --method rome $C --out runs/c-rome
+repedit eval --method rome $C --set value.robust_prefix_lengths=50,300 --out runs/d-rome-passages
