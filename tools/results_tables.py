@@ -107,6 +107,11 @@ def _goal(spec: str, plain: float | None) -> float | None:
     return None if plain is None else plain + (points if m.group(2) == "+" else -points)
 
 
+def _goal_text(spec: str) -> str:
+    """A goal as a table shows it: ``>= plain - 2`` as ``≥ plain − 2``."""
+    return spec.replace(">=", "≥").replace(" - ", " − ")
+
+
 def _against(x: float | None, goal: float | None) -> str:
     """A rate with ✓ where it meets the goal, else its distance below it in points."""
     if x is None or goal is None:
@@ -139,8 +144,7 @@ def goals_table(docs: dict[str, dict], goals: dict[str, str]) -> str:
             note = "" if gap is None or r.get("rep") is None else f" ({100 * gap:.0f} %)"
             cells += [_against(r.get("plain"), goal), _pct(r.get("oracle_key"))]
             cells.append(_against(r.get("rep"), goal) + note)
-        shown = (spec or "").replace(">=", "≥").replace(" - ", " − ")
-        lines.append("| " + " | ".join([*cells, shown]) + " |")
+        lines.append("| " + " | ".join([*cells, _goal_text(spec or "")]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -394,23 +398,21 @@ def board_table(spec: dict) -> str:
             raise SystemExit(f"{BOARD}: {conf['label']!r} names unknown datasets {sorted(unknown)}")
         sources = {name: _board_source(ref) for name, ref in conf["runs"].items()}
         for field, suffix in BOARD_ROWS:
-            cells, col, measured = [conf["label"] + suffix], 1, False
+            cells, measured = [conf["label"] + suffix], False
             for name, tests in datasets.items():
                 if name not in sources:
                     cells += ["—"] * (len(tests) + 1)
-                    col += len(tests) + 1
                     continue
                 doc, base, goals = sources[name]
                 cells.append(str(doc.get("n_cases", "—")))
-                for i, test in enumerate(tests, start=col + 1):
+                for test in tests:
                     want = goals.get(test)
                     goal = None if want is None else _goal(want, base.get(test))
+                    if want:  # this cell's column
+                        goal_row[len(cells)] = _goal_text(want)
                     x = doc["tests"].get(test, {}).get(field)
                     measured = measured or x is not None
                     cells.append(_pct(x) if field == "oracle_key" else _against(x, goal))
-                    if want:
-                        goal_row[i] = want.replace(">=", "≥").replace(" - ", " − ")
-                col += len(tests) + 1
             if measured:  # a configuration run without REP gets no REP row
                 lines.append("| " + " | ".join(cells) + " |")
     lines.append("| " + " | ".join(goal_row) + " |")
