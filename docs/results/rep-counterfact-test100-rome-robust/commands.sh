@@ -26,3 +26,10 @@ repedit analyze ceiling --method rome --data rep-counterfact --n 100 --threads 1
     --tests efficacy,long_context,neighbourhood,near_subject \
     --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000 \
     --set value.robust_prefix_lengths=50,300 --out runs/c-rome-passages
+# d-rome-passages-steps50: the same with up to 50 value steps (25 before), since the one edit
+# c-rome-passages lost stopped at the step limit. Made on 2026-12-07, 1 thread, next to one
+# other job and a CI run (50 min).
+repedit analyze ceiling --method rome --data rep-counterfact --n 100 --threads 1 \
+    --tests efficacy,long_context,neighbourhood,near_subject \
+    --corpus $REPEDIT_DATA/wikitext/wiki.test.raw --stats-tokens 100000 \
+    --set value.robust_prefix_lengths=50,300 --set value.steps=50 --out runs/d-rome-passages-steps50
