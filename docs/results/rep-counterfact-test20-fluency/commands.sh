@@ -16,3 +16,6 @@ repedit eval --method memit $C \
 # thread, one after the other next to one other job (5 and 6 min)
 repedit eval --method rome $C --out runs/c-rome
 repedit eval --method rome $C --set value.robust_prefix_lengths=50,300 --out runs/d-rome-passages
+# the passages with up to 50 value steps, made on 2026-12-07 next to a CI run (9 min)
+repedit eval --method rome $C --set value.robust_prefix_lengths=50,300 --set value.steps=50 \
+    --out runs/e-rome-passages-steps50
