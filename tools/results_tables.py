@@ -277,16 +277,27 @@ def mass_edit_section(group: Path, runs: list[Path], commands: str) -> str:
     )
 
 
+def _ceiling_runs(group: Path) -> list[Path]:
+    """The group's runs with a ``ceiling.json``, by name (none when the group is missing)."""
+    found = group.iterdir() if group.is_dir() else iter(())
+    return sorted(p for p in found if (p / "ceiling.json").is_file())
+
+
+def _goals(group: Path) -> dict[str, str] | None:
+    """The group's ``goals.json`` ({test: goal}), or None without one."""
+    path = group / "goals.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def group_section(group: Path) -> str:
     """The Markdown of one group: its table (``repedit report --markdown``, or the ceiling
     table) and its commands."""
-    ceilings = sorted(p for p in group.iterdir() if (p / "ceiling.json").is_file())
+    ceilings = _ceiling_runs(group)
     runs = sorted(p for p in group.iterdir() if (p / "summary.json").is_file())
     commands = (group / "commands.sh").read_text(encoding="utf-8").strip()
     if ceilings:
-        goals = group / "goals.json"
-        if goals.is_file():
-            spec = json.loads(goals.read_text(encoding="utf-8"))
+        spec = _goals(group)
+        if spec is not None:
             table = goals_table(_ceiling_docs(ceilings), spec)
             table += "\n✓: the goal is met; [−x]: x points short of it.\n"
         else:
@@ -371,15 +382,11 @@ def _board_source(ref: str) -> tuple[dict, dict[str, float | None], dict[str, st
     first run (what relative goals count from) and the group's goals."""
     group, _, run = ref.partition("/")
     path = RESULTS / group
-    found = path.iterdir() if path.is_dir() else iter(())
-    runs = sorted(p for p in found if (p / "ceiling.json").is_file())
-    docs = _ceiling_docs(runs)
+    docs = _ceiling_docs(_ceiling_runs(path))
     if run not in docs:
         raise SystemExit(f"{BOARD}: no ceiling run {ref!r} under {RESULTS}")
     base = next(iter(docs.values()))["tests"]
-    goals_file = path / "goals.json"
-    goals = json.loads(goals_file.read_text(encoding="utf-8")) if goals_file.is_file() else {}
-    return docs[run], {t: v.get("plain") for t, v in base.items()}, goals
+    return docs[run], {t: v.get("plain") for t, v in base.items()}, _goals(path) or {}
 
 
 def board_table(spec: dict) -> str:
@@ -390,7 +397,7 @@ def board_table(spec: dict) -> str:
     head, goal_row = ["configuration"], ["goal"]
     for name, tests in datasets.items():
         head += [f"{name} cases", *(f"{name}: {SHORT.get(t, t)}" for t in tests)]
-        goal_row += ["", *("" for _ in tests)]
+        goal_row += [""] * (len(tests) + 1)
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for conf in spec["configurations"]:
         unknown = set(conf["runs"]) - set(datasets)
